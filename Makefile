@@ -1,0 +1,42 @@
+# The two commands: `make demo` (set up and run a real backfill) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint format ui bench db-stop clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/backfill-assets demo
+
+test: setup lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python benchmarks/run_overhead.py
+	$(BIN)/python benchmarks/verification_overhead.py
+
+ui: setup
+	$(BIN)/backfill-assets dev
+
+db-stop: setup
+	$(BIN)/backfill-assets db stop
+
+clean: db-stop
+	rm -rf .pgdata .pgdata-test dagster_home/storage dagster_home/logs dagster_home/history

@@ -1,0 +1,1 @@
+"""Safe, fast backfills of date-partitioned PostgreSQL tables, orchestrated by Dagster."""

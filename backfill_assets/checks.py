@@ -1,0 +1,137 @@
+"""Asset checks declared once for every partitioned table, with one result per partition.
+
+The checks themselves run in ``guards`` (before the write) and ``reconcile`` (inside the write's
+transaction); this module declares them to Dagster and reports their outcomes.
+
+Dagster fills a check result's partition only when a step has a single partition key; in a run
+that covers several partitions an ``AssetCheckResult`` is stored without one. So each outcome is
+emitted as an ``AssetCheckEvaluation`` carrying its partition and pointing at that partition's
+materialization: the UI then shows partition 2024-04-03's own results even when one run wrote a
+week.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
+    Output,
+)
+
+# Not exported at top level; Dagster's minor version is pinned in pyproject.toml and the tests
+# read these evaluations back per partition after real multi-partition runs.
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+
+from backfill_assets.outcomes import CheckDeclaration
+from backfill_assets.partition_write import PartitionOutcome
+from backfill_assets.partitions import daily_partitions
+from backfill_assets.tables import TableSpec
+
+CHECKS: tuple[CheckDeclaration, ...] = (
+    CheckDeclaration(
+        "source_guard",
+        "Before the write: the source is not empty or sharply smaller than what the partition "
+        "holds, and has no NULL keys. On failure nothing is deleted.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "rows_match_source",
+        "The partition holds as many rows as its source yields.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "unique_key_is_unique",
+        "No value of the table's unique key occurs twice in the partition.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "required_columns_not_null",
+        "Columns declared required hold no NULLs.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "measures_reconcile",
+        "Each measure's sum equals the source's within the table's tolerance.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "change_within_threshold",
+        "Before/after diff: rows added, removed, changed and measure deltas; WARN when the "
+        "partition moved more than the threshold, so analysts know numbers shifted.",
+        blocking=False,
+    ),
+)
+BLOCKING = {check.name: check.blocking for check in CHECKS}
+
+
+def check_specs_for(table: TableSpec, key: AssetKey) -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec(
+            check.name,
+            asset=key,
+            description=check.description,
+            blocking=check.blocking,
+            partitions_def=daily_partitions,
+            metadata={"table": table.qualified_name},
+        )
+        for check in CHECKS
+    ]
+
+
+def evaluations(
+    context: AssetExecutionContext,
+    outcomes: Iterable[PartitionOutcome],
+    *,
+    materialized: bool,
+) -> Iterator[AssetCheckEvaluation]:
+    """One evaluation per check and partition; ``materialized`` links them to this run's writes."""
+    key = context.assets_def.key
+    for outcome in outcomes:
+        target = _materialization_of(context, key, outcome.window.key) if materialized else None
+        for name, result in outcome.check_outcomes().items():
+            metadata = {"partition": outcome.window.key, **result.metadata}
+            if result.message:
+                metadata["message"] = result.message
+            yield AssetCheckEvaluation(
+                asset_key=key,
+                check_name=name,
+                passed=result.passed,
+                metadata=metadata,
+                severity=AssetCheckSeverity(result.severity),
+                partition=outcome.window.key,
+                blocking=BLOCKING[name],
+                target_materialization_data=target,
+            )
+
+
+def check_outputs(context: AssetExecutionContext) -> Iterator[Output]:
+    """The step must still yield each check's output once, after the per-partition evaluations."""
+    for check in CHECKS:
+        check_key = AssetCheckKey(context.assets_def.key, check.name)
+        name = context.assets_def.get_output_name_for_asset_check_key(check_key)
+        yield Output(None, output_name=name)
+
+
+def _materialization_of(
+    context: AssetExecutionContext, key: AssetKey, partition: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records:
+        return None
+    record = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id,
+        run_id=record.event_log_entry.run_id,
+        timestamp=record.timestamp,
+    )

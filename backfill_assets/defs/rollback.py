@@ -1,0 +1,81 @@
+"""The rollback as a Dagster job, launchable from the UI's launchpad with config.
+
+Restored partitions are recorded as materializations of their asset (metadata: which write was
+undone), so the asset's partition history shows the rollback and downstream assets show as stale.
+"""
+
+import getpass
+
+from dagster import (
+    AssetMaterialization,
+    Config,
+    Failure,
+    OpExecutionContext,
+    Output,
+    job,
+    op,
+)
+
+from backfill_assets import rollback
+from backfill_assets.audit import AuditTrail, RunInfo
+from backfill_assets.resources import PostgresResource
+
+
+class RollbackConfig(Config):
+    """Give ``backfill_id`` to undo a whole backfill, or ``table`` and ``partition`` for one."""
+
+    backfill_id: str = ""
+    table: str = "analytics.fct_orders"
+    partition: str = ""
+
+
+@op(description="Restore partitions to the snapshots taken before they were overwritten.")
+def restore_snapshots(
+    context: OpExecutionContext, config: RollbackConfig, postgres: PostgresResource
+):
+    if bool(config.backfill_id) == bool(config.partition):
+        raise Failure("set exactly one of backfill_id or partition in the run config")
+    run = RunInfo(
+        dagster_run_id=context.run.run_id,
+        backfill_id=config.backfill_id or None,
+        launched_by=context.run.tags.get("dagster/user") or getpass.getuser(),
+        parameters=config.model_dump(),
+    )
+    with (
+        postgres.connect() as conn,
+        AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
+    ):
+        try:
+            refs = rollback.snapshots_to_restore(
+                conn,
+                backfill_id=config.backfill_id,
+                table_name=config.table,
+                partition=config.partition,
+            )
+            results = rollback.restore(conn, audit, run, refs)
+        except (rollback.RollbackError, ValueError) as exc:
+            raise Failure(str(exc)) from None
+    for result in results:
+        ref = result.snapshot
+        context.log.info(
+            f"restored {ref.table.qualified_name} {ref.partition_key} to the snapshot of write "
+            f"{ref.audit_id}: {result.rows_restored} rows"
+        )
+        yield AssetMaterialization(
+            asset_key=ref.table.asset_key,
+            partition=ref.partition_key,
+            description=f"rolled back to the rows before write {ref.audit_id}",
+            metadata={
+                "rolled_back_write": ref.audit_id,
+                "rows_restored": result.rows_restored,
+                "rows_deleted": result.rows_deleted,
+                "checksum_after": result.checksum_after,
+                "audit_id": result.audit_id or -1,
+            },
+        )
+    yield Output(len(results), metadata={"partitions_restored": len(results)})
+
+
+@job(description="Undo a backfill (or one partition) from its snapshots; config says which.")
+def rollback_backfill():
+    restore_snapshots()

@@ -1,0 +1,22 @@
+{#
+  Microbatch on PostgreSQL, as DELETE-INSERT of the batch's window.
+
+  dbt-postgres implements microbatch as a MERGE on unique_key, so a day whose source rows vanished
+  (an erased customer, a cancelled import) would keep its old row. This override deletes exactly
+  the batch window [event_time_start, event_time_end) and inserts the batch, in the batch's own
+  transaction: the same contract as backfill_assets.writer.replace_partition.
+  The literals stay untyped, as in dbt's own event-time filter, so they take the column's type
+  (date) and the day boundaries do not depend on the session time zone.
+#}
+{% macro postgres__get_incremental_microbatch_sql(arg_dict) %}
+  {%- set target = arg_dict["target_relation"] -%}
+  {%- set source = arg_dict["temp_relation"] -%}
+  {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
+  {%- set event_time = adapter.quote(model.config.event_time) -%}
+  delete from {{ target }}
+  where {{ event_time }} >= '{{ model.batch.event_time_start }}'
+    and {{ event_time }} < '{{ model.batch.event_time_end }}'
+  {%- for predicate in (arg_dict.get("incremental_predicates") or []) %} and {{ predicate }}{% endfor %};
+  insert into {{ target }} ({{ columns }})
+  select {{ columns }} from {{ source }}
+{% endmacro %}

@@ -1,0 +1,117 @@
+"""Fixtures: a real PostgreSQL (the embedded cluster), real Dagster instances stored in it.
+
+The cluster lives in ``.pgdata-test`` (git-ignored) and is started once per session. Every test gets
+its own databases, cloned from templates (seeded demo data; an empty Dagster storage schema), so
+tests never see each other's rows or runs and cloning costs milliseconds instead of a re-seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from dagster import DagsterInstance, instance_for_test
+from psycopg import sql
+
+from backfill_assets import embedded, settings
+from backfill_assets.database import connect
+from backfill_assets.demo_data import seed
+from backfill_assets.resources import PostgresResource
+
+TEST_PGDATA = settings.REPO_ROOT / ".pgdata-test"
+ORDERS_PER_DAY = 40
+DATA_TEMPLATE = "backfill_template"
+DAGSTER_TEMPLATE = "dagster_template"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment() -> Iterator[None]:
+    """Tests never use the machine's own PostgreSQL or a developer's settings."""
+    saved = {k: os.environ.pop(k, None) for k in (settings.DATA_URL_ENV, settings.DAGSTER_URL_ENV)}
+    os.environ[settings.PGDATA_ENV] = str(TEST_PGDATA)
+    yield
+    os.environ.pop(settings.PGDATA_ENV, None)
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[str]:
+    """Admin URL of the running test cluster, with both templates prepared.
+
+    A cluster this session started is stopped at its end; one already running is left running.
+    """
+    started_here = not embedded.is_running(TEST_PGDATA)
+    embedded.start(TEST_PGDATA)
+    admin = embedded.running_url(TEST_PGDATA, "postgres")
+    with connect(admin) as conn:
+        # Databases of the previous session stay until now, for a look after a failure.
+        leftovers = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname ~ '^(data|dagster)_[0-9]+_'"
+        ).fetchall()
+        for (name,) in leftovers:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        for name in (DATA_TEMPLATE, DAGSTER_TEMPLATE):
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with connect(settings.with_database(admin, DATA_TEMPLATE)) as conn:
+        seed(conn, orders_per_day=ORDERS_PER_DAY)
+    storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
+    with instance_for_test(overrides={"storage": {"postgres": {"postgres_url": storage_url}}}):
+        pass
+    yield admin
+    if started_here:
+        embedded.stop(TEST_PGDATA)
+
+
+def _clone(admin: str, template: str, prefix: str) -> str:
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with connect(admin) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    return settings.with_database(admin, name)
+
+
+@pytest.fixture
+def data_url(cluster: str) -> str:
+    """A fresh database holding the seeded demo shop (schema app) and nothing else."""
+    return _clone(cluster, DATA_TEMPLATE, "data")
+
+
+@pytest.fixture
+def conn(data_url: str) -> Iterator[psycopg.Connection]:
+    with connect(data_url) as connection:
+        yield connection
+
+
+@pytest.fixture
+def postgres(data_url: str) -> PostgresResource:
+    return PostgresResource(url=data_url)
+
+
+@pytest.fixture
+def dagster_storage_url(cluster: str) -> str:
+    return settings.to_sqlalchemy(_clone(cluster, DAGSTER_TEMPLATE, "dagster"))
+
+
+@pytest.fixture
+def instance(dagster_storage_url: str) -> Iterator[DagsterInstance]:
+    """A Dagster instance whose runs, events and checks are stored in PostgreSQL."""
+    overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url}}}
+    with instance_for_test(overrides=overrides) as dagster_instance:
+        yield dagster_instance
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return settings.REPO_ROOT

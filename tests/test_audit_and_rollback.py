@@ -1,0 +1,190 @@
+"""The audit trail, snapshots and rollback, through real runs on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import AssetKey
+from support import audit_rows, fingerprints, materialize_days
+
+from backfill_assets import partitions, snapshots
+from backfill_assets.audit import AuditTrail, RunInfo
+from backfill_assets.defs.rollback import rollback_backfill
+from backfill_assets.guards import guard
+from backfill_assets.params import params_for
+from backfill_assets.partition_write import write_verified
+from backfill_assets.rollback import RollbackError, restore, snapshots_of_backfill
+from backfill_assets.tables import FCT_ORDERS, ensure_table
+
+DAYS = ["2024-04-01", "2024-04-02", "2024-04-03"]
+BACKFILL = {"dagster/backfill": "fixtax01"}
+
+
+def rewrite_source(conn) -> None:
+    """What a backfill fixes: every net amount of the window changes."""
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+
+
+def test_audit_rows_record_succeeded_and_failed_partitions_with_correct_counts(
+    postgres, instance, conn
+):
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1], tags=BACKFILL).success
+    conn.execute(
+        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
+        "app.orders WHERE ordered_at >= '2024-04-03' AND ordered_at < '2024-04-04')"
+    )
+    failed_run = materialize_days(postgres, instance, DAYS[2], tags=BACKFILL)
+    assert not failed_run.success
+
+    rows = {row["partition_key"]: row for row in audit_rows(conn, backfill_id="fixtax01")}
+    written = fingerprints(conn, DAYS[:2])
+    for day in DAYS[:2]:
+        row = rows[day]
+        assert row["status"] == "succeeded" and row["error"] is None
+        assert (row["rows_before"], row["rows_deleted"]) == (0, 0)
+        assert row["rows_inserted"] == row["rows_after"] == written[day].rows
+        assert row["checksum_after"] == written[day].checksum
+        assert row["asset_key"] == "analytics/fct_orders"
+        assert row["strategy"] == "delete_insert"
+        assert row["sql_hash"] == FCT_ORDERS.sql_hash
+        assert row["code_version"] not in ("", "unknown")
+        assert row["launched_by"] and row["ended_at"] >= row["started_at"]
+        assert row["parameters"]["max_shrink"] == FCT_ORDERS.max_shrink
+    failed = rows[DAYS[2]]
+    assert failed["status"] == "failed"
+    assert failed["dagster_run_id"] == failed_run.run_id
+    assert "fct_orders_net_amount_check" in failed["error"]
+    assert failed["rows_inserted"] is None and failed["ended_at"] is not None
+
+
+def test_an_unreachable_audit_database_does_not_block_the_write(data_url, conn):
+    ensure_table(conn, FCT_ORDERS)
+    window = partitions.window(DAYS[0])
+    params = params_for(FCT_ORDERS, {})
+    warnings: list[str] = []
+    broken = AuditTrail("postgresql://nobody@/nowhere?host=/nonexistent", warn=warnings.append)
+    run = RunInfo(None, None, "tester", {})
+
+    outcome = write_verified(
+        conn,
+        broken,
+        run,
+        FCT_ORDERS,
+        window,
+        params,
+        guard(conn, FCT_ORDERS, window, params),
+    )
+
+    assert outcome.succeeded and outcome.audit_id is None
+    assert fingerprints(conn, [DAYS[0]])[DAYS[0]].rows == outcome.write.rows_inserted > 0
+    assert any("audit trail not written" in w for w in warnings)
+
+
+def test_rolling_back_a_backfill_restores_the_exact_prior_rows_of_every_partition(
+    postgres, instance, conn, data_url
+):
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[-1]).success
+    prior = fingerprints(conn, [*DAYS, "2024-04-04"])
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1], tags=BACKFILL).success
+    assert materialize_days(postgres, instance, DAYS[2], tags=BACKFILL).success
+    assert fingerprints(conn, DAYS) != {d: prior[d] for d in DAYS}
+
+    result = rollback_backfill.execute_in_process(
+        run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "fixtax01"}}}},
+        resources={"postgres": postgres},
+        instance=instance,
+    )
+
+    assert result.success
+    assert fingerprints(conn, [*DAYS, "2024-04-04"]) == prior
+    rollbacks = audit_rows(conn, strategy="rollback")
+    assert sorted(r["partition_key"] for r in rollbacks) == DAYS
+    assert all(r["status"] == "succeeded" and r["restored_from"] for r in rollbacks)
+    assert {r["checksum_after"] for r in rollbacks} == {prior[d].checksum for d in DAYS}
+    restored = {m.partition for m in result.asset_materializations_for_node("restore_snapshots")}
+    assert restored == set(DAYS)
+    assert instance.get_latest_materialization_event(AssetKey(["analytics", "fct_orders"]))
+
+
+def test_a_rollback_can_itself_be_rolled_back(postgres, instance, conn, data_url):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
+    fixed = fingerprints(conn, [DAYS[0]])
+    config = {"partition": DAYS[0], "table": "analytics.fct_orders"}
+    run_config = {"ops": {"restore_snapshots": {"config": config}}}
+
+    for _ in range(2):
+        assert rollback_backfill.execute_in_process(
+            run_config=run_config, resources={"postgres": postgres}, instance=instance
+        ).success
+
+    assert fingerprints(conn, [DAYS[0]]) == fixed
+
+
+def test_rolling_back_an_unknown_backfill_fails_clearly_and_changes_nothing(
+    postgres, instance, conn
+):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    before = fingerprints(conn, [DAYS[0]])
+
+    result = rollback_backfill.execute_in_process(
+        run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "nosuchid"}}}},
+        resources={"postgres": postgres},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    assert "backfill 'nosuchid' wrote no partition" in str(result.all_events)
+    assert fingerprints(conn, [DAYS[0]]) == before
+    assert audit_rows(conn, strategy="rollback") == []
+
+
+def test_erasing_a_customer_purges_them_from_every_snapshot(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1]).success
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1]).success
+    snapshot = snapshots.snapshot_table(FCT_ORDERS).as_string(conn)
+    customer = conn.execute(f"SELECT customer_id FROM {snapshot} LIMIT 1").fetchone()[0]
+    others = conn.execute(
+        f"SELECT count(*) FROM {snapshot} WHERE customer_id <> %s", [customer]
+    ).fetchone()[0]
+
+    erased = snapshots.erase_subject(conn, [FCT_ORDERS], customer)
+
+    assert erased["analytics.fct_orders"] > 0
+    assert (
+        conn.execute(
+            f"SELECT count(*) FROM {snapshot} WHERE customer_id = %s", [customer]
+        ).fetchone()[0]
+        == 0
+    )
+    assert conn.execute(f"SELECT count(*) FROM {snapshot}").fetchone()[0] == others
+
+
+def test_an_expired_snapshot_is_purged_and_the_rollback_says_so(postgres, instance, conn, data_url):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
+    before = fingerprints(conn, [DAYS[0]])
+
+    assert snapshots.expire(conn, FCT_ORDERS, retention_days=0) > 0
+
+    with AuditTrail(data_url) as audit, pytest.raises(RollbackError, match="has expired"):
+        restore(
+            conn, audit, RunInfo(None, None, "tester", {}), snapshots_of_backfill(conn, "fixtax01")
+        )
+    assert fingerprints(conn, [DAYS[0]]) == before
+
+
+def test_snapshots_can_be_switched_off_per_backfill_and_rollback_then_refuses(
+    postgres, instance, conn
+):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    tags = {**BACKFILL, "backfill_assets/snapshots": "false"}
+    assert materialize_days(postgres, instance, DAYS[0], tags=tags).success
+
+    assert audit_rows(conn, backfill_id="fixtax01")[0]["snapshot_rows"] is None
+    with pytest.raises(RollbackError, match="kept no snapshot"):
+        snapshots_of_backfill(conn, "fixtax01")

@@ -1,0 +1,73 @@
+"""The command line and settings: bad input gets a clear error and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from backfill_assets import cli, settings
+
+
+def test_the_demo_refuses_a_day_outside_the_partitions_before_starting_anything(capsys):
+    assert cli.main(["demo", "--from", "2023-12-01", "--to", "2024-01-03"]) == 2
+    error = capsys.readouterr().err
+    assert "'2023-12-01'" in error and "2024-01-01 to 2024-12-31" in error
+
+
+def test_a_reversed_range_is_refused_with_the_fix_in_the_message(capsys):
+    assert cli.main(["demo", "--from", "2024-02-01", "--to", "2024-01-03"]) == 2
+    assert "swap them" in capsys.readouterr().err
+
+
+def test_a_malformed_database_url_names_the_variable(monkeypatch):
+    monkeypatch.setenv(settings.DATA_URL_ENV, "postgresql://host:notaport/db")
+    with pytest.raises(settings.SettingsError, match=settings.DATA_URL_ENV):
+        settings.data_url()
+
+
+def test_passwords_never_appear_in_redacted_urls():
+    redacted = settings.redact("postgresql://alice:s3cret@db.internal:5433/shop")
+    assert "s3cret" not in redacted
+    assert "alice" in redacted and "db.internal" in redacted
+
+
+def test_dagster_storage_defaults_to_a_dagster_database_on_the_same_server(monkeypatch):
+    monkeypatch.setenv(settings.DATA_URL_ENV, "postgresql://bob:pw@127.0.0.1:6543/shop")
+    monkeypatch.delenv(settings.DAGSTER_URL_ENV, raising=False)
+    assert settings.dagster_storage_url() == "postgresql+psycopg2://bob:pw@127.0.0.1:6543/dagster"
+
+
+def test_dbt_gets_the_socket_directory_as_its_host():
+    parts = settings.connection_parts("postgresql://postgres:@/backfill?host=/tmp/sock")
+    assert (parts.host, parts.port, parts.user, parts.password, parts.dbname) == (
+        "/tmp/sock",
+        "5432",
+        "postgres",
+        "",
+        "backfill",
+    )
+
+
+def test_the_rollback_and_audit_commands_undo_a_backfill_and_show_it(
+    postgres, instance, conn, data_url, monkeypatch, capsys
+):
+    from support import fingerprints, materialize_days
+
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    assert materialize_days(postgres, instance, "2024-04-01").success
+    before = fingerprints(conn, ["2024-04-01"])
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+    tags = {"dagster/backfill": "clitest1"}
+    assert materialize_days(postgres, instance, "2024-04-01", tags=tags).success
+
+    assert cli.main(["rollback", "--backfill", "clitest1"]) == 0
+    assert "restored analytics.fct_orders 2024-04-01" in capsys.readouterr().out
+    assert fingerprints(conn, ["2024-04-01"]) == before
+
+    assert cli.main(["audit", "--limit", "5"]) == 0
+    report = capsys.readouterr().out
+    assert "rollback" in report and "delete_insert" in report and "clitest1" in report
+
+
+def test_rolling_back_with_both_a_backfill_and_a_partition_is_refused(capsys):
+    assert cli.main(["rollback", "--backfill", "x", "--partition", "2024-04-01"]) == 2
+    assert "either --backfill ID or --partition" in capsys.readouterr().err

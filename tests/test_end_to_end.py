@@ -1,0 +1,140 @@
+"""The whole path: `dagster job backfill` records a backfill, the real daemon runs it.
+
+The instance is configured by the repository's own dagster_home/dagster.yaml (PostgreSQL storage,
+queued run coordinator), pointed at this test's databases through the environment.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from support import latest_check
+
+from backfill_assets import partitions, settings
+from backfill_assets.checks import CHECKS
+from backfill_assets.launch import (
+    launch_asset_backfill,
+    launch_job_backfill,
+    running_daemon,
+    summarize_backfill,
+    wait_for_backfill,
+)
+from backfill_assets.tables import FCT_ORDERS
+from backfill_assets.writer import insert_statement
+
+DAYS = ["2024-05-01", "2024-05-02", "2024-05-03"]
+FCT_ORDERS_KEY = AssetKey(["analytics", "fct_orders"])
+DAILY_REVENUE_KEY = AssetKey(["analytics", "daily_revenue"])
+
+
+@pytest.fixture
+def dagster_env(tmp_path, monkeypatch, data_url, dagster_storage_url):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, dagster_storage_url)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return settings.process_env()
+
+
+def source_counts(conn) -> dict[str, int]:
+    counts = {}
+    for key in DAYS:
+        query = insert_statement(FCT_ORDERS).as_string(conn).split(" SELECT ", 1)[1]
+        counts[key] = conn.execute(
+            f"SELECT count(*) FROM (SELECT {query}) AS q", partitions.window(key).as_params()
+        ).fetchone()[0]
+    return counts
+
+
+def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_materialized(
+    dagster_env, conn, tmp_path
+):
+    with (
+        DagsterInstance.get() as instance,
+        running_daemon(dagster_env, tmp_path / "daemon.log"),
+    ):
+        backfill_id = launch_job_backfill(dagster_env, "daily_backfill", DAYS[0], DAYS[-1])
+        progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
+
+        assert len(progress.statuses) == len(DAYS), "a job backfill runs one partition per run"
+        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, (
+            tmp_path / "daemon.log"
+        ).read_text()[-3000:]
+        for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
+            assert instance.get_materialized_partitions(key) == set(DAYS)
+        summary = summarize_backfill(instance, backfill_id)
+
+    written = dict(
+        conn.execute(
+            "SELECT order_day::text, count(*) FROM analytics.fct_orders GROUP BY 1"
+        ).fetchall()
+    )
+    assert written == source_counts(conn)
+    assert summary.rows_written == sum(written.values())
+    assert summary.checks_passed == len(CHECKS) * len(DAYS) and summary.checks_failed == 0
+    revenue_days = conn.execute("SELECT order_day::text FROM analytics.daily_revenue").fetchall()
+    assert sorted(day for (day,) in revenue_days) == DAYS
+
+
+def test_the_dagster_cli_refuses_an_unknown_partition_and_queues_nothing(dagster_env):
+    command = ["dagster", "job", "backfill", "-w", str(settings.WORKSPACE_FILE)]
+    command += ["-j", "daily_backfill", "--from", "2023-12-30", "--to", "2024-01-02", "--noprompt"]
+    completed = subprocess.run(
+        command,
+        env=dagster_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert completed.returncode != 0
+    assert "2023-12-30" in completed.stderr
+    with DagsterInstance.get() as instance:
+        assert instance.get_runs(filters=RunsFilter(job_name="daily_backfill")) == []
+        assert instance.get_backfills() == []
+
+
+def test_the_launcher_names_the_valid_range_for_an_unknown_partition(dagster_env):
+    with pytest.raises(partitions.UnknownPartitionError, match="2024-01-01 to 2024-12-31"):
+        launch_job_backfill(dagster_env, "daily_backfill", "2023-12-30", "2024-01-02")
+
+
+def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_says(
+    dagster_env, conn, tmp_path
+):
+    days = partitions.keys_between("2024-06-01", "2024-06-10")
+    with (
+        DagsterInstance.get() as instance,
+        running_daemon(dagster_env, tmp_path / "daemon.log"),
+    ):
+        backfill_id = launch_asset_backfill(
+            instance, [FCT_ORDERS_KEY, DAILY_REVENUE_KEY], days[0], days[-1]
+        )
+        progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
+        runs = instance.get_runs(filters=RunsFilter(tags={"dagster/backfill": backfill_id}))
+        for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
+            assert instance.get_materialized_partitions(key) == set(days)
+        summary = summarize_backfill(instance, backfill_id)
+
+    assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}
+    ranges = sorted(
+        (
+            run.tags["dagster/asset_partition_range_start"],
+            run.tags["dagster/asset_partition_range_end"],
+        )
+        for run in runs
+    )
+    assert ranges == [("2024-06-01", "2024-06-07"), ("2024-06-08", "2024-06-10")]
+    assert summary.checks_passed == len(CHECKS) * len(days) and summary.checks_failed == 0
+    with DagsterInstance.get() as instance:
+        for day in days:
+            for check in CHECKS:
+                record = latest_check(instance, check.name, day)
+                assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
+                assert record.partition == day and record.run_id in progress.statuses

@@ -1,0 +1,100 @@
+"""The guard before the write: a broken source never wipes good data."""
+
+from __future__ import annotations
+
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from support import audit_rows, fingerprints, latest_check, materialize_days, step_failure_message
+
+DAY = "2024-04-03"
+DAY_FILTER = "ordered_at >= '2024-04-03' AND ordered_at < '2024-04-04'"
+
+
+def test_an_empty_source_does_not_wipe_the_partition(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAY).success
+    before = fingerprints(conn, [DAY])
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER}")
+
+    result = materialize_days(postgres, instance, DAY)
+
+    assert not result.success
+    assert "the source is empty but the partition holds" in step_failure_message(result)
+    assert "Nothing was deleted" in step_failure_message(result)
+    assert fingerprints(conn, [DAY]) == before
+    guard = latest_check(instance, "source_guard", DAY)
+    assert guard.status == AssetCheckExecutionRecordStatus.FAILED
+
+
+def test_a_truncated_source_does_not_wipe_the_partition(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAY).success
+    before = fingerprints(conn, [DAY])
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER} AND order_id % 5 <> 0")
+
+    result = materialize_days(postgres, instance, DAY)
+
+    assert not result.success
+    assert "fewer than 50% of the" in step_failure_message(result)
+    assert fingerprints(conn, [DAY]) == before
+
+
+def test_a_guard_failure_anywhere_in_a_run_leaves_every_partition_of_the_run_untouched(
+    postgres, instance, conn
+):
+    days = ["2024-04-02", "2024-04-03", "2024-04-04"]
+    assert materialize_days(postgres, instance, days[0], days[-1]).success
+    before = fingerprints(conn, days)
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER}")
+
+    assert not materialize_days(postgres, instance, days[0], days[-1]).success
+
+    assert fingerprints(conn, days) == before
+    refused = audit_rows(conn, status="guard_failed")
+    assert [row["partition_key"] for row in refused] == [DAY]
+
+
+def test_the_allow_shrink_tag_lets_an_intended_shrink_through_and_says_so(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAY).success
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER} AND order_id % 5 <> 0")
+
+    result = materialize_days(
+        postgres, instance, DAY, tags={"backfill_assets/allow_shrink": "true"}
+    )
+
+    assert result.success
+    source = conn.execute(f"SELECT count(*) FROM app.orders WHERE {DAY_FILTER}").fetchone()[0]
+    assert fingerprints(conn, [DAY])[DAY].rows == source
+    guard = latest_check(instance, "source_guard", DAY)
+    assert guard.status == AssetCheckExecutionRecordStatus.SUCCEEDED
+    assert "allowed by backfill_assets/allow_shrink=true" in str(
+        guard.event.dagster_event.asset_check_evaluation_data.metadata["override"].value
+    )
+
+
+def test_null_keys_in_the_source_are_refused(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAY).success
+    before = fingerprints(conn, [DAY])
+    # A legacy source without its primary key lets a NULL id through.
+    conn.execute("ALTER TABLE app.orders DROP CONSTRAINT orders_pkey")
+    conn.execute("ALTER TABLE app.orders ALTER COLUMN order_id DROP NOT NULL")
+    conn.execute(
+        f"UPDATE app.orders SET order_id = NULL WHERE order_id = "
+        f"(SELECT min(order_id) FROM app.orders WHERE {DAY_FILTER})"
+    )
+
+    result = materialize_days(postgres, instance, DAY)
+
+    assert not result.success
+    assert "1 source rows have a NULL in order_id" in step_failure_message(result)
+    assert fingerprints(conn, [DAY]) == before
+
+
+def test_a_malformed_tag_fails_the_run_before_anything_is_written(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAY).success
+    before = fingerprints(conn, [DAY])
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+
+    result = materialize_days(postgres, instance, DAY, tags={"backfill_assets/max_shrink": "lots"})
+
+    assert not result.success
+    assert "backfill_assets/max_shrink='lots' must be a fraction" in step_failure_message(result)
+    assert fingerprints(conn, [DAY]) == before
