@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
@@ -33,6 +36,48 @@ def lock_schema_changes(conn: psycopg.Connection) -> None:
     a concurrent CREATE of the same name from failing with a unique violation.
     """
     conn.execute("SELECT pg_advisory_xact_lock(hashtext('backfill_assets.schema_changes'))")
+
+
+def missing_relations(
+    conn: psycopg.Connection, relations: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Which of the ``(schema, name)`` relations do not exist yet."""
+    return [
+        relation
+        for relation in relations
+        if conn.execute(
+            "SELECT to_regclass(%s)", [sql.Identifier(*relation).as_string(conn)]
+        ).fetchone()[0]
+        is None
+    ]
+
+
+@contextmanager
+def first_build_lock(
+    url: str, relations: Sequence[tuple[str, str]], *, name: str
+) -> Iterator[list[tuple[str, str]]]:
+    """Run the body alone while any of ``relations`` does not exist yet; yields the missing ones.
+
+    A tool that creates its table on first use (dbt's incremental models: ``create table`` when the
+    relation is missing, ``delete+insert`` after) fails when two runs of a backfill build it at
+    the same time: both see no table, one gets "relation already exists". Holding an advisory
+    lock only until the tables exist serialises that first build and nothing after it: a run that
+    waited finds the table and goes on as an ordinary incremental run.
+    """
+    with connect(url, application_name="backfill_assets.first_build") as conn:
+        missing = missing_relations(conn, relations)
+        if not missing:
+            yield missing
+            return
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtext(%s))", [f"backfill_assets.first_build.{name}"]
+        )
+        try:
+            yield missing_relations(conn, missing)
+        finally:
+            conn.execute(
+                "SELECT pg_advisory_unlock(hashtext(%s))", [f"backfill_assets.first_build.{name}"]
+            )
 
 
 def ensure_database(url: str) -> bool:

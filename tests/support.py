@@ -66,3 +66,30 @@ def step_failure_message(result) -> str:
     return "\n".join(
         str(event.event_specific_data.error) for event in result.all_events if event.is_step_failure
     )
+
+
+def failed_run_report(instance: DagsterInstance, run_ids, daemon_log) -> str:
+    """Why a daemon-executed run failed: its step and run failure messages, and the daemon's tail.
+
+    An end-to-end test that only says "not every partition materialized" is useless in CI; this
+    puts the real error in the assertion message.
+    """
+    lines = []
+    for run_id in run_ids:
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.status.value == "SUCCESS":
+            continue
+        lines.append(f"run {run_id} {run.status.value} tags={dict(run.tags)}")
+        for record in instance.all_logs(run_id):
+            event = record.dagster_event
+            if event is not None and (event.is_step_failure or event.is_run_failure):
+                lines.append(f"  {event.event_type_value}: {event.message}")
+                error = getattr(event.event_specific_data, "error", None)
+                if error is not None:
+                    lines.append(f"  {error.to_string()}"[-2000:])
+            elif record.level >= 40 and record.user_message:
+                lines.append(f"  log: {record.user_message[-500:]}")
+    lines.append(
+        f"daemon log tail:\n{daemon_log.read_text()[-2000:]}" if daemon_log.exists() else ""
+    )
+    return "\n".join(lines)

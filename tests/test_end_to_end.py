@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from support import latest_check
+from support import failed_run_report, latest_check
 
 from backfill_assets import partitions, settings
 from backfill_assets.checks import CHECKS
@@ -63,9 +63,9 @@ def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_mater
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
 
         assert len(progress.statuses) == len(DAYS), "a job backfill runs one partition per run"
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, (
-            tmp_path / "daemon.log"
-        ).read_text()[-3000:]
+        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.statuses, tmp_path / "daemon.log"
+        )
         for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
             assert instance.get_materialized_partitions(key) == set(DAYS)
         summary = summarize_backfill(instance, backfill_id)
@@ -118,11 +118,13 @@ def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_say
         )
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
         runs = instance.get_runs(filters=RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.statuses, tmp_path / "daemon.log"
+        )
         for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
             assert instance.get_materialized_partitions(key) == set(days)
         summary = summarize_backfill(instance, backfill_id)
 
-    assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}
     ranges = sorted(
         (
             run.tags["dagster/asset_partition_range_start"],

@@ -5,6 +5,7 @@ microbatch models replace each day of it in its own transaction. One dbt invocat
 whole window of a run, because dbt's start-up (~2 s) costs far more than a day's batch (~30 ms).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
+from backfill_assets.database import first_build_lock
 from backfill_assets.defs.partitioned_tables import BACKFILL_POLICY
 from backfill_assets.partitions import daily_partitions
 from backfill_assets.resources import PostgresResource
@@ -47,6 +49,16 @@ def ensure_manifest() -> Path:
     return dbt_project.manifest_path
 
 
+def incremental_relations(manifest_path: Path) -> list[tuple[str, str]]:
+    """``(schema, table)`` of every incremental model: the tables dbt creates on first use."""
+    nodes = json.loads(manifest_path.read_text())["nodes"].values()
+    return [
+        (node["schema"], node["alias"])
+        for node in nodes
+        if node["resource_type"] == "model" and node["config"]["materialized"] == "incremental"
+    ]
+
+
 @contextmanager
 def dbt_connection_env(postgres: PostgresResource) -> Iterator[None]:
     """Point dbt's profile at the same database as the ``postgres`` resource for one call."""
@@ -63,8 +75,12 @@ def dbt_connection_env(postgres: PostgresResource) -> Iterator[None]:
                 os.environ[name] = value
 
 
+MANIFEST_PATH = ensure_manifest()
+INCREMENTAL_RELATIONS = incremental_relations(MANIFEST_PATH)
+
+
 @dbt_assets(
-    manifest=ensure_manifest(),
+    manifest=MANIFEST_PATH,
     project=dbt_project,
     partitions_def=daily_partitions,
     backfill_policy=BACKFILL_POLICY,
@@ -78,9 +94,16 @@ def dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: Po
         "--event-time-end",
         window.end.strftime("%Y-%m-%d"),
     ]
-    with dbt_connection_env(postgres):
-        invocation = dbt.cli(args, context=context)
-    yield from invocation.stream()
+    # Two runs of one backfill (a week each) reach this step together; the first build of a table
+    # must not race (see first_build_lock). Once the tables exist, runs go on side by side.
+    with first_build_lock(
+        postgres.resolved_url(), INCREMENTAL_RELATIONS, name="dbt"
+    ) as first_build:
+        if first_build:
+            context.log.info(f"first build of {first_build}: other dbt runs wait until it is done")
+        with dbt_connection_env(postgres):
+            invocation = dbt.cli(args, context=context)
+        yield from invocation.stream()
 
 
 dbt_resource = DbtCliResource(
