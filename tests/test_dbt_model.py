@@ -1,18 +1,23 @@
-"""The dbt model, built per partition through dagster-dbt against a real PostgreSQL."""
+"""The dbt models, built per partition through dagster-dbt against a real PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from datetime import date, timedelta
 
 from dagster import materialize
+from support import step_failure_message
 
 from backfill_assets.database import connect
-from backfill_assets.defs.dbt import dbt_models, dbt_resource
+from backfill_assets.defs.dbt import DBT_EXECUTABLE, dbt_models, dbt_resource
 from backfill_assets.defs.partitioned_tables import fct_orders
+from backfill_assets.settings import DBT_PROJECT_DIR, connection_parts
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
+MARTS = ("customer_daily_orders", "daily_revenue")
 
 
 def daily_revenue(conn) -> dict:
@@ -20,6 +25,11 @@ def daily_revenue(conn) -> dict:
         "SELECT order_day::text, order_count, net_revenue, xmin::text FROM analytics.daily_revenue"
     ).fetchall()
     return {day: (count, revenue, xmin) for day, count, revenue, xmin in rows}
+
+
+def mart_rows(conn, mart: str) -> list[tuple]:
+    """Every row of a mart, in a stable order: what a rebuild must reproduce exactly."""
+    return conn.execute(f"SELECT * FROM analytics.{mart} ORDER BY 1, 2").fetchall()
 
 
 def build(assets, postgres, instance, first, last):
@@ -40,14 +50,60 @@ def test_the_dbt_model_builds_the_partitions_of_a_run_downstream_of_fct_orders(
     result = build([fct_orders, dbt_models], postgres, instance, DAYS[0], DAYS[-1])
 
     assert result.success
-    built = sorted(m.partition for m in result.asset_materializations_for_node("dbt_models"))
-    assert built == DAYS
+    built = sorted(
+        (m.asset_key.path[-1], m.partition)
+        for m in result.asset_materializations_for_node("dbt_models")
+    )
+    assert built == [(mart, day) for mart in MARTS for day in DAYS]
     expected = dict(
         conn.execute(
             "SELECT order_day::text, count(*) FROM analytics.fct_orders GROUP BY 1"
         ).fetchall()
     )
     assert {day: v[0] for day, v in daily_revenue(conn).items()} == expected
+
+
+def test_customer_daily_orders_sums_each_customers_day_from_fct_orders(postgres, instance, conn):
+    assert build([fct_orders, dbt_models], postgres, instance, DAYS[0], DAYS[-1]).success
+
+    expected = conn.execute(
+        "SELECT order_day, customer_id, count(*),"
+        " count(*) FILTER (WHERE status = 'paid'),"
+        " coalesce(sum(gross_amount) FILTER (WHERE status = 'paid'), 0)"
+        " FROM analytics.fct_orders GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    assert expected, "the days hold orders"
+    assert mart_rows(conn, "customer_daily_orders") == expected
+
+
+def test_a_full_refresh_gives_the_same_rows_as_per_partition_builds(
+    postgres, instance, conn, data_url, tmp_path
+):
+    assert build([fct_orders], postgres, instance, DAYS[0], DAYS[-1]).success
+    # Per partition, in separate runs: one day, then the rest of the window.
+    assert build([dbt_models], postgres, instance, DAYS[0], DAYS[0]).success
+    assert build([dbt_models], postgres, instance, DAYS[1], DAYS[-1]).success
+    per_partition = {m: mart_rows(conn, m) for m in MARTS}
+
+    # dbt's own full refresh of the window: drops the tables and builds them in one go.
+    end = (date.fromisoformat(DAYS[-1]) + timedelta(days=1)).isoformat()
+    command = [DBT_EXECUTABLE, "run", "--full-refresh", "--target-path", str(tmp_path / "target")]
+    completed = subprocess.run(
+        [*command, "--event-time-start", DAYS[0], "--event-time-end", end],
+        cwd=DBT_PROJECT_DIR,
+        env={
+            **os.environ,
+            **connection_parts(data_url).as_dbt_env(),
+            "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert {m: mart_rows(conn, m) for m in per_partition} == per_partition
+    assert all(per_partition.values())
 
 
 def test_rebuilding_one_partition_changes_only_that_partitions_rows(postgres, instance, conn):
@@ -135,3 +191,30 @@ def wait_for_lock_waiters(conn, count: int, *, timeout_s: float) -> int:
         if waiting >= count or time.monotonic() > deadline:
             return waiting
         time.sleep(0.2)
+
+
+def test_a_failing_dbt_build_names_model_window_and_error_and_keeps_the_old_rows(
+    postgres, instance, conn
+):
+    assert build([fct_orders, dbt_models], postgres, instance, DAYS[0], DAYS[-1]).success
+    before = {m: mart_rows(conn, m) for m in MARTS}
+    # The models' SQL no longer matches their source: every batch fails in the database.
+    conn.execute("ALTER TABLE analytics.fct_orders RENAME COLUMN gross_amount TO gross")
+
+    result = materialize(
+        [dbt_models],
+        resources={"postgres": postgres, "dbt": dbt_resource},
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": DAYS[1],
+            "dagster/asset_partition_range_end": DAYS[2],
+        },
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    message = step_failure_message(result)
+    assert "daily_revenue" in message and "customer_daily_orders" in message
+    assert f"--event-time-start {DAYS[1]}" in message
+    assert 'column "gross_amount" does not exist' in message
+    assert {m: mart_rows(conn, m) for m in before} == before
