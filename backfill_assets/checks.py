@@ -124,12 +124,13 @@ def check_outputs(context: AssetExecutionContext) -> Iterator[Output]:
 def _materialization_of(
     context: AssetExecutionContext, key: AssetKey, partition: str
 ) -> AssetCheckEvaluationTargetMaterializationData | None:
+    # This run's materialization of the partition; another run may have recorded one since.
     records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=10
     ).records
-    if not records:
+    record = next((r for r in records if r.run_id == context.run.run_id), None)
+    if record is None:
         return None
-    record = records[0]
     return AssetCheckEvaluationTargetMaterializationData(
         storage_id=record.storage_id,
         run_id=record.event_log_entry.run_id,

@@ -34,10 +34,18 @@ def prepare() -> dict[str, str]:
 def _db(args: argparse.Namespace) -> int:
     pgdata = settings.embedded_pgdata()
     if args.action == "start":
-        embedded.start(pgdata)
-        for url in (settings.data_url(), settings.with_database(settings.data_url(), "dagster")):
+        if settings.uses_embedded_postgres():
+            embedded.start(pgdata)
+        else:
+            print(
+                f"{settings.DATA_URL_ENV} is set: using that server, not starting an embedded one"
+            )
+        for url in (settings.data_url(), settings.to_libpq(settings.dagster_storage_url())):
             ensure_database(url)
-        print(f"embedded PostgreSQL running in {pgdata}\n{settings.data_url()}")
+        where = (
+            f"embedded PostgreSQL running in {pgdata}" if settings.uses_embedded_postgres() else ""
+        )
+        print(f"{where}\n{settings.redact(settings.data_url())}".strip())
     elif args.action == "stop":
         print("stopped" if embedded.stop(pgdata) else f"not running ({pgdata})")
     elif args.action == "status":

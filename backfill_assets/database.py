@@ -38,18 +38,17 @@ def lock_schema_changes(conn: psycopg.Connection) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(hashtext('backfill_assets.schema_changes'))")
 
 
+def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    """Whether ``schema.name`` exists; the name is quoted, so any spelling resolves exactly."""
+    qualified = sql.Identifier(schema, name).as_string(conn)
+    return conn.execute("SELECT to_regclass(%s)", [qualified]).fetchone()[0] is not None
+
+
 def missing_relations(
     conn: psycopg.Connection, relations: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:
     """Which of the ``(schema, name)`` relations do not exist yet."""
-    return [
-        relation
-        for relation in relations
-        if conn.execute(
-            "SELECT to_regclass(%s)", [sql.Identifier(*relation).as_string(conn)]
-        ).fetchone()[0]
-        is None
-    ]
+    return [relation for relation in relations if not relation_exists(conn, *relation)]
 
 
 @contextmanager

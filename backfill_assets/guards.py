@@ -14,6 +14,7 @@ from decimal import Decimal
 import psycopg
 from psycopg import sql
 
+from backfill_assets.database import relation_exists
 from backfill_assets.outcomes import CheckOutcome
 from backfill_assets.params import ALLOW_SHRINK, BackfillParams
 from backfill_assets.partitions import PartitionWindow
@@ -51,8 +52,7 @@ def source_stats(
 
 
 def target_rows(conn: psycopg.Connection, table: TableSpec, window: PartitionWindow) -> int:
-    exists = conn.execute("SELECT to_regclass(%s)", [table.qualified_name]).fetchone()[0]
-    if exists is None:
+    if not relation_exists(conn, table.schema, table.name):
         return 0
     query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
         table.identifier, table.window_filter()

@@ -52,8 +52,16 @@ def params_for(table: TableSpec, tags: Mapping[str, str]) -> BackfillParams:
         max_shrink=_fraction(tags, MAX_SHRINK, table.max_shrink),
         diff_warn=_fraction(tags, DIFF_WARN, table.diff_warn),
         snapshots=_flag(tags, SNAPSHOTS, table.snapshots),
-        launched_by=tags.get(LAUNCHED_BY) or tags.get("dagster/user") or _os_user(),
+        launched_by=launched_by(tags),
     )
+
+
+def launched_by(tags: Mapping[str, str]) -> str:
+    """Who to name in the audit: the explicit tag, else Dagster's user tag, else the OS user.
+
+    The OS user of a daemon-launched run is the daemon's; set the tag to name a person.
+    """
+    return tags.get(LAUNCHED_BY) or tags.get("dagster/user") or _os_user()
 
 
 def _flag(tags: Mapping[str, str], name: str, default: bool) -> bool:

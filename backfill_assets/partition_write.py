@@ -126,7 +126,12 @@ def write_verified(
         result = replace_partition(
             conn, table, window, keep_previous=True, before_commit=verify_then_snapshot
         )
-    except (VerificationFailed, psycopg.Error) as exc:
+    except BaseException as exc:
+        if not isinstance(exc, VerificationFailed | psycopg.Error):
+            # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; the audit
+            # row must not stay 'running'.
+            audit.finish(audit_id, "failed", error=f"write not applied: {exc!r}")
+            raise
         verification = found.get("verification")
         error = str(exc).strip()
         audit.finish(

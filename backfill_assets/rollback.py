@@ -142,6 +142,11 @@ def restore(
         for audit_id in audit_ids.values():
             audit.finish(audit_id, "failed", error=f"rollback not applied: {exc}".strip())
         raise RollbackError(f"rollback failed and changed nothing: {exc}") from exc
+    except BaseException as exc:
+        # Interrupted (a terminated run, Ctrl-C): the transaction rolled back; say so, go on.
+        for audit_id in audit_ids.values():
+            audit.finish(audit_id, "failed", error=f"rollback not applied: {exc!r}")
+        raise
     for result in results:
         audit.finish(
             result.audit_id,

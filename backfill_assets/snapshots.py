@@ -11,15 +11,20 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from backfill_assets.database import lock_schema_changes
+from backfill_assets.database import lock_schema_changes, relation_exists
 from backfill_assets.tables import TableSpec
 from backfill_assets.writer import PREVIOUS_ROWS
 
 SCHEMA = "backfill_snapshots"
 
 
+def snapshot_relation(table: TableSpec) -> tuple[str, str]:
+    """``(schema, name)`` of the table that keeps ``table``'s replaced rows."""
+    return SCHEMA, f"{table.schema}__{table.name}"
+
+
 def snapshot_table(table: TableSpec) -> sql.Identifier:
-    return sql.Identifier(SCHEMA, f"{table.schema}__{table.name}")
+    return sql.Identifier(*snapshot_relation(table))
 
 
 def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
@@ -81,10 +86,7 @@ def erase_subject(conn: psycopg.Connection, tables: list[TableSpec], subject: ob
         for table in tables:
             if table.subject_column is None:
                 continue
-            exists = conn.execute(
-                "SELECT to_regclass(%s)", [f"{SCHEMA}.{table.schema}__{table.name}"]
-            ).fetchone()[0]
-            if exists is None:
+            if not relation_exists(conn, *snapshot_relation(table)):
                 erased[table.qualified_name] = 0
                 continue
             query = sql.SQL("DELETE FROM {} WHERE {} = %s").format(

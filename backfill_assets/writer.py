@@ -74,6 +74,21 @@ def _delete_keeping_previous(table: TableSpec) -> list[sql.Composed]:
     ]
 
 
+def lock_partition(cur: psycopg.Cursor, table: TableSpec, window: PartitionWindow) -> None:
+    """Make this transaction the partition's only writer until it ends.
+
+    Two writers of one partition (overlapping backfills, a rollback during a backfill) would
+    otherwise duplicate it: under READ COMMITTED the second DELETE waits for the first writer,
+    then skips the rows it deleted and cannot see the rows it inserted, and its INSERT adds the
+    partition a second time. With the lock the second writer starts only after the first
+    committed, and its DELETE sees the first one's rows.
+    """
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))",
+        [table.qualified_name, window.key],
+    )
+
+
 def replace_partition(
     conn: psycopg.Connection,
     table: TableSpec,
@@ -91,10 +106,12 @@ def replace_partition(
     and ``params``. With ``keep_previous`` the deleted rows stay readable in ``PREVIOUS_ROWS`` until
     the transaction ends (snapshots, diffs, checksums). ``after_delete`` runs between DELETE and
     INSERT, ``before_commit`` after the INSERT: either may raise to roll the partition back.
+    Concurrent writers of the same partition take turns (``lock_partition``).
     """
     bound = {**window.as_params(), **(params or {})}
     started = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
+        lock_partition(cur, table, window)
         if keep_previous:
             for statement in _delete_keeping_previous(table):
                 cur.execute(statement, bound)

@@ -79,6 +79,43 @@ def test_an_unreachable_audit_database_does_not_block_the_write(data_url, conn):
     assert any("audit trail not written" in w for w in warnings)
 
 
+def test_an_interrupted_write_keeps_the_old_rows_and_closes_its_audit_row(
+    data_url, conn, monkeypatch
+):
+    ensure_table(conn, FCT_ORDERS)
+    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
+    window = partitions.window(DAYS[0])
+    params = params_for(FCT_ORDERS, {})
+    run = RunInfo("run-interrupted", None, "tester", {})
+    with AuditTrail(data_url) as audit:
+        first = write_verified(
+            conn, audit, run, FCT_ORDERS, window, params, guard(conn, FCT_ORDERS, window, params)
+        )
+        before = fingerprints(conn, [DAYS[0]])
+        rewrite_source(conn)
+
+        def interrupted(*_):
+            raise KeyboardInterrupt  # what a terminated run or Ctrl-C raises mid-transaction
+
+        monkeypatch.setattr(snapshots, "store", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_verified(
+                conn,
+                audit,
+                run,
+                FCT_ORDERS,
+                window,
+                params,
+                guard(conn, FCT_ORDERS, window, params),
+            )
+
+    assert first.succeeded and before[DAYS[0]].rows > 0
+    assert fingerprints(conn, [DAYS[0]]) == before
+    last = audit_rows(conn, dagster_run_id="run-interrupted")[-1]
+    assert last["status"] == "failed" and "KeyboardInterrupt" in last["error"]
+    assert last["ended_at"] is not None
+
+
 def test_rolling_back_a_backfill_restores_the_exact_prior_rows_of_every_partition(
     postgres, instance, conn, data_url
 ):
@@ -93,6 +130,7 @@ def test_rolling_back_a_backfill_restores_the_exact_prior_rows_of_every_partitio
         run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "fixtax01"}}}},
         resources={"postgres": postgres},
         instance=instance,
+        tags={"backfill_assets/launched_by": "alice"},
     )
 
     assert result.success
@@ -100,6 +138,7 @@ def test_rolling_back_a_backfill_restores_the_exact_prior_rows_of_every_partitio
     rollbacks = audit_rows(conn, strategy="rollback")
     assert sorted(r["partition_key"] for r in rollbacks) == DAYS
     assert all(r["status"] == "succeeded" and r["restored_from"] for r in rollbacks)
+    assert {r["launched_by"] for r in rollbacks} == {"alice"}
     assert {r["checksum_after"] for r in rollbacks} == {prior[d].checksum for d in DAYS}
     restored = {m.partition for m in result.asset_materializations_for_node("restore_snapshots")}
     assert restored == set(DAYS)

@@ -71,3 +71,37 @@ def test_the_rollback_and_audit_commands_undo_a_backfill_and_show_it(
 def test_rolling_back_with_both_a_backfill_and_a_partition_is_refused(capsys):
     assert cli.main(["rollback", "--backfill", "x", "--partition", "2024-04-01"]) == 2
     assert "either --backfill ID or --partition" in capsys.readouterr().err
+
+
+def test_db_start_with_your_own_server_starts_nothing_and_hides_the_password(
+    cluster, monkeypatch, tmp_path, capsys
+):
+    """``BACKFILL_PG_URL`` set: no embedded cluster, both databases created, no password shown."""
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    from backfill_assets.database import connect
+
+    socket_dir = conninfo_to_dict(cluster)["host"]
+    suffix = tmp_path.name[-8:].lower().replace("-", "_")
+    data = f"postgresql://postgres:s3cret@/own_data_{suffix}?host={socket_dir}"
+    storage = f"postgresql+psycopg2://postgres:s3cret@/own_dagster_{suffix}?host={socket_dir}"
+    monkeypatch.setenv(settings.DATA_URL_ENV, data)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage)
+    monkeypatch.setenv(settings.PGDATA_ENV, str(tmp_path / "pgdata"))
+
+    assert cli.main(["db", "start"]) == 0
+
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "not starting an embedded one" in out
+    assert not (tmp_path / "pgdata").exists()
+    with connect(cluster) as admin:
+        names = {
+            name
+            for (name,) in admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", [f"own_%_{suffix}"]
+            )
+        }
+        for name in names:
+            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+    assert names == {f"own_data_{suffix}", f"own_dagster_{suffix}"}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import psycopg
 import pytest
 from dagster import DagsterInstance, materialize
@@ -200,3 +204,51 @@ def test_runs_starting_together_create_the_tables_without_colliding(data_url, co
 
         assert create_tables_at_once(data_url) == []
         assert conn.execute("SELECT to_regclass('analytics.fct_orders')").fetchone()[0]
+
+
+def test_two_writers_of_one_partition_take_turns_and_never_duplicate_it(data_url, conn):
+    """Overlapping backfills of one day: the second writer starts while the first is uncommitted.
+
+    Without the partition lock the second DELETE waits for the first writer, then misses its new
+    rows, and the partition ends up holding every row twice.
+    """
+    ensure_table(conn, FCT_ORDERS)
+    day = partitions.window("2024-04-03")
+    replace_partition(conn, FCT_ORDERS, day)
+    expected = partition_fingerprint(conn, FCT_ORDERS, day)
+    first_inserted = threading.Event()
+    release_first = threading.Event()
+
+    def hold_open(_: psycopg.Connection) -> None:
+        first_inserted.set()
+        assert release_first.wait(timeout=60)
+
+    def write(before_commit=None):
+        with connect(data_url) as writer:
+            return replace_partition(writer, FCT_ORDERS, day, before_commit=before_commit)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(write, hold_open)
+        assert first_inserted.wait(timeout=60)
+        second = pool.submit(write)
+        waiting = wait_until_blocked(conn, timeout_s=60)
+        release_first.set()
+        results = [first.result(timeout=60), second.result(timeout=60)]
+
+    assert waiting, "the second writer never waited for the first"
+    assert [r.rows_inserted for r in results] == [expected.rows, expected.rows]
+    assert results[1].rows_deleted == expected.rows
+    assert partition_fingerprint(conn, FCT_ORDERS, day) == expected
+
+
+def wait_until_blocked(conn: psycopg.Connection, *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        blocked = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()[0]
+        if blocked:
+            return True
+        time.sleep(0.05)
+    return False

@@ -179,6 +179,14 @@ def test_a_blocking_check_failure_prevents_the_downstream_dbt_model(postgres, in
     result = materialize_days(postgres, instance, days[0], days[-1], assets=both)
 
     assert not result.success
+    failed_blocking = [
+        check_evaluation(instance, check.name, day)
+        for check in CHECKS
+        for day in days
+        if check.blocking and check_evaluation(instance, check.name, day)[0] == FAILED
+    ]
+    assert failed_blocking, "a blocking check failed"
+    assert all(evaluation.blocking for _, evaluation in failed_blocking), "and was stored as such"
     assert result.asset_materializations_for_node("dbt_models") == []
     started = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
     assert started == ["analytics__fct_orders"]

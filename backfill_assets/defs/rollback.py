@@ -4,8 +4,6 @@ Restored partitions are recorded as materializations of their asset (metadata: w
 undone), so the asset's partition history shows the rollback and downstream assets show as stale.
 """
 
-import getpass
-
 from dagster import (
     AssetMaterialization,
     Config,
@@ -18,6 +16,7 @@ from dagster import (
 
 from backfill_assets import rollback
 from backfill_assets.audit import AuditTrail, RunInfo
+from backfill_assets.params import launched_by
 from backfill_assets.resources import PostgresResource
 
 
@@ -34,11 +33,14 @@ def restore_snapshots(
     context: OpExecutionContext, config: RollbackConfig, postgres: PostgresResource
 ):
     if bool(config.backfill_id) == bool(config.partition):
-        raise Failure("set exactly one of backfill_id or partition in the run config")
+        raise Failure(
+            "set exactly one of backfill_id or partition in the run config (got backfill_id="
+            f"{config.backfill_id!r}, partition={config.partition!r})"
+        )
     run = RunInfo(
         dagster_run_id=context.run.run_id,
         backfill_id=config.backfill_id or None,
-        launched_by=context.run.tags.get("dagster/user") or getpass.getuser(),
+        launched_by=launched_by(context.run.tags),
         parameters=config.model_dump(),
     )
     with (
