@@ -96,7 +96,9 @@ def evaluations(
     """One evaluation per check and partition; ``materialized`` links them to this run's writes."""
     key = context.assets_def.key
     for outcome in outcomes:
-        target = _materialization_of(context, key, outcome.window.key) if materialized else None
+        target = (
+            this_runs_materialization(context, key, outcome.window.key) if materialized else None
+        )
         for name, result in outcome.check_outcomes().items():
             metadata = {"partition": outcome.window.key, **result.metadata}
             if result.message:
@@ -121,7 +123,7 @@ def check_outputs(context: AssetExecutionContext) -> Iterator[Output]:
         yield Output(None, output_name=name)
 
 
-def _materialization_of(
+def this_runs_materialization(
     context: AssetExecutionContext, key: AssetKey, partition: str
 ) -> AssetCheckEvaluationTargetMaterializationData | None:
     # This run's materialization of the partition; another run may have recorded one since.

@@ -62,7 +62,7 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
     print(
         f"  checks: {summary.checks_passed} passed, {summary.checks_warned} warnings, "
         f"{summary.checks_failed} failed (per partition: guard before the write, "
-        "reconciliation and diff after it)"
+        "reconciliation and diff after it, the dbt marts' tests)"
     )
     print(f"  audit: `.venv/bin/backfill-assets audit --backfill {backfill_id}`")
     print(f"  runs failed: {progress.failed}")

@@ -45,9 +45,11 @@ def fingerprints(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, Fin
     return {key: partition_fingerprint(conn, FCT_ORDERS, partitions.window(key)) for key in keys}
 
 
-def latest_check(instance: DagsterInstance, check_name: str, partition: str):
+def latest_check(
+    instance: DagsterInstance, check_name: str, partition: str, asset_key: AssetKey = FCT_ORDERS_KEY
+):
     """The latest execution of a check for one partition, read the way the UI reads it."""
-    key = AssetCheckKey(FCT_ORDERS_KEY, check_name)
+    key = AssetCheckKey(asset_key, check_name)
     records = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [key], partition_filter=PartitionKeyFilter(key=partition)
     )

@@ -16,6 +16,7 @@ from support import failed_run_report, latest_check
 
 from backfill_assets import partitions, settings
 from backfill_assets.checks import CHECKS
+from backfill_assets.defs.dbt import dbt_models
 from backfill_assets.launch import (
     launch_asset_backfill,
     launch_job_backfill,
@@ -77,7 +78,8 @@ def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_mater
     )
     assert written == source_counts(conn)
     assert summary.rows_written == sum(written.values())
-    assert summary.checks_passed == len(CHECKS) * len(DAYS) and summary.checks_failed == 0
+    per_day = len(CHECKS) + len(dbt_models.check_keys)  # fct_orders' checks and the dbt tests
+    assert summary.checks_passed == per_day * len(DAYS) and summary.checks_failed == 0
     revenue_days = conn.execute("SELECT order_day::text FROM analytics.daily_revenue").fetchall()
     assert sorted(day for (day,) in revenue_days) == DAYS
 
@@ -133,7 +135,9 @@ def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_say
         for run in runs
     )
     assert ranges == [("2024-06-01", "2024-06-07"), ("2024-06-08", "2024-06-10")]
-    assert summary.checks_passed == len(CHECKS) * len(days) and summary.checks_failed == 0
+    revenue_checks = [k for k in dbt_models.check_keys if k.asset_key == DAILY_REVENUE_KEY]
+    per_day = len(CHECKS) + len(revenue_checks)
+    assert summary.checks_passed == per_day * len(days) and summary.checks_failed == 0
     with DagsterInstance.get() as instance:
         for day in days:
             for check in CHECKS:

@@ -1,8 +1,10 @@
 """The dbt project's models as partitioned Dagster assets, rebuilt one partition window at a time.
 
 Dagster passes the run's partition window to dbt as ``--event-time-start/--event-time-end``; the
-microbatch models replace each day of it in its own transaction. One dbt invocation covers the
-whole window of a run, because dbt's start-up (~2 s) costs far more than a day's batch (~30 ms).
+microbatch models replace each day of it in its own transaction, and the models' dbt tests run
+on the window afterwards, reported as one check result per test and day (``dbt_checks``). One
+``dbt build`` covers the whole window of a run, because dbt's start-up (~3 s) costs far more than
+a day's batch (~30 ms).
 """
 
 import json
@@ -17,6 +19,7 @@ from dagster import AssetExecutionContext
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
 from backfill_assets.database import first_build_lock
+from backfill_assets.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
 from backfill_assets.defs.partitioned_tables import BACKFILL_POLICY
 from backfill_assets.partitions import daily_partitions
 from backfill_assets.resources import PostgresResource
@@ -35,7 +38,7 @@ def ensure_manifest() -> Path:
     manifest = dbt_project.manifest_path
     sources = [
         path
-        for pattern in ("*.yml", "models/**/*", "macros/**/*")
+        for pattern in ("*.yml", "models/**/*", "macros/**/*", "tests/**/*")
         for path in DBT_PROJECT_DIR.glob(pattern)
         if path.is_file()
     ]
@@ -84,11 +87,13 @@ INCREMENTAL_RELATIONS = incremental_relations(MANIFEST_PATH)
     project=dbt_project,
     partitions_def=daily_partitions,
     backfill_policy=BACKFILL_POLICY,
+    dagster_dbt_translator=PartitionedChecksTranslator(),
 )
 def dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource):
     window = context.partition_time_window
+    # build = the window's batches, then the models' tests scoped to the window (one start-up).
     args = [
-        "run",
+        "build",
         "--event-time-start",
         window.start.strftime("%Y-%m-%d"),
         "--event-time-end",
@@ -102,8 +107,9 @@ def dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: Po
         if first_build:
             context.log.info(f"first build of {first_build}: other dbt runs wait until it is done")
         with dbt_connection_env(postgres):
-            invocation = dbt.cli(args, context=context)
-        yield from invocation.stream()
+            invocation = dbt.cli(args, context=context, raise_on_error=False)
+        with postgres.connect() as conn:
+            yield from per_partition_check_events(context, invocation, conn)
 
 
 dbt_resource = DbtCliResource(
