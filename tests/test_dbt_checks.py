@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dagster import AssetKey, materialize
+from dagster import AssetKey
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from support import latest_check
+from support import latest_check, materialize_days
 
-from backfill_assets.defs.dbt import dbt_models, dbt_resource
+from backfill_assets.defs.dbt import dbt_models
 from backfill_assets.defs.partitioned_tables import fct_orders
 
 DAYS = ["2024-05-06", "2024-05-07", "2024-05-08"]
@@ -14,17 +14,8 @@ PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED
 FAILED = AssetCheckExecutionRecordStatus.FAILED
 
 
-def build(assets, postgres, instance, first=DAYS[0], last=DAYS[-1]):
-    return materialize(
-        assets,
-        resources={"postgres": postgres, "dbt": dbt_resource},
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": first,
-            "dagster/asset_partition_range_end": last,
-        },
-        raise_on_error=False,
-    )
+def build(assets, postgres, instance):
+    return materialize_days(postgres, instance, DAYS[0], DAYS[-1], assets=assets)
 
 
 def results_by_day(instance, check_key):

@@ -8,11 +8,10 @@ import sys
 import time
 from datetime import date, timedelta
 
-from dagster import materialize
-from support import step_failure_message
+from support import materialize_days, step_failure_message
 
 from backfill_assets.database import connect
-from backfill_assets.defs.dbt import DBT_EXECUTABLE, dbt_models, dbt_resource
+from backfill_assets.defs.dbt import DBT_EXECUTABLE, dbt_models
 from backfill_assets.defs.partitioned_tables import fct_orders
 from backfill_assets.settings import DBT_PROJECT_DIR, connection_parts
 
@@ -33,15 +32,8 @@ def mart_rows(conn, mart: str) -> list[tuple]:
 
 
 def build(assets, postgres, instance, first, last):
-    return materialize(
-        assets,
-        resources={"postgres": postgres, "dbt": dbt_resource},
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": first,
-            "dagster/asset_partition_range_end": last,
-        },
-    )
+    """One run over first..last, as a backfill run of that range would be."""
+    return materialize_days(postgres, instance, first, last, assets=assets)
 
 
 def test_the_dbt_model_builds_the_partitions_of_a_run_downstream_of_fct_orders(
@@ -134,7 +126,6 @@ def test_a_day_whose_facts_vanished_disappears_from_the_model(postgres, instance
 BUILD_IN_ITS_OWN_PROCESS = """
 import sys
 from dagster import materialize
-from backfill_assets.database import connect
 from backfill_assets.defs.dbt import dbt_models, dbt_resource
 from backfill_assets.resources import PostgresResource
 
@@ -201,16 +192,7 @@ def test_a_failing_dbt_build_names_model_window_and_error_and_keeps_the_old_rows
     # The models' SQL no longer matches their source: every batch fails in the database.
     conn.execute("ALTER TABLE analytics.fct_orders RENAME COLUMN gross_amount TO gross")
 
-    result = materialize(
-        [dbt_models],
-        resources={"postgres": postgres, "dbt": dbt_resource},
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": DAYS[1],
-            "dagster/asset_partition_range_end": DAYS[2],
-        },
-        raise_on_error=False,
-    )
+    result = build([dbt_models], postgres, instance, DAYS[1], DAYS[2])
 
     assert not result.success
     message = step_failure_message(result)
