@@ -22,6 +22,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     AssetSpec,
     Output,
 )
@@ -93,6 +94,7 @@ def per_partition_check_events(
         raise invocation.get_error() or RuntimeError(f"dbt failed: {invocation.dbt_command}")
 
     days = context.partition_keys
+    targets: dict[tuple[AssetKey, str], object] = {}  # one lookup per model and day, not per test
     for key, result in held_back.items():
         spec = context.assets_def.get_spec_for_check_key(key)
         test = results[result.metadata["unique_id"].value]
@@ -104,8 +106,9 @@ def per_partition_check_events(
             failures = failures_by_partition(conn, test["compiled_code"], days, window_failures)
         else:  # the test's SQL itself failed: no day can be said to pass
             failures = dict.fromkeys(days)
-        target = {day: this_runs_materialization(context, key.asset_key, day) for day in days}
         for day in days:
+            if (key.asset_key, day) not in targets:
+                targets[key.asset_key, day] = this_runs_materialization(context, key.asset_key, day)
             count = failures[day]
             metadata: dict[str, object] = {
                 "partition": day,
@@ -124,6 +127,6 @@ def per_partition_check_events(
                 severity=AssetCheckSeverity.WARN if status == "warn" else AssetCheckSeverity.ERROR,
                 partition=day,
                 blocking=spec.blocking,
-                target_materialization_data=target[day],
+                target_materialization_data=targets[key.asset_key, day],
             )
         yield Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
