@@ -34,7 +34,8 @@ def prepare() -> dict[str, str]:
 def _db(args: argparse.Namespace) -> int:
     pgdata = settings.embedded_pgdata()
     if args.action == "start":
-        if settings.uses_embedded_postgres():
+        embedded_server = settings.uses_embedded_postgres()
+        if embedded_server:
             embedded.start(pgdata)
         else:
             print(
@@ -42,10 +43,9 @@ def _db(args: argparse.Namespace) -> int:
             )
         for url in (settings.data_url(), settings.to_libpq(settings.dagster_storage_url())):
             ensure_database(url)
-        where = (
-            f"embedded PostgreSQL running in {pgdata}" if settings.uses_embedded_postgres() else ""
-        )
-        print(f"{where}\n{settings.redact(settings.data_url())}".strip())
+        if embedded_server:
+            print(f"embedded PostgreSQL running in {pgdata}")
+        print(settings.redact(settings.data_url()))
     elif args.action == "stop":
         print("stopped" if embedded.stop(pgdata) else f"not running ({pgdata})")
     elif args.action == "status":

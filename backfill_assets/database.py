@@ -65,18 +65,16 @@ def first_build_lock(
     """
     with connect(url, application_name="backfill_assets.first_build") as conn:
         missing = missing_relations(conn, relations)
-        if not missing:
-            yield missing
-            return
-        conn.execute(
-            "SELECT pg_advisory_lock(hashtext(%s))", [f"backfill_assets.first_build.{name}"]
-        )
+    if not missing:  # the common case: no lock, and no connection held while the body runs
+        yield missing
+        return
+    key = f"backfill_assets.first_build.{name}"
+    with connect(url, application_name="backfill_assets.first_build") as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
         try:
             yield missing_relations(conn, missing)
         finally:
-            conn.execute(
-                "SELECT pg_advisory_unlock(hashtext(%s))", [f"backfill_assets.first_build.{name}"]
-            )
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
 
 
 def ensure_database(url: str) -> bool:

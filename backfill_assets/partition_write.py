@@ -126,12 +126,7 @@ def write_verified(
         result = replace_partition(
             conn, table, window, keep_previous=True, before_commit=verify_then_snapshot
         )
-    except BaseException as exc:
-        if not isinstance(exc, VerificationFailed | psycopg.Error):
-            # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; the audit
-            # row must not stay 'running'.
-            audit.finish(audit_id, "failed", error=f"write not applied: {exc!r}")
-            raise
+    except (VerificationFailed, psycopg.Error) as exc:
         verification = found.get("verification")
         error = str(exc).strip()
         audit.finish(
@@ -148,6 +143,11 @@ def write_verified(
             audit_id=audit_id,
             error=error,
         )
+    except BaseException as exc:
+        # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back, and its audit
+        # row must not stay 'running'.
+        audit.finish(audit_id, "failed", error=f"write not applied: {exc!r}")
+        raise
     verification = found["verification"]
     snapshot_rows = found.get("snapshot_rows")
     audit.finish(
