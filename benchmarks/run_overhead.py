@@ -19,16 +19,20 @@ from pathlib import Path
 
 from psycopg import sql
 
-from backfill_assets import embedded, partitions, settings
-from backfill_assets.database import connect
-from backfill_assets.defs.dbt import ensure_manifest
-from backfill_assets.demo_data import seed
-from backfill_assets.launch import (
+from backfill_assets.core import settings
+from backfill_assets.core.database import connect
+from backfill_assets.project import ensure_manifest
+from backfill_assets.tooling import embedded
+from backfill_assets.tooling.demo_data import demo_table, seed
+from backfill_assets.tooling.launch import (
     launch_asset_backfill,
     launch_job_backfill,
     running_daemon,
     wait_for_backfill,
 )
+
+FCT_ORDERS = demo_table()
+JOB = "backfill__analytics__fct_orders__with_downstream"
 
 
 def fresh_databases(admin_url: str, orders_per_day: int) -> tuple[str, str]:
@@ -57,7 +61,7 @@ def one_backfill(admin_url: str, variant: str, first: str, last: str, orders_per
     with DagsterInstance.get() as instance, running_daemon(env, home / "daemon.log"):
         started = time.perf_counter()
         if variant == "baseline":
-            backfill_id = launch_job_backfill(env, "daily_backfill", first, last)
+            backfill_id = launch_job_backfill(env, JOB, FCT_ORDERS.partitioning, first, last)
         else:
             keys = [AssetKey(["analytics", "fct_orders"]), AssetKey(["analytics", "daily_revenue"])]
             backfill_id = launch_asset_backfill(instance, keys, first, last)
@@ -75,13 +79,13 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--orders-per-day", type=int, default=200)
     args = parser.parse_args()
-    keys = partitions.all_keys()
+    keys = FCT_ORDERS.partitioning.all_keys()
     last = keys[keys.index(args.first) + args.days - 1]
 
     for name in (settings.DATA_URL_ENV, settings.DAGSTER_URL_ENV):
         os.environ.pop(name, None)
     embedded.start(settings.embedded_pgdata())
-    admin = embedded.running_url(settings.embedded_pgdata(), "postgres")
+    admin = settings.embedded_url(settings.embedded_pgdata(), "postgres")
     ensure_manifest()
 
     import pandas as pd

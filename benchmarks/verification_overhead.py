@@ -16,15 +16,18 @@ import time
 
 from psycopg import sql
 
-from backfill_assets import embedded, partitions, settings
-from backfill_assets.audit import AuditTrail, RunInfo
-from backfill_assets.database import connect
-from backfill_assets.demo_data import seed
-from backfill_assets.params import params_for
-from backfill_assets.partition_write import run_guards, write_verified
-from backfill_assets.snapshots import ensure_snapshot_table
-from backfill_assets.tables import FCT_ORDERS, ensure_table
-from backfill_assets.writer import replace_partition
+from backfill_assets.core import settings
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.database import connect
+from backfill_assets.core.params import params_for
+from backfill_assets.core.partition_write import run_guards, write_verified
+from backfill_assets.core.snapshots import ensure_snapshot_table
+from backfill_assets.core.tables import ensure_table
+from backfill_assets.core.writer import replace_partition
+from backfill_assets.tooling import embedded
+from backfill_assets.tooling.demo_data import demo_table, seed
+
+FCT_ORDERS = demo_table()
 
 
 def main() -> None:
@@ -34,13 +37,13 @@ def main() -> None:
     parser.add_argument("--from", dest="first", default="2024-05-01")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    keys = partitions.all_keys()
+    keys = FCT_ORDERS.partitioning.all_keys()
     start = keys.index(args.first)
-    windows = partitions.windows(keys[start : start + args.days])
+    windows = FCT_ORDERS.partitioning.windows(keys[start : start + args.days])
 
     os.environ.pop(settings.DATA_URL_ENV, None)
     embedded.start(settings.embedded_pgdata())
-    admin = embedded.running_url(settings.embedded_pgdata(), "postgres")
+    admin = settings.embedded_url(settings.embedded_pgdata(), "postgres")
     with connect(admin) as conn:
         conn.execute("DROP DATABASE IF EXISTS bench_verify WITH (FORCE)")
         conn.execute("CREATE DATABASE bench_verify")

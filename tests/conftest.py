@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,11 @@ import pytest
 from dagster import DagsterInstance, instance_for_test
 from psycopg import sql
 
-from backfill_assets import embedded, settings
-from backfill_assets.database import connect
-from backfill_assets.demo_data import seed
-from backfill_assets.resources import PostgresResource
+from backfill_assets.core import settings
+from backfill_assets.core.database import connect
+from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.tooling import embedded
+from backfill_assets.tooling.demo_data import seed
 
 TEST_PGDATA = settings.REPO_ROOT / ".pgdata-test"
 ORDERS_PER_DAY = 40
@@ -48,7 +50,7 @@ def cluster() -> Iterator[str]:
     """
     started_here = not embedded.is_running(TEST_PGDATA)
     embedded.start(TEST_PGDATA)
-    admin = embedded.running_url(TEST_PGDATA, "postgres")
+    admin = settings.embedded_url(TEST_PGDATA, "postgres")
     with connect(admin) as conn:
         # Databases of the previous session stay until now, for a look after a failure.
         leftovers = conn.execute(
@@ -110,6 +112,19 @@ def instance(dagster_storage_url: str) -> Iterator[DagsterInstance]:
     overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url}}}
     with instance_for_test(overrides=overrides) as dagster_instance:
         yield dagster_instance
+
+
+@pytest.fixture
+def dagster_env(tmp_path, monkeypatch, data_url, dagster_storage_url) -> dict[str, str]:
+    """The environment of a daemon and the dagster CLI: the repository's own dagster.yaml,
+    pointed at this test's databases."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, dagster_storage_url)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return settings.process_env()
 
 
 @pytest.fixture

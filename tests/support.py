@@ -6,16 +6,22 @@ from collections.abc import Mapping, Sequence
 
 import psycopg
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, materialize
-from dagster._core.event_api import PartitionKeyFilter
 from psycopg.rows import dict_row
 
-from backfill_assets import partitions
-from backfill_assets.defs.dbt import dbt_resource
-from backfill_assets.defs.partitioned_tables import fct_orders
-from backfill_assets.fingerprint import Fingerprint, partition_fingerprint
-from backfill_assets.tables import FCT_ORDERS
+from backfill_assets.core.fingerprint import Fingerprint, partition_fingerprint
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
+from backfill_assets.defs.dagster_internals import PartitionKeyFilter
+from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.rollback import rollback_job
+from backfill_assets.defs.table_assets import table_asset
 
+# The demo's declarations (tables/), whatever BACKFILL_TABLES_PATH says.
+REGISTRY = load_registry([DEFAULT_TABLES_DIR])
+FCT_ORDERS = REGISTRY.table("analytics.fct_orders")
 FCT_ORDERS_KEY = AssetKey(["analytics", "fct_orders"])
+fct_orders = table_asset(FCT_ORDERS)
+(dbt_models,) = dbt_model_assets(REGISTRY)
+rollback_backfill = rollback_job(REGISTRY)
 
 
 def materialize_days(
@@ -42,7 +48,10 @@ def materialize_days(
 
 
 def fingerprints(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, Fingerprint]:
-    return {key: partition_fingerprint(conn, FCT_ORDERS, partitions.window(key)) for key in keys}
+    return {
+        key: partition_fingerprint(conn, FCT_ORDERS, FCT_ORDERS.partitioning.window(key))
+        for key in keys
+    }
 
 
 def latest_check(

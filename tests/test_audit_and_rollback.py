@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import pytest
 from dagster import AssetKey
-from support import audit_rows, fingerprints, materialize_days
+from support import (
+    FCT_ORDERS,
+    REGISTRY,
+    audit_rows,
+    fingerprints,
+    materialize_days,
+    rollback_backfill,
+)
 
-from backfill_assets import partitions, snapshots
-from backfill_assets.audit import AuditTrail, RunInfo
-from backfill_assets.defs.rollback import rollback_backfill
-from backfill_assets.guards import guard
-from backfill_assets.params import params_for
-from backfill_assets.partition_write import write_verified
-from backfill_assets.rollback import RollbackError, restore, snapshots_of_backfill
-from backfill_assets.tables import FCT_ORDERS, ensure_table
+from backfill_assets.core import snapshots
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.guards import guard
+from backfill_assets.core.params import params_for
+from backfill_assets.core.partition_write import write_verified
+from backfill_assets.core.rollback import RollbackError, restore, snapshots_of_backfill
+from backfill_assets.core.tables import ensure_table
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03"]
 BACKFILL = {"dagster/backfill": "fixtax01"}
@@ -58,7 +64,7 @@ def test_audit_rows_record_succeeded_and_failed_partitions_with_correct_counts(
 
 def test_an_unreachable_audit_database_does_not_block_the_write(data_url, conn):
     ensure_table(conn, FCT_ORDERS)
-    window = partitions.window(DAYS[0])
+    window = FCT_ORDERS.partitioning.window(DAYS[0])
     params = params_for(FCT_ORDERS, {})
     warnings: list[str] = []
     broken = AuditTrail("postgresql://nobody@/nowhere?host=/nonexistent", warn=warnings.append)
@@ -84,7 +90,7 @@ def test_an_interrupted_write_keeps_the_old_rows_and_closes_its_audit_row(
 ):
     ensure_table(conn, FCT_ORDERS)
     snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
-    window = partitions.window(DAYS[0])
+    window = FCT_ORDERS.partitioning.window(DAYS[0])
     params = params_for(FCT_ORDERS, {})
     run = RunInfo("run-interrupted", None, "tester", {})
     with AuditTrail(data_url) as audit:
@@ -212,7 +218,10 @@ def test_an_expired_snapshot_is_purged_and_the_rollback_says_so(postgres, instan
 
     with AuditTrail(data_url) as audit, pytest.raises(RollbackError, match="has expired"):
         restore(
-            conn, audit, RunInfo(None, None, "tester", {}), snapshots_of_backfill(conn, "fixtax01")
+            conn,
+            audit,
+            RunInfo(None, None, "tester", {}),
+            snapshots_of_backfill(conn, REGISTRY, "fixtax01"),
         )
     assert fingerprints(conn, [DAYS[0]]) == before
 
@@ -226,4 +235,4 @@ def test_snapshots_can_be_switched_off_per_backfill_and_rollback_then_refuses(
 
     assert audit_rows(conn, backfill_id="fixtax01")[0]["snapshot_rows"] is None
     with pytest.raises(RollbackError, match="kept no snapshot"):
-        snapshots_of_backfill(conn, "fixtax01")
+        snapshots_of_backfill(conn, REGISTRY, "fixtax01")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backfill_assets import cli, settings
+from backfill_assets.core import settings
+from backfill_assets.tooling import cli
 
 
 def test_the_demo_refuses_a_day_outside_the_partitions_before_starting_anything(capsys):
@@ -80,7 +81,7 @@ def test_db_start_with_your_own_server_starts_nothing_and_hides_the_password(
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
 
-    from backfill_assets.database import connect
+    from backfill_assets.core.database import connect
 
     socket_dir = conninfo_to_dict(cluster)["host"]
     suffix = tmp_path.name[-8:].lower().replace("-", "_")

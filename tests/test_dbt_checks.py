@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dagster import AssetKey
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from support import latest_check, materialize_days
+from support import dbt_models, fct_orders, latest_check, materialize_days
 
-from backfill_assets.defs.dbt import dbt_models
-from backfill_assets.defs.partitioned_tables import fct_orders
+from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 
 DAYS = ["2024-05-06", "2024-05-07", "2024-05-08"]
 PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED

@@ -8,12 +8,11 @@ import sys
 import time
 from datetime import date, timedelta
 
-from support import materialize_days, step_failure_message
+from support import dbt_models, fct_orders, materialize_days, step_failure_message
 
-from backfill_assets.database import connect
-from backfill_assets.defs.dbt import DBT_EXECUTABLE, dbt_models
-from backfill_assets.defs.partitioned_tables import fct_orders
-from backfill_assets.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.core.database import connect
+from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.project import DBT_EXECUTABLE, dbt_env
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
 MARTS = ("customer_daily_orders", "daily_revenue")
@@ -44,7 +43,7 @@ def test_the_dbt_model_builds_the_partitions_of_a_run_downstream_of_fct_orders(
     assert result.success
     built = sorted(
         (m.asset_key.path[-1], m.partition)
-        for m in result.asset_materializations_for_node("dbt_models")
+        for m in result.asset_materializations_for_node(dbt_models.node_def.name)
     )
     assert built == [(mart, day) for mart in MARTS for day in DAYS]
     expected = dict(
@@ -86,6 +85,7 @@ def test_a_full_refresh_gives_the_same_rows_as_per_partition_builds(
         env={
             **os.environ,
             **connection_parts(data_url).as_dbt_env(),
+            **dbt_env(),
             "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
         },
         capture_output=True,
@@ -126,10 +126,13 @@ def test_a_day_whose_facts_vanished_disappears_from_the_model(postgres, instance
 BUILD_IN_ITS_OWN_PROCESS = """
 import sys
 from dagster import materialize
-from backfill_assets.defs.dbt import dbt_models, dbt_resource
-from backfill_assets.resources import PostgresResource
+
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
+from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.resources import PostgresResource
 
 url, first, last = sys.argv[1:]
+(dbt_models,) = dbt_model_assets(load_registry([DEFAULT_TABLES_DIR]))
 result = materialize(
     [dbt_models],
     resources={"postgres": PostgresResource(url=url), "dbt": dbt_resource},

@@ -6,41 +6,29 @@ queued run coordinator), pointed at this test's databases through the environmen
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from support import failed_run_report, latest_check
+from support import FCT_ORDERS, dbt_models, failed_run_report, latest_check
 
-from backfill_assets import partitions, settings
-from backfill_assets.checks import CHECKS
-from backfill_assets.defs.dbt import dbt_models
-from backfill_assets.launch import (
+from backfill_assets.core import settings
+from backfill_assets.core.partitioning import UnknownPartitionError
+from backfill_assets.core.writer import insert_statement
+from backfill_assets.defs.checks import CHECKS
+from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
+from backfill_assets.tooling.launch import (
     launch_asset_backfill,
     launch_job_backfill,
     running_daemon,
     summarize_backfill,
     wait_for_backfill,
 )
-from backfill_assets.tables import FCT_ORDERS
-from backfill_assets.writer import insert_statement
 
 DAYS = ["2024-05-01", "2024-05-02", "2024-05-03"]
+JOB = "backfill__analytics__fct_orders__with_downstream"
 FCT_ORDERS_KEY = AssetKey(["analytics", "fct_orders"])
 DAILY_REVENUE_KEY = AssetKey(["analytics", "daily_revenue"])
-
-
-@pytest.fixture
-def dagster_env(tmp_path, monkeypatch, data_url, dagster_storage_url):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
-    monkeypatch.setenv(settings.DAGSTER_URL_ENV, dagster_storage_url)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return settings.process_env()
 
 
 def source_counts(conn) -> dict[str, int]:
@@ -48,7 +36,8 @@ def source_counts(conn) -> dict[str, int]:
     for key in DAYS:
         query = insert_statement(FCT_ORDERS).as_string(conn).split(" SELECT ", 1)[1]
         counts[key] = conn.execute(
-            f"SELECT count(*) FROM (SELECT {query}) AS q", partitions.window(key).as_params()
+            f"SELECT count(*) FROM (SELECT {query}) AS q",
+            FCT_ORDERS.partitioning.window(key).as_params(),
         ).fetchone()[0]
     return counts
 
@@ -60,7 +49,9 @@ def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_mater
         DagsterInstance.get() as instance,
         running_daemon(dagster_env, tmp_path / "daemon.log"),
     ):
-        backfill_id = launch_job_backfill(dagster_env, "daily_backfill", DAYS[0], DAYS[-1])
+        backfill_id = launch_job_backfill(
+            dagster_env, JOB, FCT_ORDERS.partitioning, DAYS[0], DAYS[-1]
+        )
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
 
         assert len(progress.statuses) == len(DAYS), "a job backfill runs one partition per run"
@@ -86,7 +77,7 @@ def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_mater
 
 def test_the_dagster_cli_refuses_an_unknown_partition_and_queues_nothing(dagster_env):
     command = ["dagster", "job", "backfill", "-w", str(settings.WORKSPACE_FILE)]
-    command += ["-j", "daily_backfill", "--from", "2023-12-30", "--to", "2024-01-02", "--noprompt"]
+    command += ["-j", JOB, "--from", "2023-12-30", "--to", "2024-01-02", "--noprompt"]
     completed = subprocess.run(
         command,
         env=dagster_env,
@@ -98,19 +89,19 @@ def test_the_dagster_cli_refuses_an_unknown_partition_and_queues_nothing(dagster
     assert completed.returncode != 0
     assert "2023-12-30" in completed.stderr
     with DagsterInstance.get() as instance:
-        assert instance.get_runs(filters=RunsFilter(job_name="daily_backfill")) == []
+        assert instance.get_runs(filters=RunsFilter(job_name=JOB)) == []
         assert instance.get_backfills() == []
 
 
 def test_the_launcher_names_the_valid_range_for_an_unknown_partition(dagster_env):
-    with pytest.raises(partitions.UnknownPartitionError, match="2024-01-01 to 2024-12-31"):
-        launch_job_backfill(dagster_env, "daily_backfill", "2023-12-30", "2024-01-02")
+    with pytest.raises(UnknownPartitionError, match="2024-01-01 to 2024-12-31"):
+        launch_job_backfill(dagster_env, JOB, FCT_ORDERS.partitioning, "2023-12-30", "2024-01-02")
 
 
 def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_says(
     dagster_env, conn, tmp_path
 ):
-    days = partitions.keys_between("2024-06-01", "2024-06-10")
+    days = FCT_ORDERS.partitioning.keys_between("2024-06-01", "2024-06-10")
     with (
         DagsterInstance.get() as instance,
         running_daemon(dagster_env, tmp_path / "daemon.log"),

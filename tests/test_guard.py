@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from support import audit_rows, fingerprints, latest_check, materialize_days, step_failure_message
+
+from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 
 DAY = "2024-04-03"
 DAY_FILTER = "ordered_at >= '2024-04-03' AND ordered_at < '2024-04-04'"

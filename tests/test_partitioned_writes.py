@@ -9,14 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 from dagster import DagsterInstance, materialize
+from support import FCT_ORDERS, fct_orders
 
-from backfill_assets import partitions
-from backfill_assets.database import connect
-from backfill_assets.defs.partitioned_tables import fct_orders
-from backfill_assets.fingerprint import partition_fingerprint
-from backfill_assets.resources import PostgresResource
-from backfill_assets.tables import FCT_ORDERS, ensure_table
-from backfill_assets.writer import replace_partition
+from backfill_assets.core.database import connect
+from backfill_assets.core.fingerprint import partition_fingerprint
+from backfill_assets.core.partitioning import UnknownPartitionError
+from backfill_assets.core.tables import ensure_table
+from backfill_assets.core.writer import replace_partition
+from backfill_assets.defs.resources import PostgresResource
 
 RANGE = ("2024-04-01", "2024-04-05")
 
@@ -35,11 +35,14 @@ def materialize_range(postgres, instance, first, last, **kwargs):
 
 
 def fingerprints(conn: psycopg.Connection, keys) -> dict:
-    return {key: partition_fingerprint(conn, FCT_ORDERS, partitions.window(key)) for key in keys}
+    return {
+        key: partition_fingerprint(conn, FCT_ORDERS, FCT_ORDERS.partitioning.window(key))
+        for key in keys
+    }
 
 
 def test_rerunning_a_partition_leaves_identical_rows(postgres, instance, conn):
-    day = partitions.window("2024-04-03")
+    day = FCT_ORDERS.partitioning.window("2024-04-03")
     assert materialize(
         [fct_orders], partition_key=day.key, resources={"postgres": postgres}, instance=instance
     ).success
@@ -58,7 +61,9 @@ def test_materializing_one_partition_leaves_every_other_partition_unchanged(
     postgres, instance, conn
 ):
     assert materialize_range(postgres, instance, *RANGE).success
-    keys = partitions.all_keys()[partitions.all_keys().index(RANGE[0]) :][:5]
+    keys = FCT_ORDERS.partitioning.all_keys()[FCT_ORDERS.partitioning.all_keys().index(RANGE[0]) :][
+        :5
+    ]
     before = fingerprints(conn, keys)
     # Change the source of two days; only the one we rebuild may pick the change up.
     conn.execute(
@@ -106,7 +111,7 @@ def test_a_malformed_source_row_fails_the_write_and_keeps_the_old_rows(postgres,
 
 def test_a_connection_lost_between_delete_and_insert_keeps_the_old_rows(data_url, conn):
     ensure_table(conn, FCT_ORDERS)
-    day = partitions.window("2024-04-03")
+    day = FCT_ORDERS.partitioning.window("2024-04-03")
     replace_partition(conn, FCT_ORDERS, day)
     before = partition_fingerprint(conn, FCT_ORDERS, day)
 
@@ -139,11 +144,11 @@ def test_a_partition_key_outside_the_definition_is_refused_and_writes_nothing(
 
 
 def test_an_unknown_partition_key_error_names_the_key_and_the_valid_range():
-    with pytest.raises(partitions.UnknownPartitionError) as error:
-        partitions.window("2025-02-30")
+    with pytest.raises(UnknownPartitionError) as error:
+        FCT_ORDERS.partitioning.window("2025-02-30")
     message = str(error.value)
     assert "'2025-02-30'" in message
-    assert partitions.FIRST_DAY in message and partitions.last_key() in message
+    assert "2024-01-01" in message and "2024-12-31" in message
 
 
 def test_each_partition_reports_rows_deleted_inserted_duration_and_speed(postgres, instance, conn):
@@ -156,7 +161,7 @@ def test_each_partition_reports_rows_deleted_inserted_duration_and_speed(postgre
     }
     assert sorted(by_partition) == ["2024-04-01", "2024-04-02", "2024-04-03"]
     for key, metadata in by_partition.items():
-        rows = partition_fingerprint(conn, FCT_ORDERS, partitions.window(key)).rows
+        rows = partition_fingerprint(conn, FCT_ORDERS, FCT_ORDERS.partitioning.window(key)).rows
         assert metadata["rows_inserted"].value == rows
         assert metadata["rows_deleted"].value == (0 if key == "2024-04-03" else rows)
         assert metadata["duration_s"].value >= 0
@@ -174,7 +179,7 @@ def create_tables_at_once(url: str, writers: int = 2) -> list[Exception]:
     """Let several connections create the table and its snapshot table at the same instant."""
     import threading
 
-    from backfill_assets.snapshots import ensure_snapshot_table
+    from backfill_assets.core.snapshots import ensure_snapshot_table
 
     errors: list[Exception] = []
     start_together = threading.Barrier(writers)
@@ -213,7 +218,7 @@ def test_two_writers_of_one_partition_take_turns_and_never_duplicate_it(data_url
     rows, and the partition ends up holding every row twice.
     """
     ensure_table(conn, FCT_ORDERS)
-    day = partitions.window("2024-04-03")
+    day = FCT_ORDERS.partitioning.window("2024-04-03")
     replace_partition(conn, FCT_ORDERS, day)
     expected = partition_fingerprint(conn, FCT_ORDERS, day)
     first_inserted = threading.Event()

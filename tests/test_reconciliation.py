@@ -7,12 +7,17 @@ partition keeps its previous rows. Results are read back per partition, as the U
 from __future__ import annotations
 
 from dagster import AssetKey
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from support import fingerprints, latest_check, materialize_days, step_failure_message
+from support import (
+    dbt_models,
+    fct_orders,
+    fingerprints,
+    latest_check,
+    materialize_days,
+    step_failure_message,
+)
 
-from backfill_assets.checks import CHECKS
-from backfill_assets.defs.dbt import dbt_models
-from backfill_assets.defs.partitioned_tables import fct_orders
+from backfill_assets.defs.checks import CHECKS
+from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 
 DAY = "2024-04-03"
 DAY_FILTER = "ordered_at >= '2024-04-03' AND ordered_at < '2024-04-04'"
@@ -187,7 +192,7 @@ def test_a_blocking_check_failure_prevents_the_downstream_dbt_model(postgres, in
     ]
     assert failed_blocking, "a blocking check failed"
     assert all(evaluation.blocking for _, evaluation in failed_blocking), "and was stored as such"
-    assert result.asset_materializations_for_node("dbt_models") == []
+    assert result.asset_materializations_for_node(dbt_models.node_def.name) == []
     started = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
     assert started == ["analytics__fct_orders"]
     after = conn.execute("SELECT * FROM analytics.daily_revenue ORDER BY 1").fetchall()

@@ -1,71 +1,96 @@
 """The dbt project's models as partitioned Dagster assets, rebuilt one partition window at a time.
 
-Dagster passes the run's partition window to dbt as ``--event-time-start/--event-time-end``; the
-microbatch models replace each day of it in its own transaction, and the models' dbt tests run
-on the window afterwards, reported as one check result per test and day (``dbt_checks``). One
-``dbt build`` covers the whole window of a run, because dbt's start-up (~3 s) costs far more than
-a day's batch (~30 ms).
+A model takes the partitions of the declared table it reads (found through its dbt sources), so
+the marts of a 2024 daily table and of a 1990s monthly one each get their own range; one
+``@dbt_assets`` definition is made per distinct partitioning. Dagster passes the run's partition
+window to dbt as ``--event-time-start/--event-time-end``; the microbatch models replace each day of
+it in its own transaction, and the models' dbt tests run on the window afterwards, reported as one
+check result per test and day (``dbt_checks``). One ``dbt build`` covers the whole window of a
+run, because dbt's start-up (~3 s) costs far more than a day's batch (~30 ms).
 """
 
-import json
 import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
-from dagster import AssetExecutionContext
+from dagster import AssetExecutionContext, AssetsDefinition
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
-from backfill_assets.database import first_build_lock
-from backfill_assets.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
-from backfill_assets.defs.partitioned_tables import BACKFILL_POLICY
-from backfill_assets.partitions import daily_partitions
-from backfill_assets.resources import PostgresResource
-from backfill_assets.settings import DBT_PROJECT_DIR, connection_parts
-
-DBT_EXECUTABLE = str(Path(sys.executable).parent / "dbt")
+from backfill_assets.core.database import first_build_lock
+from backfill_assets.core.partitioning import Partitioning
+from backfill_assets.core.registry import DeclarationError, Registry
+from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.defs.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
+from backfill_assets.defs.partitions import partitions_def
+from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.defs.table_assets import BACKFILL_POLICY
+from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
 
-def ensure_manifest() -> Path:
-    """Parse the dbt project if its manifest is missing or older than a project file.
-
-    Parsing needs no database; it costs a few seconds, so it only runs after an edit.
-    """
-    manifest = dbt_project.manifest_path
-    sources = [
-        path
-        for pattern in ("*.yml", "models/**/*", "macros/**/*", "tests/**/*")
-        for path in DBT_PROJECT_DIR.glob(pattern)
-        if path.is_file()
-    ]
-    if not manifest.exists() or max(p.stat().st_mtime for p in sources) > manifest.stat().st_mtime:
-        subprocess.run(
-            [DBT_EXECUTABLE, "parse", "--quiet"],
-            cwd=DBT_PROJECT_DIR,
-            env={**os.environ, "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR)},
-            check=True,
-        )
-    return dbt_project.manifest_path
-
-
-def incremental_relations(manifest_path: Path) -> list[tuple[str, str]]:
+def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
     """``(schema, table)`` of every incremental model: the tables dbt creates on first use."""
-    nodes = json.loads(manifest_path.read_text())["nodes"].values()
     return [
         (node["schema"], node["alias"])
-        for node in nodes
+        for node in manifest["nodes"].values()
         if node["resource_type"] == "model" and node["config"]["materialized"] == "incremental"
     ]
 
 
+def models_by_partitioning(
+    manifest: Mapping, registry: Registry
+) -> dict[Partitioning | None, list[str]]:
+    """Model names grouped by the partitioning of the declared table(s) they read.
+
+    A model reads a declared table through a dbt source pointing at it, directly or through other
+    models. Models that read none are unpartitioned; a model reading two tables partitioned
+    differently cannot be built per partition and is refused with both names.
+    """
+    declared = registry.by_asset_path()
+    nodes, sources = manifest["nodes"], manifest["sources"]
+
+    def tables_read(unique_id: str, seen: set[str]) -> set[tuple[str, str]]:
+        if unique_id in seen:
+            return set()
+        seen.add(unique_id)
+        if unique_id in sources:
+            source = sources[unique_id]
+            relation = (source["schema"], source.get("identifier") or source["name"])
+            return {relation} if relation in declared else set()
+        found: set[tuple[str, str]] = set()
+        for parent in nodes.get(unique_id, {}).get("depends_on", {}).get("nodes", []):
+            found |= tables_read(parent, seen)
+        return found
+
+    groups: dict[Partitioning | None, list[str]] = {}
+    for unique_id, node in nodes.items():
+        if node["resource_type"] != "model":
+            continue
+        read = tables_read(unique_id, set())
+        partitionings = {_range(declared[relation].partitioning) for relation in read}
+        if len(partitionings) > 1:
+            names = ", ".join(sorted(".".join(relation) for relation in read))
+            raise DeclarationError(
+                f"dbt model {node['name']} reads tables partitioned differently ({names}); "
+                "a model is built per partition of one range: give those tables the same "
+                "partitions, or split the model"
+            )
+        key = declared[next(iter(read))].partitioning if read else None
+        groups.setdefault(key and _range(key), []).append(node["name"])
+    return groups
+
+
+def _range(partitioning: Partitioning) -> Partitioning:
+    """The partitioning without its column: models of tables with equal ranges build together."""
+    return Partitioning("", partitioning.granularity, partitioning.start, partitioning.end)
+
+
 @contextmanager
-def dbt_connection_env(postgres: PostgresResource) -> Iterator[None]:
-    """Point dbt's profile at the same database as the ``postgres`` resource for one call."""
-    values = connection_parts(postgres.resolved_url()).as_dbt_env()
+def dbt_process_env(postgres: PostgresResource) -> Iterator[None]:
+    """Point dbt's profile at the ``postgres`` resource's database, and give it the tables'
+    first partitions, for one call."""
+    values = {**connection_parts(postgres.resolved_url()).as_dbt_env(), **dbt_env()}
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
@@ -78,38 +103,58 @@ def dbt_connection_env(postgres: PostgresResource) -> Iterator[None]:
                 os.environ[name] = value
 
 
-MANIFEST_PATH = ensure_manifest()
-INCREMENTAL_RELATIONS = incremental_relations(MANIFEST_PATH)
-
-
-@dbt_assets(
-    manifest=MANIFEST_PATH,
-    project=dbt_project,
-    partitions_def=daily_partitions,
-    backfill_policy=BACKFILL_POLICY,
-    dagster_dbt_translator=PartitionedChecksTranslator(),
-)
-def dbt_models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource):
-    window = context.partition_time_window
-    # build = the window's batches, then the models' tests scoped to the window (one start-up).
-    args = [
-        "build",
-        "--event-time-start",
-        window.start.strftime("%Y-%m-%d"),
-        "--event-time-end",
-        window.end.strftime("%Y-%m-%d"),
+def dbt_model_assets(registry: Registry) -> list[AssetsDefinition]:
+    manifest = ensure_manifest(registry)
+    incremental = incremental_relations(manifest)
+    return [
+        _dbt_assets(manifest, models, partitioning, incremental)
+        for partitioning, models in models_by_partitioning(manifest, registry).items()
     ]
-    # Two runs of one backfill (a week each) reach this step together; the first build of a table
-    # must not race (see first_build_lock). Once the tables exist, runs go on side by side.
-    with first_build_lock(
-        postgres.resolved_url(), INCREMENTAL_RELATIONS, name="dbt"
-    ) as first_build:
-        if first_build:
-            context.log.info(f"first build of {first_build}: other dbt runs wait until it is done")
-        with dbt_connection_env(postgres):
-            invocation = dbt.cli(args, context=context, raise_on_error=False)
-        with postgres.connect() as conn:
-            yield from per_partition_check_events(context, invocation, conn)
+
+
+def _dbt_assets(
+    manifest: Mapping,
+    models: list[str],
+    partitioning: Partitioning | None,
+    incremental: list[tuple[str, str]],
+) -> AssetsDefinition:
+    definition = partitions_def(partitioning) if partitioning else None
+    name = (
+        f"dbt_{partitioning.granularity}_from_{partitioning.start:%Y_%m_%d}"
+        if partitioning
+        else "dbt_unpartitioned"
+    )
+
+    @dbt_assets(
+        manifest=manifest,
+        project=dbt_project,
+        select=" ".join(sorted(models)),
+        name=name,
+        partitions_def=definition,
+        backfill_policy=BACKFILL_POLICY if definition else None,
+        dagster_dbt_translator=PartitionedChecksTranslator(definition),
+    )
+    def _models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource):
+        args = ["build"]
+        if definition is not None:
+            # build = the window's batches, then the models' tests scoped to the window.
+            window = context.partition_time_window
+            args += ["--event-time-start", f"{window.start:%Y-%m-%d}"]
+            args += ["--event-time-end", f"{window.end:%Y-%m-%d}"]
+        # Two runs of one backfill (a week each) reach this step together; the first build of a
+        # table must not race (see first_build_lock). Once the tables exist, runs go side by side.
+        with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
+            if first_build:
+                context.log.info(f"first build of {first_build}: other dbt runs wait for it")
+            with dbt_process_env(postgres):
+                invocation = dbt.cli(args, context=context, raise_on_error=definition is None)
+            if definition is None:
+                yield from invocation.stream()
+                return
+            with postgres.connect() as conn:
+                yield from per_partition_check_events(context, invocation, conn)
+
+    return _models
 
 
 dbt_resource = DbtCliResource(

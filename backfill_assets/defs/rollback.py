@@ -8,29 +8,51 @@ from dagster import (
     AssetMaterialization,
     Config,
     Failure,
+    JobDefinition,
     OpExecutionContext,
     Output,
     job,
     op,
 )
 
-from backfill_assets import rollback
-from backfill_assets.audit import AuditTrail, RunInfo
-from backfill_assets.params import launched_by
-from backfill_assets.resources import PostgresResource
+from backfill_assets.core import rollback
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.params import launched_by
+from backfill_assets.core.registry import Registry
+from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.defs.table_assets import asset_key
 
 
 class RollbackConfig(Config):
-    """Give ``backfill_id`` to undo a whole backfill, or ``table`` and ``partition`` for one."""
+    """Give ``backfill_id`` to undo a whole backfill, or ``table`` and ``partition`` for one
+    (``table`` may stay empty when only one table is declared)."""
 
     backfill_id: str = ""
-    table: str = "analytics.fct_orders"
+    table: str = ""
     partition: str = ""
 
 
-@op(description="Restore partitions to the snapshots taken before they were overwritten.")
-def restore_snapshots(
-    context: OpExecutionContext, config: RollbackConfig, postgres: PostgresResource
+def rollback_job(registry: Registry) -> JobDefinition:
+    """The rollback as a job over every declared table."""
+
+    @op(description="Restore partitions to the snapshots taken before they were overwritten.")
+    def restore_snapshots(
+        context: OpExecutionContext, config: RollbackConfig, postgres: PostgresResource
+    ):
+        yield from _restore(context, config, postgres, registry)
+
+    @job(description="Undo a backfill (or one partition) from its snapshots; config says which.")
+    def rollback_backfill():
+        restore_snapshots()
+
+    return rollback_backfill
+
+
+def _restore(
+    context: OpExecutionContext,
+    config: RollbackConfig,
+    postgres: PostgresResource,
+    registry: Registry,
 ):
     if bool(config.backfill_id) == bool(config.partition):
         raise Failure(
@@ -50,8 +72,9 @@ def restore_snapshots(
         try:
             refs = rollback.snapshots_to_restore(
                 conn,
+                registry,
                 backfill_id=config.backfill_id,
-                table_name=config.table,
+                table_name=config.table or None,
                 partition=config.partition,
             )
             results = rollback.restore(conn, audit, run, refs)
@@ -64,7 +87,7 @@ def restore_snapshots(
             f"{ref.audit_id}: {result.rows_restored} rows"
         )
         yield AssetMaterialization(
-            asset_key=ref.table.asset_key,
+            asset_key=asset_key(ref.table),
             partition=ref.partition_key,
             description=f"rolled back to the rows before write {ref.audit_id}",
             metadata={
@@ -76,8 +99,3 @@ def restore_snapshots(
             },
         )
     yield Output(len(results), metadata={"partitions_restored": len(results)})
-
-
-@job(description="Undo a backfill (or one partition) from its snapshots; config says which.")
-def rollback_backfill():
-    restore_snapshots()

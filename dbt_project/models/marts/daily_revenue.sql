@@ -9,7 +9,7 @@
     incremental_strategy='microbatch',
     event_time='order_day',
     batch_size='day',
-    begin='2024-01-01',
+    begin=partitions_begin('analytics.fct_orders'),
     unique_key='order_day',
   )
 }}

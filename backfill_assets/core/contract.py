@@ -1,0 +1,110 @@
+"""The SQL contract of a table: its query yields exactly the declared columns, for a window.
+
+Checked when the definitions load, and again at the start of every run before anything is
+written, so a mistake in a table's SQL is one clear message instead of a database error in the
+middle of a backfill. PostgreSQL describes the query's result without reading a row (``LIMIT 0``
+over the query, bound with the first partition's window).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import psycopg
+from psycopg import errors, sql
+
+from backfill_assets.core.tables import TableSpec
+
+PLACEHOLDERS = ("start", "end")
+_PLACEHOLDER = re.compile(r"(?<!%)%\((\w+)\)s")
+
+
+class ContractError(ValueError):
+    """A table's SQL does not yield its declared columns; nothing was written."""
+
+
+class SourceNotReady(Exception):
+    """The query reads a schema or table that does not exist yet: the contract cannot be checked."""
+
+
+def _where(table: TableSpec) -> str:
+    sql_file = table.sql_path
+    declaration = f" (declared in {table.declared_in})" if table.declared_in else ""
+    return f"table {table.qualified_name}: {sql_file}{declaration}"
+
+
+def check_placeholders(table: TableSpec) -> None:
+    used = set(_PLACEHOLDER.findall(table.query))
+    missing = [p for p in PLACEHOLDERS if p not in used]
+    unknown = sorted(used - set(PLACEHOLDERS))
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append("does not use " + ", ".join(f"%({p})s" for p in missing))
+        if unknown:
+            problems.append("uses unknown " + ", ".join(f"%({p})s" for p in unknown))
+        raise ContractError(
+            f"{_where(table)} {' and '.join(problems)}; the SELECT must filter its rows to the "
+            "window with %(start)s (inclusive) and %(end)s (exclusive), and write a literal % as %%"
+        )
+
+
+def result_columns(conn: psycopg.Connection, table: TableSpec) -> list[str]:
+    """The names of the columns the table's query yields, without reading any row."""
+    window = table.partitioning.window(table.partitioning.first_key()).as_params()
+    query = sql.SQL("SELECT * FROM ({}) AS src LIMIT 0").format(table.source_query)
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(query, window)
+            return [column.name for column in cur.description or []]
+    except (errors.UndefinedTable, errors.InvalidSchemaName) as exc:
+        raise SourceNotReady(str(exc).strip().splitlines()[0]) from None
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{_where(table)} does not run: {reason}") from None
+
+
+def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
+    """Raise ``ContractError`` naming the missing and extra columns; ``SourceNotReady`` if the
+    sources do not exist yet."""
+    check_placeholders(table)
+    yielded = result_columns(conn, table)
+    declared = list(table.column_names)
+    missing = [c for c in declared if c not in yielded]
+    extra = [c for c in yielded if c not in declared]
+    duplicated = sorted({c for c in yielded if yielded.count(c) > 1})
+    if missing or extra or duplicated:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing))
+        if extra:
+            parts.append("extra " + ", ".join(extra))
+        if duplicated:
+            parts.append("repeated " + ", ".join(duplicated))
+        raise ContractError(
+            f"{_where(table)} does not yield the declared columns: {'; '.join(parts)}. "
+            "Make the SELECT return exactly the columns of the declaration, by name "
+            "(alias them with AS), or change the declaration."
+        )
+
+
+def check_contracts(tables: Iterable[TableSpec], url: str) -> list[str]:
+    """Check every table's contract; returns why a table could not be checked (no database, no
+    source yet). A mismatch raises ``ContractError``: the definitions must not load with it."""
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"SQL contracts not checked at load, the database is not reachable: {reason}"]
+    unchecked = []
+    with conn:
+        for table in tables:
+            try:
+                check_contract(conn, table)
+            except SourceNotReady as exc:
+                unchecked.append(
+                    f"{table.qualified_name}: SQL contract not checked at load ({exc}); "
+                    "it is checked again before each run writes"
+                )
+    return unchecked

@@ -1,0 +1,93 @@
+"""Opening connections, with errors that say which server failed and what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill_assets.core.settings import redact, with_database
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """PostgreSQL could not be reached; nothing was read or written."""
+
+
+def connect(url: str, *, application_name: str = "backfill_assets") -> psycopg.Connection:
+    """An autocommit connection: every write path opens its own explicit transaction."""
+    try:
+        return psycopg.connect(url, autocommit=True, application_name=application_name)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL at {redact(url)}: {reason}. "
+            "Is the server running? For the embedded one run `backfill-assets db start`; "
+            "for your own server check BACKFILL_PG_URL."
+        ) from None
+
+
+def lock_schema_changes(conn: psycopg.Connection) -> None:
+    """Serialise this transaction's CREATE ... IF NOT EXISTS with other runs'.
+
+    Two runs starting together would otherwise race in the catalog: IF NOT EXISTS does not stop
+    a concurrent CREATE of the same name from failing with a unique violation.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('backfill_assets.schema_changes'))")
+
+
+def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    """Whether ``schema.name`` exists; the name is quoted, so any spelling resolves exactly."""
+    qualified = sql.Identifier(schema, name).as_string(conn)
+    return conn.execute("SELECT to_regclass(%s)", [qualified]).fetchone()[0] is not None
+
+
+def missing_relations(
+    conn: psycopg.Connection, relations: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Which of the ``(schema, name)`` relations do not exist yet."""
+    return [relation for relation in relations if not relation_exists(conn, *relation)]
+
+
+@contextmanager
+def first_build_lock(
+    url: str, relations: Sequence[tuple[str, str]], *, name: str
+) -> Iterator[list[tuple[str, str]]]:
+    """Run the body alone while any of ``relations`` does not exist yet; yields the missing ones.
+
+    A tool that creates its table on first use (dbt's incremental models: ``create table`` when the
+    relation is missing, ``delete+insert`` after) fails when two runs of a backfill build it at
+    the same time: both see no table, one gets "relation already exists". Holding an advisory
+    lock only until the tables exist serialises that first build and nothing after it: a run that
+    waited finds the table and goes on as an ordinary incremental run.
+    """
+    with connect(url, application_name="backfill_assets.first_build") as conn:
+        missing = missing_relations(conn, relations)
+    if not missing:  # the common case: no lock, and no connection held while the body runs
+        yield missing
+        return
+    key = f"backfill_assets.first_build.{name}"
+    with connect(url, application_name="backfill_assets.first_build") as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
+        try:
+            yield missing_relations(conn, missing)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it is missing; returns whether it was created."""
+    dbname = conninfo_to_dict(url).get("dbname")
+    if not dbname:
+        raise ValueError(f"no database name in {redact(url)}")
+    try:
+        connect(url).close()
+        return False
+    except DatabaseUnavailableError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    with connect(with_database(url, "postgres")) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    return True

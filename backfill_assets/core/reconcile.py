@@ -1,0 +1,193 @@
+"""Reconciliation after the write, inside the partition's transaction, before it commits.
+
+The new rows are verified where they will live (row count against the source, unique key,
+required columns, measure sums) while the transaction is still open: a blocking failure rolls the
+partition back, so a wrong partition is never committed and downstream models never read it. The
+before/after diff compares the deleted rows (kept in a temporary table by the writer) with the new
+ones and raises a WARN when numbers shift more than the table allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
+from backfill_assets.core.guards import SourceStats
+from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.params import BackfillParams
+from backfill_assets.core.partitioning import PartitionWindow
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.writer import PREVIOUS_ROWS
+
+
+@dataclass(frozen=True)
+class PartitionDiff:
+    rows_added: int
+    rows_removed: int
+    rows_changed: int
+    sums_before: dict[str, Decimal]
+    sums_after: dict[str, Decimal]
+
+    def moved_fraction(self, rows_before: int) -> float:
+        return (self.rows_added + self.rows_removed + self.rows_changed) / max(rows_before, 1)
+
+    def sum_shift(self, measure: str) -> float:
+        before, after = self.sums_before[measure], self.sums_after[measure]
+        return float(abs(after - before) / abs(before)) if before else (1.0 if after else 0.0)
+
+    def as_metadata(self) -> dict[str, object]:
+        deltas = {
+            f"{m}_delta": float(self.sums_after[m] - self.sums_before[m]) for m in self.sums_after
+        }
+        return {
+            "rows_added": self.rows_added,
+            "rows_removed": self.rows_removed,
+            "rows_changed": self.rows_changed,
+            **deltas,
+        }
+
+
+@dataclass(frozen=True)
+class Verification:
+    outcomes: dict[str, CheckOutcome]
+    before: Fingerprint
+    after: Fingerprint
+    diff: PartitionDiff
+
+    @property
+    def failed_blocking(self) -> list[str]:
+        return [name for name, o in self.outcomes.items() if not o.passed and o.severity == "ERROR"]
+
+
+def diff_partition(
+    conn, table: TableSpec, window: PartitionWindow, before: Fingerprint, after: Fingerprint
+) -> PartitionDiff:
+    """Rows added, removed and changed by key; the sums come from the two fingerprints."""
+    key = sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
+    )
+    row = sql.SQL("ROW({})::text").format(table.column_list())
+    query = sql.SQL(
+        "WITH o AS (SELECT {key} AS k, {row} AS r FROM {previous}), "
+        "n AS (SELECT {key} AS k, {row} AS r FROM {table} WHERE {window}) "
+        "SELECT count(*) FILTER (WHERE o.k IS NULL), count(*) FILTER (WHERE n.k IS NULL), "
+        "count(*) FILTER (WHERE o.k IS NOT NULL AND n.k IS NOT NULL AND o.r <> n.r) "
+        "FROM o FULL JOIN n ON o.k = n.k"
+    ).format(
+        key=key,
+        row=row,
+        previous=PREVIOUS_ROWS,
+        table=table.identifier,
+        window=table.window_filter(),
+    )
+    added, removed, changed = conn.execute(query, window.as_params()).fetchone()
+    return PartitionDiff(
+        rows_added=added,
+        rows_removed=removed,
+        rows_changed=changed,
+        sums_before=before.sums,
+        sums_after=after.sums,
+    )
+
+
+def verify(
+    conn: psycopg.Connection,
+    table: TableSpec,
+    window: PartitionWindow,
+    source: SourceStats,
+    params: BackfillParams,
+) -> Verification:
+    """Evaluate every after-write check on the uncommitted partition (needs ``keep_previous``)."""
+    before = fingerprint_of(conn, table, PREVIOUS_ROWS, window)
+    after = fingerprint_of(conn, table, table.identifier, window)
+    diff = diff_partition(conn, table, window, before, after)
+    outcomes = {
+        "rows_match_source": CheckOutcome(
+            after.rows == source.rows,
+            {"source_rows": source.rows, "target_rows": after.rows},
+            message=f"the partition holds {after.rows} rows, the source {source.rows}",
+        ),
+        "unique_key_is_unique": _unique(conn, table, window),
+        "required_columns_not_null": _not_null(conn, table, window),
+        "measures_reconcile": _measures(table, source, diff),
+        "change_within_threshold": _change(table, before, diff, params),
+    }
+    return Verification(outcomes=outcomes, before=before, after=after, diff=diff)
+
+
+def _unique(conn, table: TableSpec, window: PartitionWindow) -> CheckOutcome:
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
+    query = sql.SQL(
+        "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {} WHERE {} "
+        "GROUP BY {} HAVING count(*) > 1) AS dup"
+    ).format(table.identifier, table.window_filter(), keys)
+    duplicated_keys, rows = conn.execute(query, window.as_params()).fetchone()
+    return CheckOutcome(
+        duplicated_keys == 0,
+        {
+            "unique_key": ", ".join(table.unique_key),
+            "duplicated_keys": duplicated_keys,
+            "rows_with_duplicated_keys": int(rows),
+        },
+        message=f"{duplicated_keys} values of ({', '.join(table.unique_key)}) occur more than once",
+    )
+
+
+def _not_null(conn, table: TableSpec, window: PartitionWindow) -> CheckOutcome:
+    if not table.required_columns:
+        return CheckOutcome(True, {"required_columns": ""})
+    counts = sql.SQL(", ").join(
+        sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(c))
+        for c in table.required_columns
+    )
+    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        counts, table.identifier, table.window_filter()
+    )
+    nulls = dict(
+        zip(table.required_columns, conn.execute(query, window.as_params()).fetchone(), strict=True)
+    )
+    offending = {c: n for c, n in nulls.items() if n}
+    return CheckOutcome(
+        not offending,
+        {f"nulls_in_{c}": n for c, n in nulls.items()},
+        message=", ".join(f"{n} NULLs in {c}" for c, n in offending.items()),
+    )
+
+
+def _measures(table: TableSpec, source: SourceStats, diff: PartitionDiff) -> CheckOutcome:
+    tolerance = Decimal(str(table.sum_tolerance))
+    gaps = {m: abs(diff.sums_after[m] - source.sums[m]) for m in table.measures}
+    off = {m: gap for m, gap in gaps.items() if gap > tolerance}
+    metadata: dict[str, object] = {"tolerance": table.sum_tolerance}
+    for m in table.measures:
+        metadata[f"{m}_source"] = float(source.sums[m])
+        metadata[f"{m}_target"] = float(diff.sums_after[m])
+    return CheckOutcome(
+        not off,
+        metadata,
+        message=", ".join(f"sum({m}) differs from the source by {gap}" for m, gap in off.items()),
+    )
+
+
+def _change(table: TableSpec, before: Fingerprint, diff: PartitionDiff, params) -> CheckOutcome:
+    metadata: dict[str, object] = {
+        **diff.as_metadata(),
+        "rows_before": before.rows,
+        "warn_above": params.diff_warn,
+    }
+    if before.rows == 0:
+        return CheckOutcome(True, metadata | {"note": "first write of this partition"}, "WARN")
+    shifts = {"rows": diff.moved_fraction(before.rows)}
+    shifts |= {f"sum({m})": diff.sum_shift(m) for m in table.measures}
+    over = {name: shift for name, shift in shifts.items() if shift > params.diff_warn}
+    metadata |= {f"shift_{name}": round(value, 4) for name, value in shifts.items()}
+    return CheckOutcome(
+        not over,
+        metadata,
+        severity="WARN",
+        message=", ".join(f"{name} moved {value:.1%}" for name, value in over.items()),
+    )

@@ -1,0 +1,284 @@
+"""The table registry: one YAML declaration per table, beside the SQL that computes it.
+
+Adding a table is one ``tables/<name>.yaml`` and one ``tables/<name>.sql``; the asset, its checks,
+its backfill jobs, rollback, snapshot expiry and the CLI's choices all derive from what is loaded
+here. A declaration is data a user edits without touching package code, so every mistake in it is
+reported with the file, the field and what is allowed, before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
+from backfill_assets.core.settings import REPO_ROOT
+from backfill_assets.core.tables import Column, TableSpec
+
+TABLES_PATH_ENV = "BACKFILL_TABLES_PATH"
+DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
+
+KEYS = {
+    "table": "schema.name of the table to build (required)",
+    "description": "what a row is, for the UI",
+    "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
+    "upstream": "schema.table of every table the SQL reads",
+    "partitions": "column, every (day | month), start, optional end (exclusive)",
+    "columns": "name: type, in order; 'type not null' or {type, not_null, check}",
+    "unique_key": "column(s) that identify a row",
+    "measures": "numeric columns whose sums must reconcile with the source",
+    "subject_column": "column naming the person a row is about (erasure)",
+    "thresholds": "max_shrink, diff_warn, sum_tolerance",
+    "snapshots": "keep (true | false), retention_days",
+}
+PARTITION_KEYS = ("column", "every", "start", "end")
+THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
+SNAPSHOT_KEYS = ("keep", "retention_days")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_NOT_NULL = re.compile(r"\s+not\s+null\s*$", re.IGNORECASE)
+
+
+class DeclarationError(ValueError):
+    """A table declaration that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    tables: tuple[TableSpec, ...]
+
+    def __iter__(self) -> Iterator[TableSpec]:
+        return iter(self.tables)
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    @property
+    def names(self) -> list[str]:
+        return [table.qualified_name for table in self.tables]
+
+    def table(self, qualified_name: str | None) -> TableSpec:
+        """The spec of ``schema.table``; with one table declared, ``None`` means that one."""
+        if not qualified_name and len(self.tables) == 1:
+            return self.tables[0]
+        for table in self.tables:
+            if table.qualified_name == qualified_name:
+                return table
+        known = ", ".join(self.names) or "none (add a YAML file to tables/)"
+        if not qualified_name:
+            raise ValueError(f"name a table; the declared tables are: {known}")
+        raise ValueError(f"unknown table {qualified_name!r}; the declared tables are: {known}")
+
+    def by_asset_path(self) -> dict[tuple[str, str], TableSpec]:
+        return {table.asset_path: table for table in self.tables}
+
+
+def tables_dirs() -> list[Path]:
+    """Where declarations are read: ``BACKFILL_TABLES_PATH`` (``:``-separated), else ``tables/``."""
+    value = os.environ.get(TABLES_PATH_ENV)
+    if not value:
+        return [DEFAULT_TABLES_DIR]
+    return [Path(part).resolve() for part in value.split(os.pathsep) if part]
+
+
+def load_registry(dirs: list[Path] | None = None) -> Registry:
+    return _load(tuple(dirs or tables_dirs()))
+
+
+@cache
+def _load(dirs: tuple[Path, ...]) -> Registry:
+    tables: dict[str, tuple[TableSpec, Path]] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise DeclarationError(
+                f"{directory} is not a directory; {TABLES_PATH_ENV} lists folders of table "
+                "declarations (one YAML file and one SQL file per table)"
+            )
+        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+            table = parse_declaration(path)
+            if table.qualified_name in tables:
+                raise DeclarationError(
+                    f"{path}: table {table.qualified_name} is already declared in "
+                    f"{tables[table.qualified_name][1]}; keep one declaration per table"
+                )
+            tables[table.qualified_name] = (table, path)
+    return Registry(tuple(table for table, _ in tables.values()))
+
+
+def parse_declaration(path: Path) -> TableSpec:
+    """A ``TableSpec`` from one YAML file; any problem is a ``DeclarationError`` naming it."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DeclarationError(f"{path}: not readable as YAML ({exc})") from None
+    try:
+        return _spec(path, document)
+    except DeclarationError as exc:
+        raise DeclarationError(f"{path}: {exc}") from None
+
+
+def _spec(path: Path, doc: object) -> TableSpec:
+    doc = _mapping(doc, "the file", KEYS)
+    schema, name = _qualified(_required(doc, "table"), "table")
+    partitions = _mapping(_required(doc, "partitions"), "partitions", PARTITION_KEYS)
+    columns = _columns(_required(doc, "columns"))
+    column_names = [column.name for column in columns]
+
+    def known_columns(field: str, names: list[str]) -> tuple[str, ...]:
+        unknown = [n for n in names if n not in column_names]
+        if unknown:
+            raise DeclarationError(
+                f"{field}: {', '.join(unknown)} not among the columns ({', '.join(column_names)})"
+            )
+        return tuple(names)
+
+    every = str(partitions.get("every", "day"))
+    if every not in GRANULARITIES:
+        raise DeclarationError(
+            f"partitions.every: {every!r} is not one of {', '.join(GRANULARITIES)}"
+        )
+    column = known_columns("partitions.column", [str(_required(partitions, "column"))])[0]
+    try:
+        partitioning = Partitioning(
+            column=column,
+            granularity=every,
+            start=_date(_required(partitions, "start"), "partitions.start"),
+            end=_date(partitions["end"], "partitions.end") if partitions.get("end") else None,
+        )
+    except ValueError as exc:
+        raise DeclarationError(f"partitions: {exc}") from None
+
+    sql_path = path.parent / str(doc.get("sql") or f"{path.stem}.sql")
+    if not sql_path.is_file():
+        raise DeclarationError(
+            f"sql: {sql_path} does not exist; write the SELECT that yields one window's rows there"
+        )
+    unique_key = known_columns("unique_key", _names(_required(doc, "unique_key"), "unique_key"))
+    measures = known_columns("measures", _names(doc.get("measures") or [], "measures"))
+    subject = doc.get("subject_column")
+    if subject is not None:
+        known_columns("subject_column", [str(subject)])
+    thresholds = _mapping(doc.get("thresholds") or {}, "thresholds", THRESHOLD_KEYS)
+    snapshots = _mapping(doc.get("snapshots") or {}, "snapshots", SNAPSHOT_KEYS)
+    upstream = tuple(
+        ".".join(_qualified(entry, "upstream"))
+        for entry in _names(doc.get("upstream") or [], "upstream")
+    )
+    return TableSpec(
+        schema=schema,
+        name=name,
+        partitioning=partitioning,
+        columns=columns,
+        unique_key=unique_key,
+        sql_path=sql_path,
+        description=str(doc.get("description") or ""),
+        upstream=upstream,
+        declared_in=path,
+        measures=measures,
+        subject_column=str(subject) if subject is not None else None,
+        max_shrink=_fraction(thresholds, "max_shrink", 0.5),
+        diff_warn=_fraction(thresholds, "diff_warn", 0.1),
+        sum_tolerance=_number(thresholds, "sum_tolerance", 0.01),
+        snapshots=_flag(snapshots, "keep", True),
+        snapshot_retention_days=_days(snapshots, "retention_days", 30),
+    )
+
+
+def _mapping(value: object, field: str, allowed) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise DeclarationError(f"{field} must be a mapping of keys to values")
+    unknown = [str(k) for k in value if k not in allowed]
+    if unknown:
+        raise DeclarationError(
+            f"unknown key(s) {', '.join(unknown)} in {field}; allowed: {', '.join(allowed)}"
+        )
+    return value
+
+
+def _required(doc: Mapping, key: str) -> object:
+    if doc.get(key) in (None, "", [], {}):
+        hint = KEYS.get(key, "")
+        raise DeclarationError(f"{key} is missing" + (f" ({hint})" if hint else ""))
+    return doc[key]
+
+
+def _qualified(value: object, field: str) -> tuple[str, str]:
+    parts = str(value).split(".")
+    if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
+        raise DeclarationError(f"{field}: {value!r} is not schema.table (e.g. analytics.orders)")
+    return parts[0], parts[1]
+
+
+def _names(value: object, field: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise DeclarationError(f"{field} must be a name or a list of names")
+    return list(items)
+
+
+def _columns(value: object) -> tuple[Column, ...]:
+    if not isinstance(value, Mapping):
+        raise DeclarationError("columns must map each column name to its type, in order")
+    columns = []
+    for name, spec in value.items():
+        if not _NAME.match(str(name)):
+            raise DeclarationError(f"columns: {name!r} is not a plain column name")
+        if isinstance(spec, str):
+            nullable = _NOT_NULL.search(spec) is None
+            columns.append(Column(str(name), _NOT_NULL.sub("", spec).strip(), nullable))
+            continue
+        spec = _mapping(spec, f"columns.{name}", ("type", "not_null", "check"))
+        if not spec.get("type"):
+            raise DeclarationError(f"columns.{name}: type is missing (e.g. bigint, date, text)")
+        columns.append(
+            Column(
+                str(name),
+                str(spec["type"]),
+                nullable=not _flag(spec, "not_null", False),
+                check=str(spec["check"]) if spec.get("check") else None,
+            )
+        )
+    return tuple(columns)
+
+
+def _date(value: object, field: str) -> date:
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise DeclarationError(f"{field}: {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _flag(doc: Mapping, key: str, default: bool) -> bool:
+    value = doc.get(key, default)
+    if not isinstance(value, bool):
+        raise DeclarationError(f"{key}: {value!r} is not true or false")
+    return value
+
+
+def _number(doc: Mapping, key: str, default: float) -> float:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise DeclarationError(f"{key}: {value!r} is not a number of at least 0")
+    return float(value)
+
+
+def _fraction(doc: Mapping, key: str, default: float) -> float:
+    value = _number(doc, key, default)
+    if value > 1:
+        raise DeclarationError(f"{key}: {value!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _days(doc: Mapping, key: str, default: int) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 36500:
+        raise DeclarationError(f"{key}: {value!r} is not a whole number of days (1 to 36500)")
+    return value

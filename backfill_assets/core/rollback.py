@@ -1,0 +1,210 @@
+"""Rollback: put partitions back to the snapshot taken before a write, and audit it.
+
+A rollback is a write like any other: it goes through ``writer.replace_partition`` with the
+snapshot as its source, keeps a snapshot of what it replaces (so a rollback can itself be undone)
+and gets its own audit row (strategy ``rollback``, ``restored_from`` = the write it undoes).
+Rolling back a whole backfill is one transaction: either every partition is restored or none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core import snapshots
+from backfill_assets.core.audit import TABLE as AUDIT_TABLE
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.fingerprint import fingerprint_of
+from backfill_assets.core.registry import Registry
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.writer import PREVIOUS_ROWS, replace_partition
+
+STRATEGY = "rollback"
+
+
+class RollbackError(RuntimeError):
+    """The rollback cannot be done as asked; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    audit_id: int
+    table: TableSpec
+    partition_key: str
+    snapshot_rows: int
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    snapshot: SnapshotRef
+    audit_id: int | None
+    rows_deleted: int
+    rows_restored: int
+    checksum_before: str
+    checksum_after: str
+    snapshot_rows: int | None
+
+
+def snapshots_of_backfill(
+    conn: psycopg.Connection, registry: Registry, backfill_id: str
+) -> list[SnapshotRef]:
+    """For each partition the backfill wrote, its first write's snapshot: the pre-backfill rows."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
+            "snapshot_rows FROM {} WHERE backfill_id = %s AND strategy = 'delete_insert' "
+            "AND status = 'succeeded' ORDER BY table_name, partition_key, id"
+        ).format(AUDIT_TABLE),
+        [backfill_id],
+    ).fetchall()
+    if not rows:
+        raise RollbackError(
+            f"backfill {backfill_id!r} wrote no partition (no succeeded rows in "
+            "backfill_audit.backfill_runs); check the id with `backfill-assets audit`"
+        )
+    return [_ref(registry, *row) for row in rows]
+
+
+def snapshot_of_partition(
+    conn: psycopg.Connection, table: TableSpec, partition_key: str
+) -> SnapshotRef:
+    """The snapshot taken by the latest write of the partition: its rows before that write."""
+    table.partitioning.window(partition_key)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT id, table_name, partition_key, snapshot_rows FROM {} WHERE table_name = %s "
+            "AND partition_key = %s AND status = 'succeeded' ORDER BY id DESC LIMIT 1"
+        ).format(AUDIT_TABLE),
+        [table.qualified_name, partition_key],
+    ).fetchone()
+    if row is None:
+        raise RollbackError(f"{table.qualified_name} {partition_key} has no recorded write")
+    return SnapshotRef(row[0], table, row[2], _snapshot_rows(*row))
+
+
+def snapshots_to_restore(
+    conn: psycopg.Connection,
+    registry: Registry,
+    *,
+    backfill_id: str | None,
+    table_name: str | None,
+    partition: str | None,
+) -> list[SnapshotRef]:
+    """What to restore: every partition of ``backfill_id``, else the one ``partition`` of
+    ``table_name`` (which may be left out when only one table is declared)."""
+    if backfill_id:
+        return snapshots_of_backfill(conn, registry, backfill_id)
+    if not partition:
+        raise RollbackError("name a backfill id or a partition to roll back")
+    return [snapshot_of_partition(conn, registry.table(table_name), partition)]
+
+
+def _snapshot_rows(audit_id: int, table_name: str, partition_key: str, rows: int | None) -> int:
+    if rows is None:
+        raise RollbackError(
+            f"write {audit_id} of {table_name} {partition_key} kept no snapshot (snapshots were "
+            "off); it cannot be rolled back"
+        )
+    return rows
+
+
+def _ref(registry: Registry, audit_id: int, table_name: str, partition_key: str, rows):
+    try:
+        table = registry.table(table_name)
+    except ValueError as exc:
+        raise RollbackError(f"write {audit_id} cannot be rolled back: {exc}") from None
+    return SnapshotRef(
+        audit_id, table, partition_key, _snapshot_rows(audit_id, table_name, partition_key, rows)
+    )
+
+
+def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
+    kept = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE audit_id = %s").format(
+            snapshots.snapshot_table(ref.table)
+        ),
+        [ref.audit_id],
+    ).fetchone()[0]
+    if ref.snapshot_rows and not kept:
+        raise RollbackError(
+            f"the snapshot of write {ref.audit_id} ({ref.table.qualified_name} "
+            f"{ref.partition_key}) has expired (retention {ref.table.snapshot_retention_days} days)"
+        )
+
+
+def restore(
+    conn: psycopg.Connection, audit: AuditTrail, run: RunInfo, refs: list[SnapshotRef]
+) -> list[RollbackResult]:
+    """Restore every partition in ``refs`` to its snapshot, all in one transaction."""
+    for ref in refs:
+        _check_available(conn, ref)
+    audit_ids = {
+        ref.audit_id: audit.start(
+            run,
+            asset_key=ref.table.asset_name,
+            table=ref.table.qualified_name,
+            partition=ref.partition_key,
+            strategy=STRATEGY,
+            sql_hash=ref.table.sql_hash,
+            restored_from=ref.audit_id,
+        )
+        for ref in refs
+    }
+    results: list[RollbackResult] = []
+    try:
+        with conn.transaction():
+            for ref in refs:
+                results.append(_restore_one(conn, ref, audit_ids[ref.audit_id]))
+    except psycopg.Error as exc:
+        for audit_id in audit_ids.values():
+            audit.finish(audit_id, "failed", error=f"rollback not applied: {exc}".strip())
+        raise RollbackError(f"rollback failed and changed nothing: {exc}") from exc
+    except BaseException as exc:
+        # Interrupted (a terminated run, Ctrl-C): the transaction rolled back; say so, go on.
+        for audit_id in audit_ids.values():
+            audit.finish(audit_id, "failed", error=f"rollback not applied: {exc!r}")
+        raise
+    for result in results:
+        audit.finish(
+            result.audit_id,
+            "succeeded",
+            rows_deleted=result.rows_deleted,
+            rows_inserted=result.rows_restored,
+            rows_after=result.rows_restored,
+            checksum_after=result.checksum_after,
+            checksum_before=result.checksum_before,
+            snapshot_rows=result.snapshot_rows,
+        )
+    return results
+
+
+def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | None):
+    window = ref.table.partitioning.window(ref.partition_key)
+    kept: dict[str, object] = {"snapshot_rows": None}
+
+    def snapshot_what_we_replace(connection: psycopg.Connection) -> None:
+        kept["after"] = fingerprint_of(connection, ref.table, ref.table.identifier, window).checksum
+        kept["before"] = fingerprint_of(connection, ref.table, PREVIOUS_ROWS, window).checksum
+        if audit_id is not None:
+            kept["snapshot_rows"] = snapshots.store(connection, ref.table, audit_id)
+
+    result = replace_partition(
+        conn,
+        ref.table,
+        window,
+        source=snapshots.restore_source(ref.table),
+        params={"snapshot_id": ref.audit_id},
+        keep_previous=True,
+        before_commit=snapshot_what_we_replace,
+    )
+    return RollbackResult(
+        ref,
+        audit_id,
+        result.rows_deleted,
+        result.rows_inserted,
+        checksum_before=kept["before"],
+        checksum_after=kept["after"],
+        snapshot_rows=kept["snapshot_rows"],
+    )

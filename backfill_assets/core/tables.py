@@ -1,0 +1,146 @@
+"""Table specs: what a partitioned table is, declared once.
+
+A spec names the table, its partitioning, its columns and its unique key, and points at the SQL
+that computes one partition's rows. Specs are read from one YAML file per table (``registry``);
+the writer, the checks and the audit all read them, so table and column names are never repeated
+in SQL strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core.database import lock_schema_changes
+from backfill_assets.core.partitioning import Partitioning
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    nullable: bool = True
+    check: str | None = None
+    """A CHECK expression over this column, e.g. ``net_amount >= 0``; trusted code, not input."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    schema: str
+    name: str
+    partitioning: Partitioning
+    columns: tuple[Column, ...]
+    unique_key: tuple[str, ...]
+    sql_path: Path
+    """A SELECT yielding exactly ``columns`` (by name) for the window
+    ``%(start)s <= partition column < %(end)s``; checked when the definitions load."""
+    description: str = ""
+    upstream: tuple[str, ...] = ()
+    """``schema.table`` of every table the SQL reads: the asset's dependencies."""
+    declared_in: Path | None = None
+    """The YAML file this spec was read from, for messages."""
+    measures: tuple[str, ...] = ()
+    """Numeric columns whose per-partition sums must reconcile with the source."""
+    subject_column: str | None = None
+    """Column identifying the person a row is about; snapshots are purged by it on erasure."""
+    max_shrink: float = 0.5
+    """The guard refuses a write that would leave fewer than (1 - max_shrink) of the rows."""
+    diff_warn: float = 0.1
+    """A rewrite that adds, removes or changes more than this fraction of rows, or moves a measure's
+    sum by more than this fraction, raises a WARN so analysts hear that numbers shifted."""
+    sum_tolerance: float = 0.01
+    """Largest absolute difference allowed between a measure's source and target sums."""
+    snapshots: bool = True
+    """Keep the rows a write replaces, so the partition can be rolled back."""
+    snapshot_retention_days: int = 30
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def partition_column(self) -> str:
+        return self.partitioning.column
+
+    @property
+    def asset_path(self) -> tuple[str, str]:
+        """The table's Dagster asset key, ``schema/name``, as plain strings."""
+        return (self.schema, self.name)
+
+    @property
+    def asset_name(self) -> str:
+        return "/".join(self.asset_path)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.columns)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.columns if not column.nullable)
+
+    @property
+    def source_query(self) -> sql.SQL:
+        return sql.SQL(self.query.strip().rstrip(";"))
+
+    def window_filter(self) -> sql.Composed:
+        """``partition_column >= %(start)s AND partition_column < %(end)s``."""
+        return sql.SQL("{col} >= %(start)s AND {col} < %(end)s").format(
+            col=sql.Identifier(self.partition_column)
+        )
+
+    def column_list(self, prefix: str | None = None) -> sql.Composed:
+        names = (
+            sql.Identifier(prefix, name) if prefix else sql.Identifier(name)
+            for name in self.column_names
+        )
+        return sql.SQL(", ").join(names)
+
+    @cached_property
+    def query(self) -> str:
+        return self.sql_path.read_text()
+
+    @property
+    def sql_hash(self) -> str:
+        """Changes whenever the query or the table's shape changes: the asset's code version."""
+        digest = hashlib.sha256(self.query.encode())
+        digest.update(repr(self.columns).encode())
+        return digest.hexdigest()[:12]
+
+    def create_statements(self) -> list[sql.Composed]:
+        column_defs = []
+        for column in self.columns:
+            parts = [sql.Identifier(column.name), sql.SQL(column.type)]
+            if not column.nullable:
+                parts.append(sql.SQL("NOT NULL"))
+            if column.check:
+                parts.append(sql.SQL("CHECK ({})").format(sql.SQL(column.check)))
+            column_defs.append(sql.SQL(" ").join(parts))
+        return [
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+                self.identifier, sql.SQL(", ").join(column_defs)
+            ),
+            # The partition column is what every DELETE and every check filters on.
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                sql.Identifier(f"{self.name}_{self.partition_column}_idx"),
+                self.identifier,
+                sql.Identifier(self.partition_column),
+            ),
+        ]
+
+
+def ensure_table(conn: psycopg.Connection, table: TableSpec) -> None:
+    with conn.transaction():
+        lock_schema_changes(conn)
+        for statement in table.create_statements():
+            conn.execute(statement)

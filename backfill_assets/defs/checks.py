@@ -1,0 +1,135 @@
+"""Asset checks declared once for every partitioned table, with one result per partition.
+
+The checks themselves run in ``guards`` (before the write) and ``reconcile`` (inside the write's
+transaction); this module declares them to Dagster and reports their outcomes.
+
+Dagster fills a check result's partition only when a step has a single partition key; in a run
+that covers several partitions an ``AssetCheckResult`` is stored without one. So each outcome is
+emitted as an ``AssetCheckEvaluation`` carrying its partition and pointing at that partition's
+materialization: the UI then shows partition 2024-04-03's own results even when one run wrote a
+week.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
+    Output,
+)
+
+from backfill_assets.core.outcomes import CheckDeclaration
+from backfill_assets.core.partition_write import PartitionOutcome
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.defs.dagster_internals import AssetCheckEvaluationTargetMaterializationData
+from backfill_assets.defs.partitions import partitions_def
+
+CHECKS: tuple[CheckDeclaration, ...] = (
+    CheckDeclaration(
+        "source_guard",
+        "Before the write: the source is not empty or sharply smaller than what the partition "
+        "holds, and has no NULL keys. On failure nothing is deleted.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "rows_match_source",
+        "The partition holds as many rows as its source yields.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "unique_key_is_unique",
+        "No value of the table's unique key occurs twice in the partition.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "required_columns_not_null",
+        "Columns declared required hold no NULLs.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "measures_reconcile",
+        "Each measure's sum equals the source's within the table's tolerance.",
+        blocking=True,
+    ),
+    CheckDeclaration(
+        "change_within_threshold",
+        "Before/after diff: rows added, removed, changed and measure deltas; WARN when the "
+        "partition moved more than the threshold, so analysts know numbers shifted.",
+        blocking=False,
+    ),
+)
+BLOCKING = {check.name: check.blocking for check in CHECKS}
+
+
+def check_specs_for(table: TableSpec, key: AssetKey) -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec(
+            check.name,
+            asset=key,
+            description=check.description,
+            blocking=check.blocking,
+            partitions_def=partitions_def(table.partitioning),
+            metadata={"table": table.qualified_name},
+        )
+        for check in CHECKS
+    ]
+
+
+def evaluations(
+    context: AssetExecutionContext,
+    outcomes: Iterable[PartitionOutcome],
+    *,
+    materialized: bool,
+) -> Iterator[AssetCheckEvaluation]:
+    """One evaluation per check and partition; ``materialized`` links them to this run's writes."""
+    key = context.assets_def.key
+    for outcome in outcomes:
+        target = (
+            this_runs_materialization(context, key, outcome.window.key) if materialized else None
+        )
+        for name, result in outcome.check_outcomes().items():
+            metadata = {"partition": outcome.window.key, **result.metadata}
+            if result.message:
+                metadata["message"] = result.message
+            yield AssetCheckEvaluation(
+                asset_key=key,
+                check_name=name,
+                passed=result.passed,
+                metadata=metadata,
+                severity=AssetCheckSeverity(result.severity),
+                partition=outcome.window.key,
+                blocking=BLOCKING[name],
+                target_materialization_data=target,
+            )
+
+
+def check_outputs(context: AssetExecutionContext) -> Iterator[Output]:
+    """The step must still yield each check's output once, after the per-partition evaluations."""
+    for check in CHECKS:
+        check_key = AssetCheckKey(context.assets_def.key, check.name)
+        name = context.assets_def.get_output_name_for_asset_check_key(check_key)
+        yield Output(None, output_name=name)
+
+
+def this_runs_materialization(
+    context: AssetExecutionContext, key: AssetKey, partition: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
+    # This run's materialization of the partition; another run may have recorded one since.
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=10
+    ).records
+    record = next((r for r in records if r.run_id == context.run.run_id), None)
+    if record is None:
+        return None
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id,
+        run_id=record.event_log_entry.run_id,
+        timestamp=record.timestamp,
+    )

@@ -1,0 +1,31 @@
+"""Every private Dagster import of the project, fenced in one adapter module.
+
+Dagster's minor version is pinned in pyproject.toml; the tests exercise each of these names
+through real runs, so an upgrade that moves one fails here, in one place.
+"""
+
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.execution.backfill import (
+    BULK_ACTION_TERMINAL_STATUSES,
+    BulkActionStatus,
+    PartitionBackfill,
+)
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster._core.utils import make_new_backfill_id
+from dagster._time import get_current_timestamp
+
+__all__ = [
+    "BACKFILL_ID_TAG",
+    "BULK_ACTION_TERMINAL_STATUSES",
+    "AssetCheckEvaluationTargetMaterializationData",
+    "AssetCheckExecutionRecordStatus",
+    "BulkActionStatus",
+    "PartitionBackfill",
+    "PartitionKeyFilter",
+    "get_current_timestamp",
+    "make_new_backfill_id",
+]

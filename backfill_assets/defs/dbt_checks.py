@@ -1,0 +1,136 @@
+"""dbt tests as Dagster asset checks with one result per test and partition.
+
+dagster-dbt reports a dbt test once per invocation, and a run here covers up to a week: Dagster
+would store that one result with no partition and show every day's check as skipped. So the dbt
+step runs ``dbt build`` over its window (the tests are scoped to the window by
+``dbt_project/macros/partition_window.sql``), holds back dagster-dbt's range-wide results and
+yields one ``AssetCheckEvaluation`` per test and day instead: a passing test passes every day of
+the window; a failing test's compiled SQL is re-run grouped by the ``partition_key`` column the
+project's tests return, so only the days that hold failing rows fail. A test whose rows name no
+day (``not_null`` on the partition column itself) fails every day of the run.
+Design and measurements: ``docs/design/dbt-tests-as-partition-checks.md``.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
+    Output,
+    PartitionsDefinition,
+)
+from dagster_dbt import DagsterDbtTranslator, DbtProject
+from dagster_dbt.core.dbt_cli_invocation import DbtCliInvocation
+from psycopg import sql
+
+from backfill_assets.defs.checks import this_runs_materialization
+
+
+class PartitionedChecksTranslator(DagsterDbtTranslator):
+    """Declares every dbt test's check with its models' partitions, so results are kept per day."""
+
+    def __init__(self, partitions_def: PartitionsDefinition | None) -> None:
+        super().__init__()
+        self._partitions_def = partitions_def
+
+    def get_asset_check_spec(
+        self,
+        asset_spec: AssetSpec,
+        manifest: Mapping[str, Any],
+        unique_id: str,
+        project: DbtProject | None,
+    ) -> AssetCheckSpec | None:
+        spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
+        if spec is None or self._partitions_def is None:
+            return spec
+        return AssetCheckSpec(
+            name=spec.name,
+            asset=spec.asset_key,
+            description=spec.description,
+            additional_deps=spec.additional_deps,
+            blocking=spec.blocking,
+            metadata=spec.metadata,
+            automation_condition=spec.automation_condition,
+            partitions_def=self._partitions_def,
+        )
+
+
+def failures_by_partition(
+    conn: psycopg.Connection, compiled_sql: str, partitions: Sequence[str], window_failures: int
+) -> dict[str, int]:
+    """Failing rows per day of ``partitions``; rows that name no day count against every day."""
+    query = sql.SQL("SELECT partition_key::text, count(*) FROM ({}) AS failures GROUP BY 1").format(
+        sql.SQL(compiled_sql.strip().rstrip(";"))
+    )
+    try:
+        counts = dict(conn.execute(query).fetchall())
+    except psycopg.errors.UndefinedColumn:
+        return dict.fromkeys(partitions, window_failures)
+    unattributed = counts.pop(None, 0)
+    return {day: counts.get(day, 0) + unattributed for day in partitions}
+
+
+def per_partition_check_events(
+    context: AssetExecutionContext, invocation: DbtCliInvocation, conn: psycopg.Connection
+) -> Iterator[object]:
+    """Stream dbt's events, replacing each range-wide test result by one result per day.
+
+    Raises dbt's own error (models, window, database message) when a model failed; failing tests
+    alone do not raise here: their evaluations carry the failure, and Dagster fails the step for
+    a failed blocking (severity ``error``) test after every output is stored.
+    """
+    held_back: dict[AssetCheckKey, AssetCheckResult] = {}
+    for event in invocation.stream():
+        if isinstance(event, AssetCheckResult):
+            held_back[AssetCheckKey(event.asset_key, event.check_name)] = event
+        else:
+            yield event
+    results = {r["unique_id"]: r for r in invocation.get_artifact("run_results.json")["results"]}
+    if any(r["status"] == "error" and not uid.startswith("test.") for uid, r in results.items()):
+        raise invocation.get_error() or RuntimeError(f"dbt failed: {invocation.dbt_command}")
+
+    days = context.partition_keys
+    targets: dict[tuple[AssetKey, str], object] = {}  # one lookup per model and day, not per test
+    for key, result in held_back.items():
+        spec = context.assets_def.get_spec_for_check_key(key)
+        test = results[result.metadata["unique_id"].value]
+        status = test["status"]  # pass | fail | warn | error
+        window_failures = test.get("failures") or 0
+        if status == "pass":
+            failures: dict[str, int | None] = dict.fromkeys(days, 0)
+        elif status in ("fail", "warn"):
+            failures = failures_by_partition(conn, test["compiled_code"], days, window_failures)
+        else:  # the test's SQL itself failed: no day can be said to pass
+            failures = dict.fromkeys(days)
+        for day in days:
+            if (key.asset_key, day) not in targets:
+                targets[key.asset_key, day] = this_runs_materialization(context, key.asset_key, day)
+            count = failures[day]
+            metadata: dict[str, object] = {
+                "partition": day,
+                "dbt_status": status,
+                "failed_row_count": -1 if count is None else count,
+                "window_failed_row_count": window_failures,
+                "dbt_unique_id": test["unique_id"],
+            }
+            if status == "error":
+                metadata["message"] = test.get("message") or ""
+            yield AssetCheckEvaluation(
+                asset_key=key.asset_key,
+                check_name=key.name,
+                passed=count == 0,
+                metadata=metadata,
+                severity=AssetCheckSeverity.WARN if status == "warn" else AssetCheckSeverity.ERROR,
+                partition=day,
+                blocking=spec.blocking,
+                target_materialization_data=targets[key.asset_key, day],
+            )
+        yield Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))

@@ -1,0 +1,43 @@
+"""Every asset, check, job and resource, derived from the table registry in one place."""
+
+import logging
+
+from dagster import Definitions
+
+from backfill_assets.core import settings
+from backfill_assets.core.contract import check_contracts
+from backfill_assets.core.registry import Registry
+from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.jobs import table_jobs
+from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.defs.rollback import rollback_job
+from backfill_assets.defs.table_assets import source_specs, table_asset
+
+log = logging.getLogger("backfill_assets")
+
+
+def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definitions:
+    """The code location for ``registry``.
+
+    With ``check_sql`` every table's SQL is described by the database first: a query that does
+    not yield its declared columns fails loading with one message naming the table, the file and
+    the columns (``ContractError``). An unreachable database only skips the check (the runs check
+    again before writing), so the UI still loads to say what is wrong.
+    """
+    if check_sql:
+        try:
+            url = settings.data_url()
+        except settings.SettingsError as exc:
+            unchecked = [f"SQL contracts not checked at load: {exc}"]
+        else:
+            unchecked = check_contracts(registry, url)
+        for message in unchecked:
+            log.warning(message)
+    tables = [table_asset(table) for table in registry]
+    assets = [*tables, *dbt_model_assets(registry)]
+    return Definitions(
+        assets=[*source_specs(registry), *assets],
+        jobs=[job for table in registry for job in table_jobs(table, assets)]
+        + [rollback_job(registry)],
+        resources={"postgres": PostgresResource(), "dbt": dbt_resource},
+    )

@@ -1,0 +1,24 @@
+"""Dagster partitions definitions, one per distinct table partitioning.
+
+Built from the table's ``Partitioning`` (``core/partitioning.py``), so the keys the UI offers and
+``dagster job backfill`` validates are the ones the writer accepts. Equal partitionings share one
+definition object, which lets a table and the dbt models built from it share backfill runs.
+"""
+
+from functools import cache
+
+from dagster import DailyPartitionsDefinition, MonthlyPartitionsDefinition
+from dagster import TimeWindowPartitionsDefinition as PartitionsDef
+
+from backfill_assets.core.partitioning import Partitioning
+
+
+@cache
+def _definition(granularity: str, start: str, end: str | None) -> PartitionsDef:
+    kind = DailyPartitionsDefinition if granularity == "day" else MonthlyPartitionsDefinition
+    return kind(start_date=start, end_date=end)
+
+
+def partitions_def(partitioning: Partitioning) -> PartitionsDef:
+    end = partitioning.end.isoformat() if partitioning.end else None
+    return _definition(partitioning.granularity, partitioning.start.isoformat(), end)

@@ -1,0 +1,25 @@
+"""Dagster resources, built from the environment (see ``settings``)."""
+
+from __future__ import annotations
+
+import psycopg
+from dagster import ConfigurableResource
+
+from backfill_assets.core import settings
+from backfill_assets.core.database import connect
+
+
+class PostgresResource(ConfigurableResource):
+    """The database that holds the source (``app``) and target (``analytics``) tables.
+
+    ``url`` is normally left empty, so that ``BACKFILL_PG_URL`` (or the embedded cluster) decides
+    where the data lives; tests set it to their own database.
+    """
+
+    url: str | None = None
+
+    def resolved_url(self) -> str:
+        return self.url or settings.data_url()
+
+    def connect(self) -> psycopg.Connection:
+        return connect(self.resolved_url(), application_name="backfill_assets.dagster")

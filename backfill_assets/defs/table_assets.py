@@ -1,0 +1,172 @@
+"""Declared tables as Dagster assets: one asset, its checks and its sources per declaration.
+
+An asset body says only *which* partitions to replace; the spec says what to compute and the writer
+how to replace it. A run may cover several partitions (see ``BACKFILL_POLICY``): each partition
+still commits in its own transaction and reports its own metadata and check results.
+"""
+
+from collections.abc import Iterator
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AssetSpec,
+    BackfillPolicy,
+    Failure,
+    MaterializeResult,
+    asset,
+)
+
+from backfill_assets.core import snapshots
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.contract import ContractError, SourceNotReady, check_contract
+from backfill_assets.core.params import params_for
+from backfill_assets.core.partition_write import (
+    PartitionOutcome,
+    record_refusal,
+    run_guards,
+    write_verified,
+)
+from backfill_assets.core.registry import Registry
+from backfill_assets.core.snapshots import ensure_snapshot_table
+from backfill_assets.core.tables import TableSpec, ensure_table
+from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
+from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
+from backfill_assets.defs.partitions import partitions_def
+from backfill_assets.defs.resources import PostgresResource
+
+# Up to a week of days per run: Dagster costs a few seconds per run (process start, definitions
+# load) while one partition of the demo tables writes in milliseconds, so one run per day would
+# spend most of a backfill on overhead. A week keeps a failed run's retry small and the UI's
+# per-run logs readable. Measured in benchmarks/run_overhead.py; reasoning in docs/.
+BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=7)
+
+
+def asset_key(table: TableSpec) -> AssetKey:
+    return AssetKey(list(table.asset_path))
+
+
+def source_specs(registry: Registry) -> list[AssetSpec]:
+    """An external asset for every upstream table that no declaration builds."""
+    built = set(registry.by_asset_path())
+    readers: dict[str, list[str]] = {}
+    for table in registry:
+        for upstream in table.upstream:
+            readers.setdefault(upstream, []).append(table.qualified_name)
+    return [
+        AssetSpec(
+            key=AssetKey(upstream.split(".")),
+            description=f"Read by {', '.join(names)}; written outside Dagster (a source).",
+            group_name=upstream.split(".")[0],
+            kinds={"postgres"},
+        )
+        for upstream, names in readers.items()
+        if tuple(upstream.split(".")) not in built
+    ]
+
+
+def table_asset(table: TableSpec) -> AssetsDefinition:
+    key = asset_key(table)
+
+    @asset(
+        key=key,
+        description=table.description or None,
+        partitions_def=partitions_def(table.partitioning),
+        backfill_policy=BACKFILL_POLICY,
+        code_version=table.sql_hash,
+        deps=[AssetKey(upstream.split(".")) for upstream in table.upstream],
+        check_specs=check_specs_for(table, key),
+        group_name=table.schema,
+        kinds={"postgres"},
+        metadata={
+            "table": table.qualified_name,
+            "partition_column": table.partition_column,
+            "partitions": table.partitioning.describe(),
+            "sql": str(table.sql_path.name),
+        },
+    )
+    def _partitioned_table(
+        context: AssetExecutionContext, postgres: PostgresResource
+    ) -> Iterator[object]:
+        windows = table.partitioning.windows(context.partition_keys)
+        params = params_for(table, context.run.tags)
+        run = RunInfo(
+            dagster_run_id=context.run.run_id,
+            backfill_id=context.run.tags.get(BACKFILL_ID_TAG),
+            launched_by=params.launched_by,
+            parameters={**params.as_json(), "partitions_in_run": len(windows)},
+        )
+        with (
+            postgres.connect() as conn,
+            AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
+        ):
+            try:
+                check_contract(conn, table)
+            except (ContractError, SourceNotReady) as exc:
+                raise Failure(description=f"{exc}. Nothing was written.") from None
+            ensure_table(conn, table)
+            ensure_snapshot_table(conn, table)
+            guarded = run_guards(conn, table, windows, params)
+            refused = [
+                PartitionOutcome(w, "guard_failed", guarded[w.key][0])
+                for w in windows
+                if not guarded[w.key][0].passed
+            ]
+            if refused:
+                for outcome in refused:
+                    record_refusal(audit, run, table, outcome.window, outcome.guard)
+                yield from evaluations(context, refused, materialized=False)
+                raise Failure(
+                    description="\n".join(o.guard.message for o in refused),
+                    metadata={"refused_partitions": ", ".join(o.window.key for o in refused)},
+                )
+            for outcome in guarded.values():
+                if "override" in outcome[0].metadata:
+                    context.log.warning(f"guard override: {outcome[0].metadata['override']}")
+
+            outcomes: list[PartitionOutcome] = []
+            for number, window in enumerate(windows, start=1):
+                outcome = write_verified(
+                    conn,
+                    audit,
+                    run,
+                    table,
+                    window,
+                    params,
+                    guarded[window.key],
+                )
+                outcomes.append(outcome)
+                if not outcome.succeeded:
+                    context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
+                    break
+                context.log.info(
+                    f"[{number}/{len(windows)}] {table.qualified_name} {window.key}: "
+                    f"deleted {outcome.write.rows_deleted}, inserted {outcome.write.rows_inserted}"
+                    f" rows in {outcome.write.duration_s:.2f}s"
+                )
+            if not all(o.succeeded for o in outcomes):
+                yield from evaluations(context, outcomes, materialized=False)
+                failed = outcomes[-1]
+                raise Failure(
+                    description=(
+                        f"{table.qualified_name} {failed.window.key} was not written: "
+                        f"{failed.error}. It keeps its previous rows. "
+                        f"{len(outcomes) - 1} earlier partition(s) of this run were committed; "
+                        "re-running the run rewrites them idempotently."
+                    ),
+                    metadata={"audit_id": failed.audit_id or -1},
+                )
+            for outcome in outcomes:
+                context.add_asset_metadata(outcome.as_metadata(), partition_key=outcome.window.key)
+            yield MaterializeResult()
+            yield from evaluations(context, outcomes, materialized=True)
+            yield from check_outputs(context)
+            expired = snapshots.expire(conn, table)
+            if expired:
+                context.log.info(
+                    f"expired {expired} snapshot rows older than "
+                    f"{table.snapshot_retention_days} days"
+                )
+
+    return _partitioned_table

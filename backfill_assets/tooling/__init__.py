@@ -1,0 +1,1 @@
+"""Local tooling: the ``backfill-assets`` CLI, the demo, the embedded PostgreSQL, launching."""

@@ -1,0 +1,265 @@
+"""Driving Dagster's own backfill machinery from Python: the daemon, the CLI, the run queue.
+
+The demo and the end-to-end tests both go through here, so what they prove is the path a user takes
+by hand: ``dagster job backfill`` records a backfill and queues its runs, ``dagster-daemon run``
+dequeues and executes them against the PostgreSQL-backed instance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import (
+    AssetCheckSeverity,
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    Definitions,
+    RunsFilter,
+)
+
+from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
+from backfill_assets.core.settings import WORKSPACE_FILE
+from backfill_assets.defs.dagster_internals import (
+    BACKFILL_ID_TAG,
+    BULK_ACTION_TERMINAL_STATUSES,
+    BulkActionStatus,
+    PartitionBackfill,
+    get_current_timestamp,
+    make_new_backfill_id,
+)
+
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+class BackfillLaunchError(RuntimeError):
+    """The dagster CLI refused or failed to record the backfill; no run was queued."""
+
+
+@contextmanager
+def running_daemon(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """``dagster-daemon run`` in the background for the duration of the block, then stopped."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            ["dagster-daemon", "run", "-w", str(WORKSPACE_FILE)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        _stop_process_group(process)
+
+
+def launch_job_backfill(
+    env: Mapping[str, str],
+    job: str,
+    partitioning: Partitioning,
+    first: str,
+    last: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Record a backfill of ``first``..``last`` (inclusive) and queue its runs; returns its id.
+
+    Keys are checked against the job's partitions first, so a typo fails with the allowed
+    range in the message rather than the CLI's terse ``invalid value``.
+    """
+    partitioning.keys_between(first, last)
+    command = ["dagster", "job", "backfill", "-w", str(WORKSPACE_FILE), "-j", job]
+    command += ["--from", first, "--to", last, "--noprompt"]
+    if tags:
+        import json
+
+        command += ["--tags", json.dumps(dict(tags))]
+    completed = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, check=False
+    )
+    match = re.search(r"Launched backfill job `([^`]+)`", completed.stdout)
+    if completed.returncode != 0 or not match:
+        detail = (completed.stderr or completed.stdout).strip().splitlines()[-5:]
+        raise BackfillLaunchError(
+            f"`{' '.join(command)}` failed (exit {completed.returncode}): " + " | ".join(detail)
+        )
+    return match.group(1)
+
+
+def launch_asset_backfill(
+    instance: DagsterInstance,
+    asset_keys: Sequence[AssetKey],
+    first: str,
+    last: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    definitions: Definitions | None = None,
+) -> str:
+    """Record an asset backfill of ``first``..``last`` (inclusive), as the UI's "Materialize" does.
+
+    Unlike a job backfill, the daemon plans an asset backfill's runs itself and honours each
+    asset's ``BackfillPolicy``, so several partitions share one run. ``definitions`` defaults to
+    the code location's; it must be what the daemon loads.
+    """
+    if definitions is None:
+        from backfill_assets.definitions import defs as definitions
+    graph = definitions.resolve_asset_graph()
+    first_asset = asset_keys[0]
+    keys = _keys_between(graph.get(first_asset).partitions_def, first_asset, first, last)
+    backfill_id = make_new_backfill_id()
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id,
+        asset_graph=graph,
+        partition_names=keys,
+        asset_selection=list(asset_keys),
+        backfill_timestamp=get_current_timestamp(),
+        tags=dict(tags or {}),
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=f"{first}..{last}",
+        description=None,
+        run_config=None,
+    )
+    instance.add_backfill(backfill)
+    return backfill_id
+
+
+def _keys_between(partitions_def, asset: AssetKey, first: str, last: str) -> list[str]:
+    """The keys from ``first`` to ``last`` of the asset's partitions; refuses, naming its range."""
+    keys = partitions_def.get_partition_keys() if partitions_def else []
+    span = f"{keys[0]} to {keys[-1]}" if keys else "none"
+    for key in (first, last):
+        if key not in keys:
+            raise UnknownPartitionError(
+                f"unknown partition key {key!r}: {asset.to_user_string()} has partitions "
+                f"from {span}; pick a key in that range"
+            )
+    start, end = keys.index(first), keys.index(last)
+    if start > end:
+        raise UnknownPartitionError(
+            f"the range {first}..{last} is reversed: {first} comes after {last}; swap them"
+        )
+    return keys[start : end + 1]
+
+
+@dataclass
+class BackfillProgress:
+    backfill_id: str
+    backfill_status: BulkActionStatus
+    statuses: dict[str, DagsterRunStatus] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return sum(status in FINISHED for status in self.statuses.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(
+            status in FINISHED and status != DagsterRunStatus.SUCCESS
+            for status in self.statuses.values()
+        )
+
+    @property
+    def done(self) -> bool:
+        """The backfill launched all its runs (job backfills: at once) and every run ended."""
+        return self.backfill_status in BULK_ACTION_TERMINAL_STATUSES and self.finished == len(
+            self.statuses
+        )
+
+    def line(self) -> str:
+        running = sum(s == DagsterRunStatus.STARTED for s in self.statuses.values())
+        return (
+            f"backfill {self.backfill_id}: {self.finished}/{len(self.statuses)} runs finished "
+            f"({running} running, {self.failed} failed)"
+        )
+
+
+def wait_for_backfill(
+    instance: DagsterInstance,
+    backfill_id: str,
+    *,
+    timeout_s: float = 900,
+    on_progress: Callable[[BackfillProgress], None] | None = None,
+    poll_s: float = 1.0,
+) -> BackfillProgress:
+    """Poll Dagster's storage until the backfill is complete and every one of its runs ended."""
+    deadline = time.monotonic() + timeout_s
+    last_line = None
+    while True:
+        backfill = instance.get_backfill(backfill_id)
+        if backfill is None:
+            raise BackfillLaunchError(f"no backfill {backfill_id!r} in this Dagster instance")
+        runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        progress = BackfillProgress(
+            backfill_id, backfill.status, {run.run_id: run.status for run in runs}
+        )
+        if on_progress and progress.line() != last_line:
+            on_progress(progress)
+            last_line = progress.line()
+        if progress.done:
+            return progress
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{progress.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
+                "Its log is in dagster_home/logs/daemon.log"
+            )
+        time.sleep(poll_s)
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    partitions_materialized: list[str]
+    rows_written: int
+    checks_passed: int
+    checks_failed: int
+    checks_warned: int
+
+
+def summarize_backfill(instance: DagsterInstance, backfill_id: str) -> BackfillSummary:
+    runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+    materialized: set[str] = set()
+    rows = passed = failed = warned = 0
+    for run in runs:
+        for record in instance.get_records_for_run(
+            run.run_id,
+            of_type={
+                DagsterEventType.ASSET_MATERIALIZATION,
+                DagsterEventType.ASSET_CHECK_EVALUATION,
+            },
+        ).records:
+            event = record.event_log_entry.dagster_event
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                materialization = event.step_materialization_data.materialization
+                materialized.add(materialization.partition)
+                inserted = materialization.metadata.get("rows_inserted")
+                rows += int(inserted.value) if inserted is not None else 0
+            else:
+                evaluation = event.asset_check_evaluation_data
+                if evaluation.passed:
+                    passed += 1
+                elif evaluation.severity == AssetCheckSeverity.WARN:
+                    warned += 1
+                else:
+                    failed += 1
+    return BackfillSummary(sorted(materialized), rows, passed, failed, warned)
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
