@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 from support import FCT_ORDERS, failed_run_report, latest_check
 
 from backfill_assets.core import settings
@@ -25,6 +25,7 @@ from backfill_assets.core.writer import replace_partition
 from backfill_assets.defs.checks import CHECKS
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 from backfill_assets.defs.definitions import build_definitions
+from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
 
@@ -190,3 +191,47 @@ def test_dagster_fails_to_load_the_code_location_with_the_contract_message(
     output = completed.stdout + completed.stderr
     assert completed.returncode != 0
     assert "does not yield the declared columns: missing line_no; extra line" in output
+
+
+def test_a_declaration_that_gained_a_column_asks_for_the_alter_then_writes_it(
+    tmp_path, postgres, instance, conn
+):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    before = load_registry([OWN_TABLES]).table("reporting.shipped_lines")
+    assert materialize(
+        [table_asset(before)], partition_key="1995-03-01", **_run(postgres, instance)
+    ).success
+    written = partition_fingerprint(conn, before, before.partitioning.window("1995-03-01"))
+
+    folder = _table_with_sql(
+        tmp_path, lambda sql: sql.replace("l.quantity,", "l.quantity, l.discount,")
+    )
+    declaration = folder / "shipped_lines.yaml"
+    declaration.write_text(
+        declaration.read_text().replace("unique_key:", "  discount: numeric(4,2)\nunique_key:", 1)
+    )
+    after = load_registry([folder]).table("reporting.shipped_lines")
+    refused = materialize(
+        [table_asset(after)], partition_key="1995-03-01", **_run(postgres, instance)
+    )
+
+    assert not refused.success
+    alter = "ALTER TABLE reporting.shipped_lines ADD COLUMN discount numeric(4,2)"
+    assert alter in str(refused.all_events)
+    assert partition_fingerprint(conn, before, before.partitioning.window("1995-03-01")) == written
+
+    conn.execute(alter)
+    assert materialize(
+        [table_asset(after)], partition_key="1995-03-01", **_run(postgres, instance)
+    ).success
+    kept = conn.execute(
+        "SELECT count(*), count(discount) FROM backfill_snapshots.reporting__shipped_lines"
+    ).fetchone()
+    assert kept[0] == written.rows and kept[1] == 0, "the snapshot kept the rows before the column"
+    assert conn.execute(
+        "SELECT count(*) FROM reporting.shipped_lines WHERE discount IS NULL"
+    ).fetchone() == (0,)
+
+
+def _run(postgres, instance) -> dict:
+    return {"resources": {"postgres": postgres}, "instance": instance, "raise_on_error": False}

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg import errors, sql
 
+from backfill_assets.core.database import column_names
 from backfill_assets.core.tables import TableSpec
 
 PLACEHOLDERS = ("start", "end")
@@ -86,6 +87,22 @@ def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
             f"{_where(table)} does not yield the declared columns: {'; '.join(parts)}. "
             "Make the SELECT return exactly the columns of the declaration, by name "
             "(alias them with AS), or change the declaration."
+        )
+
+
+def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
+    """An existing target table must have every declared column (a declaration that gained a
+    column needs the table altered first); raises ``ContractError`` saying how."""
+    existing = column_names(conn, table.schema, table.name)
+    missing = [c for c in table.columns if existing and c.name not in existing]
+    if missing:
+        alters = "; ".join(
+            f"ALTER TABLE {table.qualified_name} ADD COLUMN {c.name} {c.type}" for c in missing
+        )
+        raise ContractError(
+            f"table {table.qualified_name} exists without the declared column(s) "
+            f"{', '.join(c.name for c in missing)} (declared in {table.declared_in}); add them "
+            f"({alters}) or drop the table to have it created anew"
         )
 
 

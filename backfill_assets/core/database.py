@@ -44,6 +44,17 @@ def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
     return conn.execute("SELECT to_regclass(%s)", [qualified]).fetchone()[0] is not None
 
 
+def column_names(conn: psycopg.Connection, schema: str, name: str) -> set[str]:
+    """The columns of ``schema.name`` (empty when it does not exist)."""
+    qualified = sql.Identifier(schema, name).as_string(conn)
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+        "AND NOT attisdropped",
+        [qualified],
+    )
+    return {column for (column,) in rows}
+
+
 def missing_relations(
     conn: psycopg.Connection, relations: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:

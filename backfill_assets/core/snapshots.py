@@ -11,7 +11,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core.database import lock_schema_changes, relation_exists
+from backfill_assets.core.database import column_names, lock_schema_changes, relation_exists
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import PREVIOUS_ROWS
 
@@ -54,6 +54,15 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
         lock_schema_changes(conn)
         for statement in statements:
             conn.execute(statement)
+        # A column added to the table after its first snapshot (see contract.check_target).
+        kept = column_names(conn, *snapshot_relation(table))
+        for column in table.columns:
+            if column.name not in kept:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                        target, sql.Identifier(column.name), sql.SQL(column.type)
+                    )
+                )
 
 
 def store(conn: psycopg.Connection, table: TableSpec, audit_id: int) -> int:

@@ -20,7 +20,12 @@ from dagster import (
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
-from backfill_assets.core.contract import ContractError, SourceNotReady, check_contract
+from backfill_assets.core.contract import (
+    ContractError,
+    SourceNotReady,
+    check_contract,
+    check_target,
+)
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import (
     PartitionOutcome,
@@ -103,6 +108,7 @@ def table_asset(table: TableSpec) -> AssetsDefinition:
         ):
             try:
                 check_contract(conn, table)
+                check_target(conn, table)
             except (ContractError, SourceNotReady) as exc:
                 raise Failure(description=f"{exc}. Nothing was written.") from None
             ensure_table(conn, table)
