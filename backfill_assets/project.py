@@ -1,4 +1,5 @@
-"""The dbt project, prepared without importing Dagster: what both the CLI and the definitions need.
+"""What both the CLI and the definitions need, without importing Dagster: the dbt project
+prepared, and the names of each table's backfill jobs.
 
 The dbt marts read the declared tables, and their microbatch ``begin`` is the first partition of
 the table they read. dbt gets it as ``BACKFILL_BEGIN__<SCHEMA>__<TABLE>`` (macro
@@ -17,9 +18,17 @@ from pathlib import Path
 
 from backfill_assets.core.registry import Registry, load_registry
 from backfill_assets.core.settings import DBT_PROJECT_DIR
+from backfill_assets.core.tables import TableSpec
 
 DBT_EXECUTABLE = str(Path(sys.executable).parent / "dbt")
 MANIFEST_PATH = DBT_PROJECT_DIR / "target" / "manifest.json"
+
+
+def job_name(table: TableSpec, *, with_downstream: bool = False) -> str:
+    """``backfill__<schema>__<table>`` (the table) or ``...__with_downstream`` (and what is built
+    from it): the jobs ``dagster job backfill -j`` takes."""
+    base = f"backfill__{table.schema}__{table.name}"
+    return f"{base}__with_downstream" if with_downstream else base
 
 
 def begin_variable(qualified_name: str) -> str:

@@ -176,6 +176,36 @@ def test_a_table_whose_sql_does_not_yield_its_columns_fails_loading_and_writes_n
     assert conn.execute("SELECT to_regnamespace('reporting')").fetchone() == (None,)
 
 
+@pytest.mark.parametrize("bad_type", ["bigit not null", "bigint not nul"])
+def test_a_column_type_postgresql_does_not_know_fails_loading(
+    tmp_path, monkeypatch, data_url, conn, bad_type
+):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    folder = _table_with_sql(tmp_path, lambda sql: sql)
+    declaration = folder / "shipped_lines.yaml"
+    declaration.write_text(
+        declaration.read_text().replace("order_no: bigint not null", f"order_no: {bad_type}")
+    )
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+
+    with pytest.raises(ContractError, match="column types PostgreSQL does not know: order_no"):
+        build_definitions(load_registry([folder]))
+
+
+def test_the_tables_command_reports_each_contract_and_fails_on_a_broken_one(
+    tmp_path, monkeypatch, data_url, conn, capsys
+):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    folder = _table_with_sql(tmp_path, lambda sql: sql.replace("%(end)s", "date '1999-01-01'"))
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{folder}")
+
+    assert cli.main(["tables"]) == 1
+    out = capsys.readouterr().out
+    assert "analytics.fct_orders" in out and "contract: ok" in out
+    assert "contract: error: table reporting.shipped_lines" in out and "does not use %(end)s" in out
+
+
 def test_dagster_fails_to_load_the_code_location_with_the_contract_message(
     tmp_path, dagster_env, conn
 ):

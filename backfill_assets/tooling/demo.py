@@ -11,6 +11,7 @@ import time
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.project import job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import demo_table, seed
 from backfill_assets.tooling.environment import prepare
@@ -23,8 +24,6 @@ from backfill_assets.tooling.launch import (
 
 
 def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
-    from backfill_assets.defs.jobs import job_name
-
     table = demo_table()
     job = job_name(table, with_downstream=True)
     expected_runs = len(table.partitioning.keys_between(first, last))
