@@ -67,10 +67,17 @@ def one_backfill(admin_url: str, variant: str, first: str, last: str, orders_per
             backfill_id = launch_asset_backfill(instance, keys, first, last)
         progress = wait_for_backfill(instance, backfill_id, timeout_s=3600)
         elapsed = time.perf_counter() - started
+        stats = [instance.get_run_stats(run_id) for run_id in progress.statuses]
+        run_seconds = sum(s.end_time - s.launch_time for s in stats) / len(stats)
     shutil.rmtree(home, ignore_errors=True)
     if progress.failed:
         raise SystemExit(f"{variant}: {progress.line()}")
-    return {"variant": variant, "runs": len(progress.statuses), "seconds": elapsed}
+    return {
+        "variant": variant,
+        "runs": len(progress.statuses),
+        "seconds": elapsed,
+        "s_per_run": run_seconds,
+    }
 
 
 def main() -> None:

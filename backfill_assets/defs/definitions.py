@@ -2,7 +2,7 @@
 
 import logging
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from backfill_assets.core import settings
 from backfill_assets.core.contract import check_contracts
@@ -40,4 +40,8 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
         jobs=[job for table in registry for job in table_jobs(table, assets)]
         + [rollback_job(registry)],
         resources={"postgres": PostgresResource(), "dbt": dbt_resource},
+        # A run's steps (the table, then its dbt models) depend on each other and run one after
+        # the other anyway; the default multiprocess executor would start a Python process per
+        # step, each importing these definitions again (~2.5 s). Measured in docs/measurements.md.
+        executor=in_process_executor,
     )
