@@ -117,7 +117,15 @@ def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_say
         for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
             assert instance.get_materialized_partitions(key) == set(days)
         summary = summarize_backfill(instance, backfill_id)
+        engine_messages = [
+            record.user_message
+            for run in runs
+            for record in instance.all_logs(run.run_id)
+            if "Executing steps" in record.user_message
+        ]
 
+    # Both steps of a run (the table, its dbt models) in the run's own process, not one each.
+    assert engine_messages and all("in process" in m for m in engine_messages), engine_messages
     ranges = sorted(
         (
             run.tags["dagster/asset_partition_range_start"],
