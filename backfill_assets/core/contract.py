@@ -3,7 +3,7 @@
 Checked when the definitions load, and again at the start of every run before anything is
 written, so a mistake in a table's SQL is one clear message instead of a database error in the
 middle of a backfill. PostgreSQL describes the query's result without reading a row (``LIMIT 0``
-over the query, bound with the first partition's window).
+over the query, bound with the first partition's start).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def check_placeholders(table: TableSpec) -> None:
 
 def result_columns(conn: psycopg.Connection, table: TableSpec) -> list[str]:
     """The names of the columns the table's query yields, without reading any row."""
-    window = table.partitioning.window(table.partitioning.first_key()).as_params()
+    # Any window will do to describe the result; the first day exists even before a partition does.
+    window = {"start": table.partitioning.start, "end": table.partitioning.start}
     query = sql.SQL("SELECT * FROM ({}) AS src LIMIT 0").format(table.source_query)
     try:
         with conn.transaction(), conn.cursor() as cur:
