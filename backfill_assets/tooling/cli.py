@@ -169,6 +169,82 @@ def _tables(_: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """Record an asset backfill, as the UI's "Materialize selected" does; the daemon runs it."""
+    import json
+
+    from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill
+
+    try:
+        tags = json.loads(args.tags) if args.tags else {}
+    except json.JSONDecodeError as exc:
+        example = '{"backfill_assets/diff_warn": "0.3"}'
+        raise ValueError(f"--tags is not JSON ({exc}); e.g. '{example}'") from None
+    if not isinstance(tags, dict):
+        raise ValueError(f"--tags must be a JSON object of strings, got {args.tags!r}")
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.defs.definitions import build_definitions
+
+    definitions = build_definitions(load_registry(), check_sql=False)
+    keys = asset_selection(definitions, args.select, downstream=args.downstream)
+    tags = {"backfill_assets/launched_by": getpass_user(), **{k: str(v) for k, v in tags.items()}}
+    with DagsterInstance.get() as instance:
+        backfill_id = launch_asset_backfill(
+            instance, keys, args.first, args.last, tags=tags, definitions=definitions
+        )
+        print(
+            f"launched asset backfill {backfill_id}: {', '.join(k.to_user_string() for k in keys)}"
+        )
+        print(f"  partitions {args.first}..{args.last}")
+        print(f"  follow it: backfill-assets status {backfill_id} --wait")
+        if args.wait:
+            return _follow(instance, backfill_id, wait=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    prepare()
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        return _follow(instance, args.backfill_id, wait=args.wait)
+
+
+def _follow(instance, backfill_id: str, *, wait: bool) -> int:
+    """Print the backfill's progress; exit 0 when it succeeded, 1 when a run failed, 3 while it
+    is still going (without ``--wait``)."""
+    from backfill_assets.tooling.launch import backfill_progress, daemon_is_alive, wait_for_backfill
+
+    if wait:
+        if not daemon_is_alive(instance):
+            print(
+                "warning: no dagster-daemon heartbeat in the last minute; start one (`make ui`, or "
+                "`backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
+                file=sys.stderr,
+            )
+        progress = wait_for_backfill(
+            instance, backfill_id, timeout_s=24 * 3600, on_progress=lambda p: print(p.line())
+        )
+    else:
+        progress = backfill_progress(instance, backfill_id)
+        print(progress.line())
+    print(f"status: {progress.backfill_status.value}")
+    if progress.failed:
+        return 1
+    return 0 if progress.done else 3
+
+
+def getpass_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from backfill_assets.tooling.demo import run_demo
 
@@ -221,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("tables", help="list the declared tables and their jobs").set_defaults(
         func=_tables
     )
+
+    launch = commands.add_parser(
+        "launch", help="launch an asset backfill (as the UI does); the daemon executes it"
+    )
+    launch.add_argument(
+        "--select",
+        required=True,
+        nargs="+",
+        help="assets, e.g. analytics/fct_orders (or schema.table)",
+    )
+    launch.add_argument("--from", dest="first", required=True, help="first partition key")
+    launch.add_argument("--to", dest="last", required=True, help="last partition key (included)")
+    launch.add_argument(
+        "--downstream", action="store_true", help="also the assets built from the selection"
+    )
+    launch.add_argument("--tags", help="JSON object of run tags, e.g. backfill_assets/* parameters")
+    launch.add_argument("--wait", action="store_true", help="follow it until it ends")
+    launch.set_defaults(func=_launch)
+
+    status = commands.add_parser("status", help="progress of a backfill; exit 1 if a run failed")
+    status.add_argument("backfill_id")
+    status.add_argument("--wait", action="store_true", help="follow it until it ends")
+    status.set_defaults(func=_status)
 
     demo = commands.add_parser("demo", help="seed, backfill a week through the daemon, summarize")
     demo.add_argument("--from", dest="first", default="2024-04-01")

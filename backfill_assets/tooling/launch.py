@@ -134,6 +134,50 @@ def launch_asset_backfill(
     return backfill_id
 
 
+def asset_selection(
+    definitions: Definitions, names: Sequence[str], *, downstream: bool = False
+) -> list[AssetKey]:
+    """Asset keys for ``analytics/fct_orders`` or ``analytics.fct_orders``; with ``downstream``
+    also what is built from them and shares their partitions. Unknown names are refused, listing
+    the partitioned assets."""
+    graph = definitions.resolve_asset_graph()
+    partitioned = {
+        key.to_user_string(): key
+        for key in graph.get_all_asset_keys()
+        if graph.get(key).is_materializable and graph.get(key).partitions_def is not None
+    }
+    keys = []
+    for name in names:
+        key = partitioned.get(name.replace(".", "/"))
+        if key is None:
+            raise ValueError(
+                f"unknown asset {name!r}; partitioned assets: {', '.join(sorted(partitioned))}"
+            )
+        keys.append(key)
+    if downstream:
+        first = graph.get(keys[0]).partitions_def
+        for key in sorted(_downstream(graph, keys)):
+            if key not in keys and graph.get(key).partitions_def == first:
+                keys.append(key)
+    return keys
+
+
+def _downstream(graph, keys: Sequence[AssetKey]) -> set[AssetKey]:
+    found, frontier = set(), list(keys)
+    while frontier:
+        for child in graph.get(frontier.pop()).child_keys:
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def daemon_is_alive(instance: DagsterInstance, within_s: float = 60) -> bool:
+    """Whether a dagster-daemon's backfill loop reported in the last ``within_s`` seconds."""
+    heartbeat = instance.get_daemon_heartbeats().get("BACKFILL")
+    return heartbeat is not None and get_current_timestamp() - heartbeat.timestamp < within_s
+
+
 def _keys_between(partitions_def, asset: AssetKey, first: str, last: str) -> list[str]:
     """The keys from ``first`` to ``last`` of the asset's partitions; refuses, naming its range."""
     keys = partitions_def.get_partition_keys() if partitions_def else []
@@ -184,6 +228,17 @@ class BackfillProgress:
         )
 
 
+def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        raise BackfillLaunchError(
+            f"no backfill {backfill_id!r} in this Dagster instance; its id is printed at launch "
+            "and listed under Runs > Backfills"
+        )
+    runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+    return BackfillProgress(backfill_id, backfill.status, {run.run_id: run.status for run in runs})
+
+
 def wait_for_backfill(
     instance: DagsterInstance,
     backfill_id: str,
@@ -196,13 +251,7 @@ def wait_for_backfill(
     deadline = time.monotonic() + timeout_s
     last_line = None
     while True:
-        backfill = instance.get_backfill(backfill_id)
-        if backfill is None:
-            raise BackfillLaunchError(f"no backfill {backfill_id!r} in this Dagster instance")
-        runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
-        progress = BackfillProgress(
-            backfill_id, backfill.status, {run.run_id: run.status for run in runs}
-        )
+        progress = backfill_progress(instance, backfill_id)
         if on_progress and progress.line() != last_line:
             on_progress(progress)
             last_line = progress.line()
