@@ -173,6 +173,7 @@ def _launch(args: argparse.Namespace) -> int:
     """Record an asset backfill, as the UI's "Materialize selected" does; the daemon runs it."""
     import json
 
+    from backfill_assets.core.params import LAUNCHED_BY, launched_by
     from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill
 
     try:
@@ -189,7 +190,8 @@ def _launch(args: argparse.Namespace) -> int:
 
     definitions = build_definitions(load_registry(), check_sql=False)
     keys = asset_selection(definitions, args.select, downstream=args.downstream)
-    tags = {"backfill_assets/launched_by": getpass_user(), **{k: str(v) for k, v in tags.items()}}
+    tags = {k: str(v) for k, v in tags.items()}
+    tags[LAUNCHED_BY] = launched_by(tags)  # the explicit tag, else the OS user
     with DagsterInstance.get() as instance:
         backfill_id = launch_asset_backfill(
             instance, keys, args.first, args.last, tags=tags, definitions=definitions
@@ -234,15 +236,6 @@ def _follow(instance, backfill_id: str, *, wait: bool) -> int:
     if progress.failed:
         return 1
     return 0 if progress.done else 3
-
-
-def getpass_user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _demo(args: argparse.Namespace) -> int:
