@@ -87,10 +87,10 @@ def _range(partitioning: Partitioning) -> Partitioning:
 
 
 @contextmanager
-def dbt_process_env(postgres: PostgresResource) -> Iterator[None]:
-    """Point dbt's profile at the ``postgres`` resource's database, and give it the tables'
-    first partitions, for one call."""
-    values = {**connection_parts(postgres.resolved_url()).as_dbt_env(), **dbt_env()}
+def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[None]:
+    """Point dbt's profile at the ``postgres`` resource's database, and give it the first
+    partitions of the registry's tables (the ones the definitions were built from), for one call."""
+    values = {**connection_parts(postgres.resolved_url()).as_dbt_env(), **dbt_env(registry)}
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
@@ -107,7 +107,7 @@ def dbt_model_assets(registry: Registry) -> list[AssetsDefinition]:
     manifest = ensure_manifest(registry)
     incremental = incremental_relations(manifest)
     return [
-        _dbt_assets(manifest, models, partitioning, incremental)
+        _dbt_assets(manifest, models, partitioning, incremental, registry)
         for partitioning, models in models_by_partitioning(manifest, registry).items()
     ]
 
@@ -117,6 +117,7 @@ def _dbt_assets(
     models: list[str],
     partitioning: Partitioning | None,
     incremental: list[tuple[str, str]],
+    registry: Registry,
 ) -> AssetsDefinition:
     definition = partitions_def(partitioning) if partitioning else None
     name = (
@@ -146,7 +147,7 @@ def _dbt_assets(
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
-            with dbt_process_env(postgres):
+            with dbt_process_env(postgres, registry):
                 invocation = dbt.cli(args, context=context, raise_on_error=definition is None)
             if definition is None:
                 yield from invocation.stream()

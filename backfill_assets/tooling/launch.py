@@ -20,6 +20,7 @@ from pathlib import Path
 from dagster import (
     AssetCheckSeverity,
     AssetKey,
+    AssetSelection,
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
@@ -156,20 +157,10 @@ def asset_selection(
         keys.append(key)
     if downstream:
         first = graph.get(keys[0]).partitions_def
-        for key in sorted(_downstream(graph, keys)):
+        for key in sorted(AssetSelection.assets(*keys).downstream().resolve(graph)):
             if key not in keys and graph.get(key).partitions_def == first:
                 keys.append(key)
     return keys
-
-
-def _downstream(graph, keys: Sequence[AssetKey]) -> set[AssetKey]:
-    found, frontier = set(), list(keys)
-    while frontier:
-        for child in graph.get(frontier.pop()).child_keys:
-            if child not in found:
-                found.add(child)
-                frontier.append(child)
-    return found
 
 
 def daemon_is_alive(instance: DagsterInstance, within_s: float = 60) -> bool:
