@@ -13,7 +13,7 @@ from support import (
     rollback_backfill,
 )
 
-from backfill_assets.core import snapshots
+from backfill_assets.core import partition_write, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.guards import guard
 from backfill_assets.core.params import params_for
@@ -62,30 +62,44 @@ def test_audit_rows_record_succeeded_and_failed_partitions_with_correct_counts(
     assert failed["rows_inserted"] is None and failed["ended_at"] is not None
 
 
-def test_an_unreachable_audit_database_does_not_block_the_write(data_url, conn):
+def test_a_write_whose_audit_row_is_refused_is_rolled_back_with_its_snapshot(data_url, conn):
+    """The audit row commits with the data or not at all: no unaudited write, no orphan snapshot."""
     ensure_table(conn, FCT_ORDERS)
+    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
     window = FCT_ORDERS.partitioning.window(DAYS[0])
     params = params_for(FCT_ORDERS, {})
-    warnings: list[str] = []
-    broken = AuditTrail("postgresql://nobody@/nowhere?host=/nonexistent", warn=warnings.append)
-    run = RunInfo(None, None, "tester", {})
+    run = RunInfo("run-unaudited", None, "tester", {})
+    with AuditTrail(data_url) as audit:
+        first = write_verified(
+            conn, audit, run, FCT_ORDERS, window, params, guard(conn, FCT_ORDERS, window, params)
+        )
+        before = fingerprints(conn, [DAYS[0]])
+        kept = conn.execute("SELECT count(*) FROM backfill_snapshots.analytics__fct_orders")
+        snapshot_rows = kept.fetchone()[0]
+        rewrite_source(conn)
+        conn.execute(
+            "CREATE FUNCTION backfill_audit.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN IF NEW.status = 'succeeded' THEN RAISE EXCEPTION 'audit refused'; END IF; "
+            "RETURN NEW; END$$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON backfill_audit.backfill_runs "
+            "FOR EACH ROW EXECUTE FUNCTION backfill_audit.refuse()"
+        )
+        second = write_verified(
+            conn, audit, run, FCT_ORDERS, window, params, guard(conn, FCT_ORDERS, window, params)
+        )
 
-    outcome = write_verified(
-        conn,
-        broken,
-        run,
-        FCT_ORDERS,
-        window,
-        params,
-        guard(conn, FCT_ORDERS, window, params),
-    )
-
-    assert outcome.succeeded and outcome.audit_id is None
-    assert fingerprints(conn, [DAYS[0]])[DAYS[0]].rows == outcome.write.rows_inserted > 0
-    assert any("audit trail not written" in w for w in warnings)
+    assert first.succeeded and not second.succeeded
+    assert "audit refused" in second.error
+    assert fingerprints(conn, [DAYS[0]]) == before
+    kept = conn.execute("SELECT count(*) FROM backfill_snapshots.analytics__fct_orders")
+    assert kept.fetchone()[0] == snapshot_rows
+    statuses = [r["status"] for r in audit_rows(conn, dagster_run_id="run-unaudited")]
+    assert statuses == ["succeeded", "failed"]
 
 
-def test_an_interrupted_write_keeps_the_old_rows_and_closes_its_audit_row(
+def test_an_interrupted_write_keeps_the_old_rows_and_records_it_as_failed(
     data_url, conn, monkeypatch
 ):
     ensure_table(conn, FCT_ORDERS)
@@ -103,7 +117,7 @@ def test_an_interrupted_write_keeps_the_old_rows_and_closes_its_audit_row(
         def interrupted(*_):
             raise KeyboardInterrupt  # what a terminated run or Ctrl-C raises mid-transaction
 
-        monkeypatch.setattr(snapshots, "store", interrupted)
+        monkeypatch.setattr(partition_write, "verify", interrupted)
         with pytest.raises(KeyboardInterrupt):
             write_verified(
                 conn,

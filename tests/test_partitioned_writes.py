@@ -224,7 +224,7 @@ def test_two_writers_of_one_partition_take_turns_and_never_duplicate_it(data_url
     first_inserted = threading.Event()
     release_first = threading.Event()
 
-    def hold_open(_: psycopg.Connection) -> None:
+    def hold_open(*_: object) -> None:
         first_inserted.set()
         assert release_first.wait(timeout=60)
 

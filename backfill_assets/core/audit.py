@@ -1,8 +1,12 @@
 """The audit trail: one row per partition written, rolled back or refused, in ``backfill_audit``.
 
-The audit writes through its own autocommit connection, outside the data transaction: a failed
-partition still gets its row (status and error filled), and a problem with the audit itself is
-logged as a warning and never blocks or rolls back the data write.
+A successful write's row is inserted inside the write's own transaction, complete and final: it
+commits with the data or vanishes with it, so no write commits without its row and no row claims a
+write that was rolled back, and the bookkeeping costs no commit of its own. Its id is taken from
+the sequence before the transaction, so the snapshot the DELETE fills can carry it. Outcomes that
+happen after a rollback (failed, refused, interrupted) are recorded through the trail's own
+autocommit connection; a problem there is logged as a warning. Rollbacks still open a row as
+``running`` and close it after their transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 
 import psycopg
@@ -95,6 +100,7 @@ class AuditTrail:
         self._url = url
         self._warn = warn
         self._conn: psycopg.Connection | None = None
+        self._prepared: set[int] = set()
 
     def __enter__(self) -> AuditTrail:
         return self
@@ -138,6 +144,66 @@ class AuditTrail:
             ],
             returning=True,
         )
+
+    def reserve_id(self, conn: psycopg.Connection) -> int:
+        """An id for the audit row of a write about to start on ``conn``."""
+        if id(conn) not in self._prepared:
+            ensure_audit_table(conn)
+            self._prepared.add(id(conn))
+        query = sql.SQL("SELECT nextval(pg_get_serial_sequence({}, 'id'))").format(
+            sql.Literal(f"{SCHEMA}.backfill_runs")
+        )
+        return conn.execute(query).fetchone()[0]
+
+    def record(
+        self,
+        run: RunInfo,
+        *,
+        status: str,
+        asset_key: str,
+        table: str,
+        partition: str,
+        strategy: str,
+        sql_hash: str,
+        started_at: datetime,
+        conn: psycopg.Connection | None = None,
+        audit_id: int | None = None,
+        **fields: object,
+    ) -> int | None:
+        """Insert one complete row (``status`` plus any of rows_*, checksum_*, snapshot_rows,
+        error); returns its id.
+
+        With ``conn`` the row joins the transaction open there and errors propagate: the write
+        fails rather than commit unaudited. Without, it goes through the trail's own connection.
+        """
+        columns = {
+            "id": audit_id,
+            "dagster_run_id": run.dagster_run_id,
+            "backfill_id": run.backfill_id,
+            "asset_key": asset_key,
+            "table_name": table,
+            "partition_key": partition,
+            "strategy": strategy,
+            "code_version": code_version(),
+            "sql_hash": sql_hash,
+            "launched_by": run.launched_by,
+            "parameters": json.dumps(run.parameters, default=str),
+            "started_at": started_at,
+            "status": status,
+            **fields,
+        }
+        if audit_id is None:
+            del columns["id"]
+        query = sql.SQL(
+            "INSERT INTO {} ({}, ended_at) VALUES ({}, clock_timestamp()) RETURNING id"
+        ).format(
+            TABLE,
+            sql.SQL(", ").join(sql.Identifier(name) for name in columns),
+            sql.SQL(", ").join(sql.Placeholder() for _ in columns),
+        )
+        if conn is not None:
+            return conn.execute(query, list(columns.values())).fetchone()[0]
+        return self._execute(query, list(columns.values()), returning=True)
 
     def finish(self, audit_id: int | None, status: str, **fields: object) -> None:
         """Close a row: ``status`` plus any of rows_*, checksum_*, snapshot_rows, error."""

@@ -1,7 +1,10 @@
 """Row count, checksum and measure sums of one partition, computed in one pass in the database.
 
-The checksum hashes every column of every row in a fixed order, so two partitions with the same
-checksum hold byte-identical rows. Used by tests, checks and the audit trail.
+The checksum is order-independent: the sum of a 64-bit hash of every row's text (all columns),
+folded with the row count into an md5. Two partitions with the same checksum hold the same
+multiset of rows; computing it needs no sort, so it costs one scan. Used by tests, the after-write
+verification (``reconcile``), rollback and the audit trail: all of them through ``CHECKSUM``, so a
+checksum in the audit can be compared with one computed later.
 """
 
 from __future__ import annotations
@@ -14,6 +17,21 @@ from psycopg import sql
 
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
+
+ROW_HASH = sql.SQL("hashtextextended({row_text}, 0)::numeric")
+"""64-bit hash of a row's text; summed over a partition (numeric: no overflow)."""
+
+CHECKSUM = sql.SQL("md5(count(*)::text || ':' || coalesce(sum({row_hash}), 0)::text)")
+"""Aggregate over rows carrying ``row_hash``: the partition's checksum."""
+
+
+def row_text(table: TableSpec, prefix: str | None = None) -> sql.Composed:
+    """Every column of a row as one text value, in declaration order."""
+    return sql.SQL("ROW({})::text").format(table.column_list(prefix))
+
+
+def checksum_of(row_hash: sql.Composable) -> sql.Composed:
+    return CHECKSUM.format(row_hash=row_hash)
 
 
 @dataclass(frozen=True)
@@ -30,21 +48,24 @@ def fingerprint_of(
     relation: sql.Composable,
     window: PartitionWindow,
 ) -> Fingerprint:
-    """Fingerprint of the window's rows of ``relation``, a table shaped like ``table``."""
-    measures = [sql.Identifier(m) for m in table.measures]
+    """Fingerprint of the window's rows of ``relation``, a table (or subquery) shaped like
+    ``table``."""
     query = sql.SQL(
-        "SELECT count(*), coalesce(md5(string_agg(row_text, E'\\n' ORDER BY row_text)), '') {sums} "
-        "FROM (SELECT ({columns})::text AS row_text {measures} FROM {relation} WHERE {window}) AS t"
+        "SELECT count(*), {checksum} {sums} FROM {relation} AS t WHERE {window}"
     ).format(
-        sums=sql.SQL("").join(sql.SQL(", sum({})").format(m) for m in measures),
-        columns=table.column_list(),
-        measures=sql.SQL("").join(sql.SQL(", {}").format(m) for m in measures),
+        checksum=checksum_of(ROW_HASH.format(row_text=row_text(table, "t"))),
+        sums=sql.SQL("").join(
+            sql.SQL(", sum({})").format(sql.Identifier(m)) for m in table.measures
+        ),
         relation=relation,
         window=table.window_filter(),
     )
     rows, checksum, *totals = conn.execute(query, window.as_params()).fetchone()
-    sums = {m: Decimal(t or 0) for m, t in zip(table.measures, totals, strict=True)}
-    return Fingerprint(rows=rows, checksum=checksum, sums=sums)
+    return Fingerprint(rows=rows, checksum=checksum, sums=sums_of(table, totals))
+
+
+def sums_of(table: TableSpec, totals) -> dict[str, Decimal]:
+    return {m: Decimal(t or 0) for m, t in zip(table.measures, totals, strict=True)}
 
 
 def partition_fingerprint(

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core.database import relation_exists
+from backfill_assets.core.fingerprint import sums_of
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import ALLOW_SHRINK, BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
@@ -30,41 +31,105 @@ class SourceStats:
     sums: dict[str, Decimal]
 
 
-def source_stats(
-    conn: psycopg.Connection, table: TableSpec, window: PartitionWindow
-) -> SourceStats:
+WINDOW = sql.Identifier("backfill_window")
+"""Alias of the VALUES list of windows in the one-statement measurements below."""
+
+
+def _windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[str, object]]:
+    rows, params = [], {}
+    for number, window in enumerate(windows):
+        rows.append(
+            sql.SQL("({}::text, {}::date, {}::date)").format(
+                *(sql.Placeholder(f"{p}{number}") for p in "kse")
+            )
+        )
+        params |= {f"k{number}": window.key, f"s{number}": window.start, f"e{number}": window.end}
+    values = sql.SQL("(VALUES {}) AS {} (key, window_start, window_end)").format(
+        sql.SQL(", ").join(rows), WINDOW
+    )
+    return values, params
+
+
+def _query_per_window(table: TableSpec) -> sql.SQL:
+    """The table's query, its window read from the row of ``WINDOW`` instead of parameters.
+
+    Bound values and these columns have the same type (``date``), so each window's rows are
+    exactly those the write's INSERT will select.
+    """
+    text = table.query.strip().rstrip(";")
+    text = text.replace("%(start)s", '"backfill_window"."window_start"')
+    return sql.SQL(text.replace("%(end)s", '"backfill_window"."window_end"'))
+
+
+def source_stats_all(
+    conn: psycopg.Connection, table: TableSpec, windows: list[PartitionWindow]
+) -> dict[str, SourceStats]:
+    """Rows, NULL keys and measure sums of the source for every window, in one statement.
+
+    One query per window would cost a round trip and a planning each; here the query runs once
+    per window inside one statement (``LATERAL``), on exactly the rows the INSERT will read.
+    """
     key_is_null = sql.SQL(" OR ").join(
         sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in table.unique_key
     )
     sums = [sql.SQL("sum({})").format(sql.Identifier(m)) for m in table.measures]
-    query = sql.SQL("SELECT {} FROM ({}) AS src").format(
-        sql.SQL(", ").join(
+    values, params = _windows_values(windows)
+    query = sql.SQL(
+        "SELECT {window}.key, stats.* FROM {values} CROSS JOIN LATERAL "
+        "(SELECT {aggregates} FROM ({source}) AS src) AS stats"
+    ).format(
+        window=WINDOW,
+        values=values,
+        aggregates=sql.SQL(", ").join(
             [sql.SQL("count(*)"), sql.SQL("count(*) FILTER (WHERE {})").format(key_is_null), *sums]
         ),
-        table.source_query,
+        source=_query_per_window(table),
     )
-    rows, null_keys, *totals = conn.execute(query, window.as_params()).fetchone()
-    return SourceStats(
-        rows=rows,
-        null_keys=null_keys,
-        sums={m: Decimal(t or 0) for m, t in zip(table.measures, totals, strict=True)},
-    )
+    found = {}
+    for key, rows, null_keys, *totals in conn.execute(query, params).fetchall():
+        found[key] = SourceStats(rows=rows, null_keys=null_keys, sums=sums_of(table, totals))
+    return found
 
 
-def target_rows(conn: psycopg.Connection, table: TableSpec, window: PartitionWindow) -> int:
+def target_rows_all(
+    conn: psycopg.Connection, table: TableSpec, windows: list[PartitionWindow]
+) -> dict[str, int]:
+    """How many rows each window of the target holds now, in one statement."""
     if not relation_exists(conn, table.schema, table.name):
-        return 0
-    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-        table.identifier, table.window_filter()
-    )
-    return conn.execute(query, window.as_params()).fetchone()[0]
+        return {window.key: 0 for window in windows}
+    column = sql.Identifier(table.partition_column)
+    values, params = _windows_values(windows)
+    query = sql.SQL(
+        "SELECT {window}.key, (SELECT count(*) FROM {table} WHERE {column} >= {window}.window_start"
+        " AND {column} < {window}.window_end) FROM {values}"
+    ).format(window=WINDOW, table=table.identifier, column=column, values=values)
+    return dict(conn.execute(query, params).fetchall())
+
+
+def guard_all(
+    conn: psycopg.Connection,
+    table: TableSpec,
+    windows: list[PartitionWindow],
+    params: BackfillParams,
+) -> dict[str, tuple[CheckOutcome, SourceStats]]:
+    """The guard of every window of a run, measured in two statements, before anything is
+    written."""
+    if not windows:
+        return {}
+    stats = source_stats_all(conn, table, windows)
+    current = target_rows_all(conn, table, windows)
+    return {w.key: _judge(table, w, params, stats[w.key], current[w.key]) for w in windows}
 
 
 def guard(
     conn: psycopg.Connection, table: TableSpec, window: PartitionWindow, params: BackfillParams
 ) -> tuple[CheckOutcome, SourceStats]:
-    stats = source_stats(conn, table, window)
-    current = target_rows(conn, table, window)
+    return guard_all(conn, table, [window], params)[window.key]
+
+
+def _judge(
+    table: TableSpec, window: PartitionWindow, params: BackfillParams, stats, current: int
+) -> tuple[CheckOutcome, SourceStats]:
     floor = current * (1 - params.max_shrink)
     problems: list[str] = []
     if stats.null_keys:

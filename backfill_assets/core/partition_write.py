@@ -8,18 +8,19 @@ anywhere in the run leaves the whole run's data untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psycopg
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
-from backfill_assets.core.guards import SourceStats, guard
+from backfill_assets.core.guards import SourceStats, guard_all
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import WriteResult, replace_partition
+from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition
 
 STRATEGY = "delete_insert"
 
@@ -77,27 +78,35 @@ def run_guards(
     windows: list[PartitionWindow],
     params: BackfillParams,
 ) -> dict[str, tuple[CheckOutcome, SourceStats]]:
-    return {window.key: guard(conn, table, window, params) for window in windows}
+    """Every window's guard, in two statements (``guards.guard_all``), before the first write."""
+    return guard_all(conn, table, windows, params)
 
 
-def _start_audit(audit: AuditTrail, run: RunInfo, table: TableSpec, window, guarded) -> int | None:
-    return audit.start(
+def _record(audit: AuditTrail, run: RunInfo, table: TableSpec, window, **fields) -> int | None:
+    return audit.record(
         run,
         asset_key=table.asset_name,
         table=table.qualified_name,
         partition=window.key,
         strategy=STRATEGY,
         sql_hash=table.sql_hash,
-        rows_before=guarded.metadata.get("target_rows_before"),
+        **fields,
     )
 
 
 def record_refusal(
     audit: AuditTrail, run: RunInfo, table: TableSpec, window, outcome
 ) -> int | None:
-    audit_id = _start_audit(audit, run, table, window, outcome)
-    audit.finish(audit_id, "guard_failed", error=outcome.message)
-    return audit_id
+    return _record(
+        audit,
+        run,
+        table,
+        window,
+        status="guard_failed",
+        started_at=datetime.now(UTC),
+        rows_before=outcome.metadata.get("target_rows_before"),
+        error=outcome.message,
+    )
 
 
 def write_verified(
@@ -109,63 +118,82 @@ def write_verified(
     params: BackfillParams,
     guarded: tuple[CheckOutcome, SourceStats],
 ) -> PartitionOutcome:
-    """Replace one partition; verify and snapshot it inside the transaction; audit it outside."""
-    guard_outcome, stats = guarded
-    audit_id = _start_audit(audit, run, table, window, guard_outcome)
-    found: dict[str, object] = {}
+    """Replace one partition; snapshot, verify and audit it inside its transaction.
 
-    def verify_then_snapshot(connection: psycopg.Connection) -> None:
-        verification = verify(connection, table, window, stats, params)
+    One transaction per partition and no other commit: the DELETE fills the snapshot, one
+    statement verifies, and the audit row joins the transaction as it commits. A failure is
+    recorded after the rollback, through the audit's own connection.
+    """
+    guard_outcome, stats = guarded
+    started_at = datetime.now(UTC)
+    rows_before = guard_outcome.metadata.get("target_rows_before")
+    audit_id = audit.reserve_id(conn)
+    kept = snapshots.kept_rows(table, audit_id) if params.snapshots else KeptRows()
+    found: dict[str, Verification] = {}
+
+    def verify_and_record(connection: psycopg.Connection, write: WriteResult) -> None:
+        verification = verify(connection, table, window, stats, params, kept)
         found["verification"] = verification
         if verification.failed_blocking:
             raise VerificationFailed(verification)
-        if params.snapshots and audit_id is not None:
-            found["snapshot_rows"] = snapshots.store(connection, table, audit_id)
+        _record(
+            audit,
+            run,
+            table,
+            window,
+            conn=connection,
+            audit_id=audit_id,
+            status="succeeded",
+            started_at=started_at,
+            rows_before=rows_before,
+            rows_deleted=write.rows_deleted,
+            rows_inserted=write.rows_inserted,
+            rows_after=verification.after.rows,
+            checksum_before=verification.before.checksum,
+            checksum_after=verification.after.checksum,
+            snapshot_rows=write.rows_deleted if params.snapshots else None,
+        )
+
+    def record_failure(error: str) -> None:
+        verification = found.get("verification")
+        _record(
+            audit,
+            run,
+            table,
+            window,
+            audit_id=audit_id,
+            status="failed",
+            started_at=started_at,
+            rows_before=rows_before,
+            checksum_before=verification.before.checksum if verification else None,
+            error=error,
+        )
 
     try:
         result = replace_partition(
-            conn, table, window, keep_previous=True, before_commit=verify_then_snapshot
+            conn, table, window, keep_previous=kept, before_commit=verify_and_record
         )
     except (VerificationFailed, psycopg.Error) as exc:
-        verification = found.get("verification")
         error = str(exc).strip()
-        audit.finish(
-            audit_id,
-            "failed",
-            error=error,
-            checksum_before=verification.before.checksum if verification else None,
-        )
+        record_failure(error)
         return PartitionOutcome(
             window,
             "failed",
             guard_outcome,
-            verification=verification,
+            verification=found.get("verification"),
             audit_id=audit_id,
             error=error,
         )
     except BaseException as exc:
-        # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back, and its audit
-        # row must not stay 'running'.
-        audit.finish(audit_id, "failed", error=f"write not applied: {exc!r}")
+        # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; say so.
+        record_failure(f"write not applied: {exc!r}")
         raise
-    verification = found["verification"]
-    snapshot_rows = found.get("snapshot_rows")
-    audit.finish(
-        audit_id,
-        "succeeded",
-        rows_deleted=result.rows_deleted,
-        rows_inserted=result.rows_inserted,
-        rows_after=verification.after.rows,
-        checksum_before=verification.before.checksum,
-        checksum_after=verification.after.checksum,
-        snapshot_rows=snapshot_rows,
-    )
     return PartitionOutcome(
         window,
         "succeeded",
         guard_outcome,
         write=result,
-        verification=verification,
-        snapshot_rows=snapshot_rows,
+        verification=found["verification"],
+        snapshot_rows=result.rows_deleted if params.snapshots else None,
         audit_id=audit_id,
     )

@@ -3,8 +3,9 @@
 The new rows are verified where they will live (row count against the source, unique key,
 required columns, measure sums) while the transaction is still open: a blocking failure rolls the
 partition back, so a wrong partition is never committed and downstream models never read it. The
-before/after diff compares the deleted rows (kept in a temporary table by the writer) with the new
-ones and raises a WARN when numbers shift more than the table allows.
+before/after diff compares the deleted rows (kept by the writer: in the snapshot, or a temporary
+table) with the new ones and raises a WARN when numbers shift more than the table allows. All of
+it is one statement per partition.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from decimal import Decimal
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
+from backfill_assets.core.fingerprint import (
+    ROW_HASH,
+    Fingerprint,
+    checksum_of,
+    row_text,
+    sums_of,
+)
 from backfill_assets.core.guards import SourceStats
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import PREVIOUS_ROWS
+from backfill_assets.core.writer import KeptRows
 
 
 @dataclass(frozen=True)
@@ -63,48 +70,93 @@ class Verification:
         return [name for name, o in self.outcomes.items() if not o.passed and o.severity == "ERROR"]
 
 
-def diff_partition(
-    conn, table: TableSpec, window: PartitionWindow, before: Fingerprint, after: Fingerprint
-) -> PartitionDiff:
-    """Rows added, removed and changed by key; the sums come from the two fingerprints."""
-    key = sql.SQL("ROW({})::text").format(
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
-    )
-    row = sql.SQL("ROW({})::text").format(table.column_list())
-    query = sql.SQL(
-        "WITH o AS (SELECT {key} AS k, {row} AS r FROM {previous}), "
-        "n AS (SELECT {key} AS k, {row} AS r FROM {table} WHERE {window}) "
-        "SELECT count(*) FILTER (WHERE o.k IS NULL), count(*) FILTER (WHERE n.k IS NULL), "
-        "count(*) FILTER (WHERE o.k IS NOT NULL AND n.k IS NOT NULL AND o.r <> n.r) "
-        "FROM o FULL JOIN n ON o.k = n.k"
-    ).format(
-        key=key,
-        row=row,
-        previous=PREVIOUS_ROWS,
-        table=table.identifier,
-        window=table.window_filter(),
-    )
-    added, removed, changed = conn.execute(query, window.as_params()).fetchone()
-    return PartitionDiff(
-        rows_added=added,
-        rows_removed=removed,
-        rows_changed=changed,
-        sums_before=before.sums,
-        sums_after=after.sums,
-    )
-
-
 def verify(
     conn: psycopg.Connection,
     table: TableSpec,
     window: PartitionWindow,
     source: SourceStats,
     params: BackfillParams,
+    previous: KeptRows,
 ) -> Verification:
-    """Evaluate every after-write check on the uncommitted partition (needs ``keep_previous``)."""
-    before = fingerprint_of(conn, table, PREVIOUS_ROWS, window)
-    after = fingerprint_of(conn, table, table.identifier, window)
-    diff = diff_partition(conn, table, window, before, after)
+    """Evaluate every after-write check on the uncommitted partition, in one statement.
+
+    ``previous`` holds the rows the DELETE removed. Each side is read once (materialized CTEs);
+    fingerprints, measure sums, NULL counts, duplicated keys and the keyed diff are all computed
+    from those two reads, with no sort (the checksum is order-independent).
+    """
+    measures = [sql.Identifier(m) for m in table.measures]
+    carried = sql.SQL("").join(sql.SQL(", {}").format(m) for m in measures)
+    sums = sql.SQL("").join(sql.SQL(", sum({})").format(m) for m in measures)
+    nulls = sql.SQL("").join(
+        sql.SQL(", count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(c))
+        for c in table.required_columns
+    )
+    key = sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
+    )
+    side = sql.SQL(
+        "SELECT k, r, {row_hash} AS h{carried}{required} FROM "
+        "(SELECT {key} AS k, {row} AS r{carried}{required} FROM {rel}) AS side"
+    )
+    required = sql.SQL("").join(
+        sql.SQL(", {}").format(sql.Identifier(c))
+        for c in table.required_columns
+        if c not in table.measures
+    )
+    row_hash = ROW_HASH.format(row_text=sql.SQL("r"))
+    query = sql.SQL(
+        "WITH o AS MATERIALIZED ({old}), n AS MATERIALIZED ({new}) "
+        "SELECT * FROM "
+        "(SELECT count(*), {checksum}{sums} FROM o) AS before, "
+        "(SELECT count(*), {checksum}{sums}{nulls} FROM n) AS after, "
+        "(SELECT count(*), coalesce(sum(c), 0) FROM "
+        "  (SELECT count(*) AS c FROM n GROUP BY k HAVING count(*) > 1) AS d) AS dup, "
+        "(SELECT count(*) FILTER (WHERE o.k IS NULL), count(*) FILTER (WHERE n.k IS NULL), "
+        "  count(*) FILTER (WHERE o.k IS NOT NULL AND n.k IS NOT NULL AND o.r <> n.r) "
+        "  FROM o FULL JOIN n ON o.k = n.k) AS diff"
+    ).format(
+        old=side.format(
+            key=key,
+            row=row_text(table),
+            row_hash=row_hash,
+            carried=carried,
+            required=sql.SQL(""),
+            rel=sql.SQL("{} AS t WHERE {}").format(previous.relation(table), table.window_filter()),
+        ),
+        new=side.format(
+            key=key,
+            row=row_text(table),
+            row_hash=row_hash,
+            carried=carried,
+            required=required,
+            rel=sql.SQL("{} WHERE {}").format(table.identifier, table.window_filter()),
+        ),
+        checksum=checksum_of(sql.SQL("h")),
+        sums=sums,
+        nulls=nulls,
+    )
+    values = list(conn.execute(query, window.as_params()).fetchone())
+    m, r = len(table.measures), len(table.required_columns)
+
+    def take(count: int) -> list:
+        taken = values[:count]
+        del values[:count]
+        return taken
+
+    rows_before, checksum_before, *sums_before = take(2 + m)
+    rows_after, checksum_after, *rest = take(2 + m + r)
+    sums_after, null_counts = rest[:m], rest[m:]
+    duplicated_keys, rows_with_duplicates = take(2)
+    added, removed, changed = take(3)
+    before = Fingerprint(rows_before, checksum_before, sums_of(table, sums_before))
+    after = Fingerprint(rows_after, checksum_after, sums_of(table, sums_after))
+    diff = PartitionDiff(
+        rows_added=added,
+        rows_removed=removed,
+        rows_changed=changed,
+        sums_before=before.sums,
+        sums_after=after.sums,
+    )
     outcomes = {
         "rows_match_source": CheckOutcome(
             after.rows == source.rows,
@@ -117,45 +169,30 @@ def verify(
                 else ""
             ),
         ),
-        "unique_key_is_unique": _unique(conn, table, window),
-        "required_columns_not_null": _not_null(conn, table, window),
+        "unique_key_is_unique": _unique(table, duplicated_keys, int(rows_with_duplicates)),
+        "required_columns_not_null": _not_null(table, null_counts),
         "measures_reconcile": _measures(table, source, diff),
         "change_within_threshold": _change(table, before, diff, params),
     }
     return Verification(outcomes=outcomes, before=before, after=after, diff=diff)
 
 
-def _unique(conn, table: TableSpec, window: PartitionWindow) -> CheckOutcome:
-    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
-    query = sql.SQL(
-        "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {} WHERE {} "
-        "GROUP BY {} HAVING count(*) > 1) AS dup"
-    ).format(table.identifier, table.window_filter(), keys)
-    duplicated_keys, rows = conn.execute(query, window.as_params()).fetchone()
+def _unique(table: TableSpec, duplicated_keys: int, rows: int) -> CheckOutcome:
     return CheckOutcome(
         duplicated_keys == 0,
         {
             "unique_key": ", ".join(table.unique_key),
             "duplicated_keys": duplicated_keys,
-            "rows_with_duplicated_keys": int(rows),
+            "rows_with_duplicated_keys": rows,
         },
         message=f"{duplicated_keys} values of ({', '.join(table.unique_key)}) occur more than once",
     )
 
 
-def _not_null(conn, table: TableSpec, window: PartitionWindow) -> CheckOutcome:
+def _not_null(table: TableSpec, counts: list[int]) -> CheckOutcome:
     if not table.required_columns:
         return CheckOutcome(True, {"required_columns": ""})
-    counts = sql.SQL(", ").join(
-        sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(c))
-        for c in table.required_columns
-    )
-    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        counts, table.identifier, table.window_filter()
-    )
-    nulls = dict(
-        zip(table.required_columns, conn.execute(query, window.as_params()).fetchone(), strict=True)
-    )
+    nulls = dict(zip(table.required_columns, counts, strict=True))
     offending = {c: n for c, n in nulls.items() if n}
     return CheckOutcome(
         not offending,

@@ -19,7 +19,7 @@ from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import PREVIOUS_ROWS, replace_partition
+from backfill_assets.core.writer import KeptRows, replace_partition
 
 STRATEGY = "rollback"
 
@@ -182,13 +182,14 @@ def restore(
 
 def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | None):
     window = ref.table.partitioning.window(ref.partition_key)
-    kept: dict[str, object] = {"snapshot_rows": None}
+    kept_rows = snapshots.kept_rows(ref.table, audit_id) if audit_id is not None else KeptRows()
+    kept: dict[str, object] = {}
 
-    def snapshot_what_we_replace(connection: psycopg.Connection) -> None:
+    def checksums(connection: psycopg.Connection, _: object) -> None:
         kept["after"] = fingerprint_of(connection, ref.table, ref.table.identifier, window).checksum
-        kept["before"] = fingerprint_of(connection, ref.table, PREVIOUS_ROWS, window).checksum
-        if audit_id is not None:
-            kept["snapshot_rows"] = snapshots.store(connection, ref.table, audit_id)
+        kept["before"] = fingerprint_of(
+            connection, ref.table, kept_rows.relation(ref.table), window
+        ).checksum
 
     result = replace_partition(
         conn,
@@ -196,8 +197,8 @@ def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | Non
         window,
         source=snapshots.restore_source(ref.table),
         params={"snapshot_id": ref.audit_id},
-        keep_previous=True,
-        before_commit=snapshot_what_we_replace,
+        keep_previous=kept_rows,
+        before_commit=checksums,
     )
     return RollbackResult(
         ref,
@@ -206,5 +207,5 @@ def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | Non
         result.rows_inserted,
         checksum_before=kept["before"],
         checksum_after=kept["after"],
-        snapshot_rows=kept["snapshot_rows"],
+        snapshot_rows=result.rows_deleted if audit_id is not None else None,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -22,6 +22,7 @@ from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
 
 Hook = Callable[[psycopg.Connection], None]
+BeforeCommit = Callable[[psycopg.Connection, "WriteResult"], None]
 
 PREVIOUS_ROWS = sql.Identifier("backfill_previous_rows")
 """Temporary table holding the rows the DELETE removed, for the rest of the transaction."""
@@ -59,19 +60,56 @@ def insert_statement(table: TableSpec, source: sql.Composable | None = None) -> 
     )
 
 
-def _delete_keeping_previous(table: TableSpec) -> list[sql.Composed]:
-    # DROP first: a rollback writes several partitions inside one outer transaction, where
-    # ON COMMIT DROP only fires at the very end.
-    return [
-        sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(PREVIOUS_ROWS),
-        sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(
-            PREVIOUS_ROWS, table.identifier
-        ),
-        sql.SQL(
+@dataclass(frozen=True)
+class KeptRows:
+    """Where a DELETE puts the rows it removes, so they stay readable until the transaction ends.
+
+    By default a temporary table (gone at COMMIT); a snapshot keeps them beyond it, tagged with
+    the write's audit id: the DELETE itself fills it, so the old rows are copied once.
+    """
+
+    table: sql.Identifier = field(default_factory=lambda: PREVIOUS_ROWS)
+    tag: tuple[tuple[str, int], ...] = ()
+    """Leading columns of ``table`` set to fixed values, e.g. ``(("audit_id", 42),)``."""
+
+    @property
+    def temporary(self) -> bool:
+        return self.table == PREVIOUS_ROWS
+
+    def relation(self, table: TableSpec) -> sql.Composed:
+        """The kept rows, shaped like ``table``, as a subquery."""
+        where = sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
+            for name, value in self.tag
+        )
+        return sql.SQL("(SELECT {} FROM {}{})").format(
+            table.column_list(), self.table, sql.SQL(" WHERE ") + where if self.tag else sql.SQL("")
+        )
+
+    def statements(self, table: TableSpec) -> list[sql.Composed]:
+        tag_columns = [sql.Identifier(name) for name, _ in self.tag]
+        tag_values = [sql.Literal(value) for _, value in self.tag]
+        delete = sql.SQL(
             "WITH gone AS (DELETE FROM {table} WHERE {window} RETURNING *) "
-            "INSERT INTO {previous} SELECT * FROM gone"
-        ).format(table=table.identifier, window=table.window_filter(), previous=PREVIOUS_ROWS),
-    ]
+            "INSERT INTO {kept} ({columns}) SELECT {values} FROM gone"
+        ).format(
+            table=table.identifier,
+            window=table.window_filter(),
+            kept=self.table,
+            columns=sql.SQL(", ").join([*tag_columns, table.column_list()]),
+            values=sql.SQL(", ").join([*tag_values, table.column_list()]),
+        )
+        if not self.temporary:
+            return [delete]
+        # DROP first: a rollback writes several partitions inside one outer transaction, where
+        # ON COMMIT DROP only fires at the very end.
+        return [
+            sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(PREVIOUS_ROWS),
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(
+                PREVIOUS_ROWS, table.identifier
+            ),
+            delete,
+        ]
 
 
 def lock_partition(cur: psycopg.Cursor, table: TableSpec, window: PartitionWindow) -> None:
@@ -96,24 +134,25 @@ def replace_partition(
     *,
     source: sql.Composable | None = None,
     params: Mapping[str, object] | None = None,
-    keep_previous: bool = False,
+    keep_previous: KeptRows | None = None,
     after_delete: Hook | None = None,
-    before_commit: Hook | None = None,
+    before_commit: BeforeCommit | None = None,
 ) -> WriteResult:
     """Replace the rows of ``window`` in ``table`` with the rows of ``source``.
 
     ``source`` defaults to the table's own query; it is bound with the window's ``start``/``end``
-    and ``params``. With ``keep_previous`` the deleted rows stay readable in ``PREVIOUS_ROWS`` until
-    the transaction ends (snapshots, diffs, checksums). ``after_delete`` runs between DELETE and
-    INSERT, ``before_commit`` after the INSERT: either may raise to roll the partition back.
+    and ``params``. With ``keep_previous`` the deleted rows stay readable there until the
+    transaction ends (snapshots, diffs, checksums). ``after_delete`` runs between DELETE and
+    INSERT, ``before_commit`` after the INSERT (given the write's counts): either may raise to roll
+    the partition back.
     Concurrent writers of the same partition take turns (``lock_partition``).
     """
     bound = {**window.as_params(), **(params or {})}
     started = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         lock_partition(cur, table, window)
-        if keep_previous:
-            for statement in _delete_keeping_previous(table):
+        if keep_previous is not None:
+            for statement in keep_previous.statements(table):
                 cur.execute(statement, bound)
         else:
             cur.execute(delete_statement(table), bound)
@@ -123,7 +162,11 @@ def replace_partition(
         cur.execute(insert_statement(table, source), bound)
         inserted = cur.rowcount
         if before_commit is not None:
-            before_commit(conn)
+            before_commit(conn, _result(window, deleted, inserted, started))
+    return _result(window, deleted, inserted, started)
+
+
+def _result(window: PartitionWindow, deleted: int, inserted: int, started: float) -> WriteResult:
     return WriteResult(
         partition_key=window.key,
         rows_deleted=deleted,
