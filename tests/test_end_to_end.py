@@ -13,6 +13,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from support import FCT_ORDERS, dbt_models, failed_run_report, latest_check
 
 from backfill_assets.core import settings
+from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.partitioning import UnknownPartitionError
 from backfill_assets.core.writer import insert_statement
 from backfill_assets.defs.checks import CHECKS
@@ -98,9 +99,23 @@ def test_the_launcher_names_the_valid_range_for_an_unknown_partition(dagster_env
         launch_job_backfill(dagster_env, JOB, FCT_ORDERS.partitioning, "2023-12-30", "2024-01-02")
 
 
-def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_says(
+def record_past_writes(conn, table: str, seconds: float, count: int = 20) -> None:
+    """Audit rows as earlier backfills leave them: ``count`` writes of ``seconds`` each."""
+    ensure_audit_table(conn)
+    conn.execute(
+        "INSERT INTO backfill_audit.backfill_runs (asset_key, table_name, partition_key, strategy,"
+        " code_version, sql_hash, launched_by, started_at, ended_at, status)"
+        " SELECT 'a', %s, '2024-01-01', 'delete_insert', 'c', 'h', 'tester', now(),"
+        " now() + make_interval(secs => %s), 'succeeded' FROM generate_series(1, %s)",
+        [table, seconds, count],
+    )
+
+
+def test_an_asset_backfill_sizes_its_runs_from_the_measured_cost_of_a_partition(
     dagster_env, conn, tmp_path
 ):
+    # Writes of 10 s each: a run aiming at 60 s of writing takes 6 days.
+    record_past_writes(conn, FCT_ORDERS.qualified_name, seconds=10)
     days = FCT_ORDERS.partitioning.keys_between("2024-06-01", "2024-06-10")
     with (
         DagsterInstance.get() as instance,
@@ -133,7 +148,7 @@ def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_say
         )
         for run in runs
     )
-    assert ranges == [("2024-06-01", "2024-06-07"), ("2024-06-08", "2024-06-10")]
+    assert ranges == [("2024-06-01", "2024-06-06"), ("2024-06-07", "2024-06-10")]
     revenue_checks = [k for k in dbt_models.check_keys if k.asset_key == DAILY_REVENUE_KEY]
     per_day = len(CHECKS) + len(revenue_checks)
     assert summary.checks_passed == per_day * len(days) and summary.checks_failed == 0
@@ -143,3 +158,28 @@ def test_an_asset_backfill_batches_partitions_per_run_as_the_backfill_policy_say
                 record = latest_check(instance, check.name, day)
                 assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
                 assert record.partition == day and record.run_id in progress.statuses
+
+
+def test_the_writes_pool_keeps_writing_runs_from_overlapping(dagster_env, conn, tmp_path):
+    """Two runs of one backfill, two run slots, a pool of one: the second waits for the first."""
+    config = tmp_path / "dagster_home" / "dagster.yaml"
+    config.write_text(config.read_text().replace("default_limit: 2", "default_limit: 1"))
+    record_past_writes(conn, FCT_ORDERS.qualified_name, seconds=10)  # 6 days a run
+    days = FCT_ORDERS.partitioning.keys_between("2024-07-01", "2024-07-10")
+    with (
+        DagsterInstance.get() as instance,
+        running_daemon(dagster_env, tmp_path / "daemon.log"),
+    ):
+        backfill_id = launch_asset_backfill(instance, [FCT_ORDERS_KEY], days[0], days[-1])
+        progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
+        records = instance.get_run_records(
+            filters=RunsFilter(tags={"dagster/backfill": backfill_id})
+        )
+        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.statuses, tmp_path / "daemon.log"
+        )
+
+    spans = sorted((r.start_time, r.end_time) for r in records)
+    assert len(spans) == 2
+    assert spans[1][0] >= spans[0][1], f"the runs overlapped: {spans}"
+    assert instance.get_materialized_partitions(FCT_ORDERS_KEY) == set(days)

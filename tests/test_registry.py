@@ -85,6 +85,7 @@ def test_a_declaration_becomes_a_spec_with_its_own_partitions(tmp_path):
         (("upstream: [legacy.order_lines]\n", "sql: missing.sql\n"), "missing.sql does not exist"),
         (("partitions:", "thresholds: {max_shrink: 2}\npartitions:"), "max_shrink: 2"),
         (("start: 1995-01-01", "start: 1995-13-01"), "month must be in 1..12"),
+        (("partitions:", "partitions_per_run: 0\npartitions:"), "partitions_per_run: 0 is not"),
     ],
 )
 def test_a_mistake_in_a_declaration_names_the_file_and_the_field(tmp_path, replace, message):

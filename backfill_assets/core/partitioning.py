@@ -80,6 +80,12 @@ class Partitioning:
             raise ValueError(f"end {self.end} must come after start {self.start}")
 
     @property
+    def calendar(self) -> Partitioning:
+        """The same partitions without the column: tables (and the dbt models built from them)
+        with equal calendars share one Dagster partitions definition and backfill runs."""
+        return Partitioning("", self.granularity, self.start, self.end)
+
+    @property
     def adjective(self) -> str:
         return "daily" if self.granularity == "day" else "monthly"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
+from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
 from backfill_assets.core.tables import Column, TableSpec
 
@@ -37,6 +38,7 @@ KEYS = {
     "subject_column": "column naming the person a row is about (erasure)",
     "thresholds": "max_shrink, diff_warn, sum_tolerance",
     "snapshots": "keep (true | false), retention_days",
+    "partitions_per_run": "partitions one backfill run writes (default: sized from the audit)",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
@@ -188,6 +190,7 @@ def _spec(path: Path, doc: object) -> TableSpec:
         sum_tolerance=_number(thresholds, "sum_tolerance", 0.01),
         snapshots=_flag(snapshots, "keep", True),
         snapshot_retention_days=_days(snapshots, "retention_days", 30),
+        partitions_per_run=_per_run(doc.get("partitions_per_run")),
     )
 
 
@@ -275,6 +278,17 @@ def _fraction(doc: Mapping, key: str, default: float) -> float:
     value = _number(doc, key, default)
     if value > 1:
         raise DeclarationError(f"{key}: {value!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _per_run(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PER_RUN:
+        raise DeclarationError(
+            f"partitions_per_run: {value!r} is not a whole number from 1 to {MAX_PER_RUN}; "
+            "leave it out to size runs from the measured cost of a partition"
+        )
     return value
 
 

@@ -186,6 +186,10 @@ def process_env() -> dict[str, str]:
         DAGSTER_URL_ENV: dagster_storage_url(),
         "DAGSTER_HOME": os.environ.get("DAGSTER_HOME") or str(DAGSTER_HOME),
         "PATH": path if path.split(os.pathsep)[0] == bin_dir else f"{bin_dir}{os.pathsep}{path}",
+        # Dagster's daemon and webserver upload what is under $DAGSTER_HOME/logs (the daemon's
+        # log, with run events) unless this is set; telemetry.enabled in dagster.yaml does not
+        # stop them.
+        "DAGSTER_DISABLE_TELEMETRY": "1",
     }
 
 

@@ -58,6 +58,8 @@ class TableSpec:
     snapshots: bool = True
     """Keep the rows a write replaces, so the partition can be rolled back."""
     snapshot_retention_days: int = 30
+    partitions_per_run: int | None = None
+    """Fixed partitions per backfill run; ``None``: sized from measured cost (``run_sizing``)."""
 
     @property
     def identifier(self) -> sql.Identifier:

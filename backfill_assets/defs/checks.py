@@ -6,8 +6,8 @@ transaction); this module declares them to Dagster and reports their outcomes.
 Dagster fills a check result's partition only when a step has a single partition key; in a run
 that covers several partitions an ``AssetCheckResult`` is stored without one. So each outcome is
 emitted as an ``AssetCheckEvaluation`` carrying its partition and pointing at that partition's
-materialization: the UI then shows partition 2024-04-03's own results even when one run wrote a
-week.
+materialization: the UI then shows partition 2024-04-03's own results even when one run wrote
+a month.
 """
 
 from __future__ import annotations

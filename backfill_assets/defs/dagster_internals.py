@@ -14,13 +14,15 @@ from dagster._core.execution.backfill import (
     PartitionBackfill,
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARENT_BACKFILL_ID_TAG, ROOT_BACKFILL_ID_TAG
 from dagster._core.utils import make_new_backfill_id
 from dagster._time import get_current_timestamp
 
 __all__ = [
     "BACKFILL_ID_TAG",
     "BULK_ACTION_TERMINAL_STATUSES",
+    "PARENT_BACKFILL_ID_TAG",
+    "ROOT_BACKFILL_ID_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
     "BulkActionStatus",

@@ -19,11 +19,11 @@ from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 from backfill_assets.core.database import first_build_lock
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import DeclarationError, Registry
+from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.defs.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
-from backfill_assets.defs.partitions import partitions_def
+from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
-from backfill_assets.defs.table_assets import BACKFILL_POLICY
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
@@ -68,7 +68,7 @@ def models_by_partitioning(
         if node["resource_type"] != "model":
             continue
         read = tables_read(unique_id, set())
-        partitionings = {_range(declared[relation].partitioning) for relation in read}
+        partitionings = {declared[relation].partitioning.calendar for relation in read}
         if len(partitionings) > 1:
             names = ", ".join(sorted(".".join(relation) for relation in read))
             raise DeclarationError(
@@ -77,13 +77,8 @@ def models_by_partitioning(
                 "partitions, or split the model"
             )
         key = declared[next(iter(read))].partitioning if read else None
-        groups.setdefault(key and _range(key), []).append(node["name"])
+        groups.setdefault(key and key.calendar, []).append(node["name"])
     return groups
-
-
-def _range(partitioning: Partitioning) -> Partitioning:
-    """The partitioning without its column: models of tables with equal ranges build together."""
-    return Partitioning("", partitioning.granularity, partitioning.start, partitioning.end)
 
 
 @contextmanager
@@ -103,11 +98,23 @@ def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[
                 os.environ[name] = value
 
 
-def dbt_model_assets(registry: Registry) -> list[AssetsDefinition]:
+def dbt_model_assets(
+    registry: Registry, run_sizes: Mapping[Partitioning, int] | None = None
+) -> list[AssetsDefinition]:
+    """One ``@dbt_assets`` per partitioning; its runs are sized like its tables' (``run_sizes``),
+    so the daemon builds a table and its models in the same runs."""
     manifest = ensure_manifest(registry)
     incremental = incremental_relations(manifest)
+    sizes = run_sizes or {}
     return [
-        _dbt_assets(manifest, models, partitioning, incremental, registry)
+        _dbt_assets(
+            manifest,
+            models,
+            partitioning,
+            incremental,
+            registry,
+            sizes.get(partitioning, UNMEASURED_PER_RUN),
+        )
         for partitioning, models in models_by_partitioning(manifest, registry).items()
     ]
 
@@ -118,6 +125,7 @@ def _dbt_assets(
     partitioning: Partitioning | None,
     incremental: list[tuple[str, str]],
     registry: Registry,
+    partitions_per_run: int,
 ) -> AssetsDefinition:
     definition = partitions_def(partitioning) if partitioning else None
     name = (
@@ -132,7 +140,8 @@ def _dbt_assets(
         select=" ".join(sorted(models)),
         name=name,
         partitions_def=definition,
-        backfill_policy=BACKFILL_POLICY if definition else None,
+        backfill_policy=backfill_policy(partitions_per_run) if definition else None,
+        pool=WRITES_POOL,
         dagster_dbt_translator=PartitionedChecksTranslator(definition),
     )
     def _models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource):
@@ -142,7 +151,7 @@ def _dbt_assets(
             window = context.partition_time_window
             args += ["--event-time-start", f"{window.start:%Y-%m-%d}"]
             args += ["--event-time-end", f"{window.end:%Y-%m-%d}"]
-        # Two runs of one backfill (a week each) reach this step together; the first build of a
+        # Two runs of one backfill reach this step together; the first build of a
         # table must not race (see first_build_lock). Once the tables exist, runs go side by side.
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:

@@ -1,6 +1,6 @@
 """dbt tests as Dagster asset checks with one result per test and partition.
 
-dagster-dbt reports a dbt test once per invocation, and a run here covers up to a week: Dagster
+dagster-dbt reports a dbt test once per invocation, and a run here covers many days: Dagster
 would store that one result with no partition and show every day's check as skipped. So the dbt
 step runs ``dbt build`` over its window (the tests are scoped to the window by
 ``dbt_project/macros/partition_window.sql``), holds back dagster-dbt's range-wide results and

@@ -2,11 +2,14 @@
 
 import logging
 
+import psycopg
 from dagster import Definitions, in_process_executor
 
 from backfill_assets.core import settings
 from backfill_assets.core.contract import check_contracts
+from backfill_assets.core.database import DatabaseUnavailableError, connect
 from backfill_assets.core.registry import Registry
+from backfill_assets.core.run_sizing import seconds_per_partition, sizes
 from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
 from backfill_assets.defs.jobs import table_jobs
 from backfill_assets.defs.resources import PostgresResource
@@ -22,7 +25,9 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
     With ``check_sql`` every table's SQL is described by the database first: a query that does
     not yield its declared columns fails loading with one message naming the table, the file and
     the columns (``ContractError``). An unreachable database only skips the check (the runs check
-    again before writing), so the UI still loads to say what is wrong.
+    again before writing), so the UI still loads to say what is wrong. The same load sizes each
+    table's backfill runs from its measured cost (``core/run_sizing.py``); without ``check_sql``
+    runs get the unmeasured default.
     """
     if check_sql:
         try:
@@ -33,8 +38,9 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
             unchecked = check_contracts(registry, url)
         for message in unchecked:
             log.warning(message)
-    tables = [table_asset(table) for table in registry]
-    assets = [*tables, *dbt_model_assets(registry)]
+    run_sizes = sizes(registry, measured_costs() if check_sql else {})
+    tables = [table_asset(table, run_sizes[table.partitioning.calendar]) for table in registry]
+    assets = [*tables, *dbt_model_assets(registry, run_sizes)]
     return Definitions(
         assets=[*source_specs(registry), *assets],
         jobs=[job for table in registry for job in table_jobs(table, assets)]
@@ -45,3 +51,13 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
         # step, each importing these definitions again (~2.5 s). Measured in docs/measurements.md.
         executor=in_process_executor,
     )
+
+
+def measured_costs() -> dict[str, float]:
+    """Seconds per partition of each table's recent writes; none when the database is away."""
+    try:
+        with connect(settings.data_url(), application_name="backfill_assets.load") as conn:
+            return seconds_per_partition(conn)
+    except (settings.SettingsError, DatabaseUnavailableError, psycopg.Error) as exc:
+        log.debug(f"runs sized without measurements ({exc})")
+        return {}

@@ -7,7 +7,7 @@ definition object, which lets a table and the dbt models built from it share bac
 
 from functools import cache
 
-from dagster import DailyPartitionsDefinition, MonthlyPartitionsDefinition
+from dagster import BackfillPolicy, DailyPartitionsDefinition, MonthlyPartitionsDefinition
 from dagster import TimeWindowPartitionsDefinition as PartitionsDef
 
 from backfill_assets.core.partitioning import Partitioning
@@ -22,3 +22,14 @@ def _definition(granularity: str, start: str, end: str | None) -> PartitionsDef:
 def partitions_def(partitioning: Partitioning) -> PartitionsDef:
     end = partitioning.end.isoformat() if partitioning.end else None
     return _definition(partitioning.granularity, partitioning.start.isoformat(), end)
+
+
+@cache
+def backfill_policy(partitions_per_run: int) -> BackfillPolicy:
+    """Runs of up to ``partitions_per_run`` partitions (``core/run_sizing.py`` picks the number)."""
+    return BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run)
+
+
+WRITES_POOL = "postgres_writes"
+"""The Dagster concurrency pool of every asset that writes to PostgreSQL; its limit (dagster.yaml,
+``concurrency.pools``) caps how many writing runs are in progress at once."""

@@ -1,7 +1,7 @@
 """Declared tables as Dagster assets: one asset, its checks and its sources per declaration.
 
 An asset body says only *which* partitions to replace; the spec says what to compute and the writer
-how to replace it. A run may cover several partitions (see ``BACKFILL_POLICY``): each partition
+how to replace it. A run may cover several partitions (see ``core/run_sizing.py``): each partition
 still commits in its own transaction and reports its own metadata and check results.
 """
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     AssetsDefinition,
     AssetSpec,
-    BackfillPolicy,
     Failure,
     MaterializeResult,
     asset,
@@ -34,18 +34,13 @@ from backfill_assets.core.partition_write import (
     write_verified,
 )
 from backfill_assets.core.registry import Registry
+from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.snapshots import ensure_snapshot_table
 from backfill_assets.core.tables import TableSpec, ensure_table
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
-from backfill_assets.defs.partitions import partitions_def
+from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
-
-# Up to a week of days per run: Dagster costs a few seconds per run (process start, definitions
-# load) while one partition of the demo tables writes in milliseconds, so one run per day would
-# spend most of a backfill on overhead. A week keeps a failed run's retry small and the UI's
-# per-run logs readable. Measured in benchmarks/run_overhead.py; reasoning in docs/.
-BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=7)
 
 
 def asset_key(table: TableSpec) -> AssetKey:
@@ -71,14 +66,17 @@ def source_specs(registry: Registry) -> list[AssetSpec]:
     ]
 
 
-def table_asset(table: TableSpec) -> AssetsDefinition:
+def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) -> AssetsDefinition:
+    """The table's asset; a backfill run writes up to ``partitions_per_run`` of its partitions
+    (one transaction each), sized by ``core/run_sizing.py``."""
     key = asset_key(table)
 
     @asset(
         key=key,
         description=table.description or None,
         partitions_def=partitions_def(table.partitioning),
-        backfill_policy=BACKFILL_POLICY,
+        backfill_policy=backfill_policy(partitions_per_run),
+        pool=WRITES_POOL,
         code_version=table.sql_hash,
         deps=[AssetKey(upstream.split(".")) for upstream in table.upstream],
         check_specs=check_specs_for(table, key),
@@ -89,6 +87,7 @@ def table_asset(table: TableSpec) -> AssetsDefinition:
             "partition_column": table.partition_column,
             "partitions": table.partitioning.describe(),
             "sql": str(table.sql_path.name),
+            "partitions_per_run": partitions_per_run,
         },
     )
     def _partitioned_table(
@@ -152,14 +151,26 @@ def table_asset(table: TableSpec) -> AssetsDefinition:
                     f" rows in {outcome.write.duration_s:.2f}s"
                 )
             if not all(o.succeeded for o in outcomes):
-                yield from evaluations(context, outcomes, materialized=False)
-                failed = outcomes[-1]
+                # The partitions written before the failure are committed: say so, so the
+                # backfill counts them as done and a retry re-runs only the rest.
+                committed, failed = outcomes[:-1], outcomes[-1]
+                for outcome in committed:
+                    yield AssetMaterialization(
+                        asset_key=key,
+                        partition=outcome.window.key,
+                        metadata=outcome.as_metadata(),
+                    )
+                yield from evaluations(context, committed, materialized=True)
+                yield from evaluations(context, [failed], materialized=False)
+                unwritten = len(windows) - len(outcomes)
+                skipped = f"; {unwritten} later one(s) were not attempted" if unwritten else ""
                 raise Failure(
                     description=(
                         f"{table.qualified_name} {failed.window.key} was not written: "
                         f"{failed.error}. It keeps its previous rows. "
-                        f"{len(outcomes) - 1} earlier partition(s) of this run were committed; "
-                        "re-running the run rewrites them idempotently."
+                        f"{len(committed)} earlier partition(s) of this run were committed"
+                        f"{skipped}. `backfill-assets retry BACKFILL_ID` re-runs what was not "
+                        "written."
                     ),
                     metadata={"audit_id": failed.audit_id or -1},
                 )

@@ -1,0 +1,73 @@
+"""How many partitions one backfill run writes: from what a partition has cost, not a constant.
+
+A run pays a fixed price before it writes anything (a process, the definitions, dbt's start-up:
+~6-20 s here, see docs/measurements.md) and then a few milliseconds to seconds per partition. Too
+few partitions per run and a backfill is all overhead; too many and one failure or a retry
+re-does a lot, and the UI shows little progress. So each table's runs aim at ``TARGET_RUN_S`` of
+database time, from the median duration of its recent writes in the audit trail, bounded by
+``MIN_PER_RUN`` and ``MAX_PER_RUN``. A table without history gets ``UNMEASURED_PER_RUN``; a
+declaration may fix the number (``partitions_per_run``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import psycopg
+
+from backfill_assets.core.database import relation_exists
+
+TARGET_RUN_S = 60.0
+"""Database time a run should spend writing: with ~10 s of run overhead, orchestration stays
+under ~15 % of a run once partitions cost enough to fill it."""
+MIN_PER_RUN = 1
+MAX_PER_RUN = 366
+"""A year of days: beyond it a retry re-does too much, and a run's log gets long."""
+UNMEASURED_PER_RUN = 31
+"""A month of days per run until the audit has seen the table written."""
+HISTORY = 200
+"""How many recent successful writes of a table its median is taken over."""
+
+
+def write_history(conn: psycopg.Connection) -> dict[str, tuple[float, int]]:
+    """Per table: the median seconds of its recent successful writes, and how many there were."""
+    if not relation_exists(conn, "backfill_audit", "backfill_runs"):
+        return {}
+    rows = conn.execute(
+        "SELECT table_name, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds), count(*) FROM ("
+        " SELECT table_name, extract(epoch FROM ended_at - started_at) AS seconds,"
+        "  row_number() OVER (PARTITION BY table_name ORDER BY id DESC) AS recent"
+        " FROM backfill_audit.backfill_runs"
+        " WHERE status = 'succeeded' AND strategy <> 'rollback' AND ended_at IS NOT NULL"
+        ") AS writes WHERE recent <= %s GROUP BY table_name",
+        [HISTORY],
+    ).fetchall()
+    return {table: (float(seconds), count) for table, seconds, count in rows}
+
+
+def seconds_per_partition(conn: psycopg.Connection) -> dict[str, float]:
+    """Median seconds of each table's recent successful writes, from the audit trail."""
+    return {table: seconds for table, (seconds, _) in write_history(conn).items()}
+
+
+def partitions_per_run(seconds: float | None, *, target_s: float = TARGET_RUN_S) -> int:
+    """Partitions that fill ``target_s`` of database time, within the bounds."""
+    if seconds is None:
+        return UNMEASURED_PER_RUN
+    wanted = math.floor(target_s / max(seconds, 1e-3))
+    return max(MIN_PER_RUN, min(MAX_PER_RUN, wanted))
+
+
+def sizes(registry, measured: dict[str, float]) -> dict[object, int]:
+    """Partitions per run for each distinct partitioning (``Partitioning.calendar``) of
+    ``registry``.
+
+    Tables sharing a partitioning share the smallest size: the backfill daemon puts a table and
+    the dbt models built from it in one run only when their backfill policies are equal.
+    """
+    found: dict[object, int] = {}
+    for table in registry:
+        size = table.partitions_per_run or partitions_per_run(measured.get(table.qualified_name))
+        calendar = table.partitioning.calendar
+        found[calendar] = min(size, found.get(calendar, size))
+    return found
