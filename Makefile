@@ -29,8 +29,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
-	$(BIN)/python benchmarks/run_overhead.py
-	$(BIN)/python benchmarks/verification_overhead.py
+	$(BIN)/python benchmarks/backfill_speed.py $(BENCH_ARGS)
 
 ui: setup
 	$(BIN)/backfill-assets dev

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, RunsFilter
 from support import failed_run_report
 
+from backfill_assets.core import settings
+from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.tooling import cli
-from backfill_assets.tooling.launch import running_daemon
+from backfill_assets.tooling.launch import closed, running_daemon
+from backfill_assets.tooling.webserver import Webserver
 
 DAYS = ["2024-05-01", "2024-05-02", "2024-05-03"]
 FCT_ORDERS = AssetKey(["analytics", "fct_orders"])
@@ -35,7 +48,7 @@ def test_launch_creates_an_asset_backfill_that_the_daemon_completes_and_status_r
             instance, [r.dagster_run.run_id for r in runs], tmp_path / "daemon.log"
         )
         assert backfill.is_asset_backfill and backfill.tags["backfill_assets/launched_by"]
-        assert "status: COMPLETED_SUCCESS" in out and "0 failed" in out
+        assert "status: finished" in out and "9/9 partitions materialized, 0 failed" in out
         for key in (FCT_ORDERS, *MARTS):
             assert instance.get_materialized_partitions(key) == set(DAYS), key
         assert len(runs) == 1, "three days of the table and its marts fit one run"
@@ -71,3 +84,186 @@ def test_bad_input_to_launch_is_one_line_and_launches_nothing(dagster_env, capsy
 def test_status_of_an_unknown_backfill_is_refused(dagster_env, capsys):
     assert cli.main(["status", "nosuchid"]) == 2
     assert "no backfill 'nosuchid'" in capsys.readouterr().err
+
+
+def database_checksum(conn) -> dict[str, tuple[int, object]]:
+    """Rows and an order-independent hash of every table of the database."""
+    tables = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+    ).fetchall()
+    return {
+        name: conn.execute(
+            f"SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {name} AS t"
+        ).fetchone()
+        for (name,) in tables
+    }
+
+
+def test_plan_writes_nothing_and_estimates_the_backfill_within_a_factor_of_two(
+    dagster_env, tmp_path, capsys, conn
+):
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        history = ["launch", "--select", "analytics/fct_orders", "--downstream", "--wait"]
+        assert cli.main([*history, "--from", "2024-04-01", "--to", "2024-04-03"]) == 0
+        capsys.readouterr()
+        before = database_checksum(conn)
+        with DagsterInstance.get() as instance:
+            backfills = len(instance.get_backfills())
+
+        selection = ["--select", "analytics/fct_orders", "--downstream"]
+        span = ["--from", "2024-05-01", "--to", "2024-05-10"]
+        assert cli.main(["plan", *selection, *span, "--json"]) == 0
+        planned = json.loads(capsys.readouterr().out)
+
+        assert database_checksum(conn) == before
+        with DagsterInstance.get() as instance:
+            assert len(instance.get_backfills()) == backfills
+        started = time.monotonic()
+        assert cli.main(["launch", *selection, *span, "--wait"]) == 0
+        actual = time.monotonic() - started
+
+    table = planned["tables"][0]
+    assert planned["downstream"] == ["analytics/customer_daily_orders", "analytics/daily_revenue"]
+    assert table["partitions"] == 10 and table["measured_writes"] >= 3
+    written = conn.execute(
+        "SELECT partition_key, rows_inserted FROM backfill_audit.backfill_runs "
+        "WHERE partition_key >= '2024-05-01' AND status = 'succeeded'"
+    ).fetchall()
+    assert dict(written) == table["source_rows_per_partition"]
+    assert table["snapshot_rows"] == 0  # the days were never written before
+    assert actual / 2 <= planned["estimated_s"] <= actual * 2, (planned["estimated_s"], actual)
+
+
+def test_cancel_stops_a_running_backfill(dagster_env, tmp_path, capsys):
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        span = ["--from", "2024-01-01", "--to", "2024-12-31"]
+        assert cli.main(["launch", "--select", "analytics/fct_orders", *span, "--json"]) == 0
+        backfill_id = json.loads(capsys.readouterr().out)["backfill_id"]
+        with DagsterInstance.get() as instance:
+            deadline = time.monotonic() + 120
+            while not instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})):
+                assert time.monotonic() < deadline, "the daemon never started the backfill"
+                time.sleep(0.5)
+        assert cli.main(["cancel", backfill_id]) == 0
+        code = cli.main(["status", backfill_id, "--wait", "--json"])
+        report = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+
+    with DagsterInstance.get() as instance:
+        assert instance.get_backfill(backfill_id).status.value == "CANCELED"
+        runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+    assert code == 1
+    assert report["finished"] and not report["succeeded"]
+    assert report["counts"]["materialized"] < 366
+    assert all(run.status.value in ("CANCELED", "SUCCESS") for run in runs)
+    assert any(run.status.value == "CANCELED" for run in runs)
+    assert cli.main(["cancel", backfill_id]) == 2
+    assert "already ended" in capsys.readouterr().err
+
+
+def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
+    dagster_env, tmp_path, capsys, conn
+):
+    bad_day = DAYS[1]
+    conn.execute(
+        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
+        "app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1)",
+        [bad_day, bad_day],
+    )
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        span = ["--from", DAYS[0], "--to", DAYS[-1]]
+        assert cli.main(["launch", "--select", "analytics/fct_orders", *span, "--wait"]) == 1
+        out = capsys.readouterr().out
+        failed_id = launched_id(out)
+        assert f"not materialized: analytics/fct_orders {DAYS[1]}" in out
+        conn.execute("UPDATE app.orders SET net_amount = 1 WHERE net_amount = -1")
+
+        assert cli.main(["retry", failed_id, "--wait"]) == 0
+        retry_id = launched_id(capsys.readouterr().out)
+        assert cli.main(["retry", retry_id]) == 2
+        assert "nothing to retry" in capsys.readouterr().err
+
+    with DagsterInstance.get() as instance:
+        retried = instance.get_backfill(retry_id)
+        target = retried.asset_backfill_data.target_subset
+        targets = {k.partition_key for k in target.iterate_asset_partitions()}
+        assert retried.tags["dagster/parent_backfill_id"] == failed_id
+    assert targets == set(DAYS[1:])
+    writes = conn.execute(
+        "SELECT partition_key, backfill_id FROM backfill_audit.backfill_runs "
+        "WHERE status = 'succeeded' ORDER BY partition_key"
+    ).fetchall()
+    assert writes == [(DAYS[0], failed_id), (DAYS[1], retry_id), (DAYS[2], retry_id)]
+
+
+@contextmanager
+def running_webserver(env: dict[str, str], log_path) -> Iterator[str]:
+    """``dagster-webserver`` on a free port of 127.0.0.1 for the block; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = ["dagster-webserver", "-w", str(settings.WORKSPACE_FILE), "-h", "127.0.0.1"]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [*command, "-p", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                    break
+            except OSError:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the webserver did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+BACKFILL_STATUS = """query ($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  ... on PartitionBackfill { isAssetBackfill assetBackfillData { assetBackfillStatuses {
+    ... on AssetPartitionsStatusCounts { assetKey { path } numPartitionsTargeted
+      numPartitionsMaterialized numPartitionsFailed } } } } } }"""
+
+
+def test_launch_through_the_webserver_creates_a_backfill_the_ui_reports_per_partition(
+    dagster_env, tmp_path, capsys
+):
+    with (
+        running_webserver(dagster_env, tmp_path / "webserver.log") as url,
+        running_daemon(dagster_env, tmp_path / "daemon.log"),
+    ):
+        args = ["launch", "--select", "analytics/fct_orders", "--from", DAYS[0], "--to", DAYS[-1]]
+        assert cli.main([*args, "--webserver", url, "--json"]) == 0
+        backfill_id = json.loads(capsys.readouterr().out)["backfill_id"]
+        assert cli.main(["status", backfill_id, "--wait"]) == 0
+        with DagsterInstance.get() as instance:
+            closed(instance, backfill_id)  # the daemon's counts are final once it closed it
+        answer = Webserver(url).execute(BACKFILL_STATUS, {"id": backfill_id})
+        capsys.readouterr()
+        assert cli.main(["launch", *args[1:], "--webserver", f"{url}/nowhere"]) == 2
+        refused = capsys.readouterr().err
+
+    backfill = answer["partitionBackfillOrError"]
+    counts = backfill["assetBackfillData"]["assetBackfillStatuses"]
+    assert backfill["isAssetBackfill"]
+    assert counts == [
+        {
+            "assetKey": {"path": ["analytics", "fct_orders"]},
+            "numPartitionsTargeted": 3,
+            "numPartitionsMaterialized": 3,
+            "numPartitionsFailed": 0,
+        }
+    ]
+    assert f"{url}/nowhere" in refused and len(refused.strip().splitlines()) == 1
+    with DagsterInstance.get() as instance:
+        assert instance.get_backfill(backfill_id).tags["backfill_assets/launched_by"]

@@ -174,7 +174,11 @@ def _launch(args: argparse.Namespace) -> int:
     import json
 
     from backfill_assets.core.params import LAUNCHED_BY, launched_by
-    from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill
+    from backfill_assets.tooling.launch import (
+        asset_selection,
+        launch_asset_backfill,
+        partition_keys,
+    )
 
     try:
         tags = json.loads(args.tags) if args.tags else {}
@@ -193,16 +197,53 @@ def _launch(args: argparse.Namespace) -> int:
     tags = {k: str(v) for k, v in tags.items()}
     tags[LAUNCHED_BY] = launched_by(tags)  # the explicit tag, else the OS user
     with DagsterInstance.get() as instance:
-        backfill_id = launch_asset_backfill(
-            instance, keys, args.first, args.last, tags=tags, definitions=definitions
-        )
-        print(
-            f"launched asset backfill {backfill_id}: {', '.join(k.to_user_string() for k in keys)}"
-        )
-        print(f"  partitions {args.first}..{args.last}")
-        print(f"  follow it: backfill-assets status {backfill_id} --wait")
+        server = _webserver(args)
+        if server:
+            partitions = partition_keys(definitions, keys[0], args.first, args.last)
+            backfill_id = server.launch_asset_backfill(
+                keys, partitions, tags=tags, title=f"{args.first}..{args.last}"
+            )
+        else:
+            backfill_id = launch_asset_backfill(
+                instance, keys, args.first, args.last, tags=tags, definitions=definitions
+            )
+        if args.json and not args.wait:
+            launched = {"backfill_id": backfill_id, "first": args.first, "last": args.last}
+            print(json.dumps(launched | {"assets": [k.to_user_string() for k in keys]}))
+            return 0
+        if not args.json:
+            names = ", ".join(k.to_user_string() for k in keys)
+            print(f"launched asset backfill {backfill_id}: {names}")
+            print(f"  partitions {args.first}..{args.last}")
+            print(f"  follow it: backfill-assets status {backfill_id} --wait")
         if args.wait:
-            return _follow(instance, backfill_id, wait=True)
+            return _follow(instance, backfill_id, wait=True, as_json=args.json)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """What ``launch`` with the same arguments would do, and how long it would take; writes
+    nothing."""
+    import json
+
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.defs.definitions import build_definitions
+    from backfill_assets.tooling.launch import asset_selection, partition_keys
+    from backfill_assets.tooling.plan import plan
+
+    registry = load_registry()
+    definitions = build_definitions(registry)
+    selected = asset_selection(definitions, args.select)
+    keys = asset_selection(definitions, args.select, downstream=args.downstream)
+    partitions = partition_keys(definitions, keys[0], args.first, args.last)
+    with connect(settings.data_url()) as conn, DagsterInstance.get() as instance:
+        result = plan(conn, instance, definitions, registry, keys, partitions, selected=selected)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print("\n".join(result.lines()))
     return 0
 
 
@@ -211,37 +252,129 @@ def _status(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     with DagsterInstance.get() as instance:
-        return _follow(instance, args.backfill_id, wait=args.wait)
+        return _follow(instance, args.backfill_id, wait=args.wait, as_json=args.json)
 
 
-def _follow(instance, backfill_id: str, *, wait: bool) -> int:
-    """Print the backfill's progress; exit 0 when it succeeded, 1 when a run failed, 3 while it
-    is still going (without ``--wait``)."""
-    from backfill_assets.tooling.launch import backfill_progress, daemon_is_alive, wait_for_backfill
+def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) -> int:
+    """Report the backfill partition by partition; exit 0 when every partition materialized, 1
+    when one failed or the backfill ended without it (canceled), 3 while it is still going
+    (without ``--wait``)."""
+    import json
 
-    if wait:
-        if not daemon_is_alive(instance):
-            print(
-                "warning: no dagster-daemon heartbeat in the last minute; start one (`make ui`, or "
-                "`backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
-                file=sys.stderr,
-            )
-        progress = wait_for_backfill(
-            instance, backfill_id, timeout_s=24 * 3600, on_progress=lambda p: print(p.line())
-        )
+    from backfill_assets.tooling.launch import daemon_is_alive
+    from backfill_assets.tooling.report import BackfillWatcher, UnknownBackfillError, watch
+
+    watcher = BackfillWatcher(instance, backfill_id)
+    try:
+        if wait:
+            if not daemon_is_alive(instance):
+                print(
+                    "warning: no dagster-daemon heartbeat in the last minute; start one (`make "
+                    "ui`, or `backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
+                    file=sys.stderr,
+                )
+            show = None if as_json else (lambda r: print(r.line(), flush=True))
+            report = watch(watcher, timeout_s=24 * 3600, on_change=show)
+        else:
+            report = watcher.report()
+            if not as_json:
+                print(report.line())
+    except UnknownBackfillError as exc:
+        raise ValueError(str(exc)) from None
+    if as_json:
+        print(json.dumps(report.as_json(), indent=2))
     else:
-        progress = backfill_progress(instance, backfill_id)
-        print(progress.line())
-    print(f"status: {progress.backfill_status.value}")
-    if progress.failed:
+        for partition, checks in sorted(report.failed_checks.items()):
+            print(f"  {partition}: " + ", ".join(f"{n} {r}" for n, r in sorted(checks.items())))
+        failed = sorted(
+            f"{p.asset} {p.partition}"
+            for p in report.partitions.values()
+            if p.status == "failed" or (report.finished and p.status == "pending")
+        )
+        if failed:
+            print(f"  not materialized: {', '.join(failed)}")
+            print(f"  retry them: backfill-assets retry {backfill_id}")
+        state = "finished" if report.finished else "running"
+        print(f"status: {state} (daemon: {report.daemon_status})")
+    if report.count("failed") or (report.finished and not report.succeeded):
         return 1
-    return 0 if progress.done else 3
+    return 0 if report.finished else 3
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.tooling.launch import cancel_backfill
+
+    with DagsterInstance.get() as instance:
+        server = _webserver(args)
+        if server:
+            server.cancel(args.backfill_id)
+        else:
+            cancel_backfill(instance, args.backfill_id)
+    print(f"backfill {args.backfill_id}: cancel requested; the daemon stops its runs")
+    print(f"  follow it: backfill-assets status {args.backfill_id} --wait")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.defs.definitions import build_definitions
+    from backfill_assets.tooling.launch import closed, retry_backfill
+
+    definitions = build_definitions(load_registry(), check_sql=False)
+    with DagsterInstance.get() as instance:
+        server = _webserver(args)
+        if server:
+            closed(instance, args.backfill_id)  # what it materialized is final once closed
+            new_id = server.retry(args.backfill_id)
+        else:
+            new_id = retry_backfill(instance, args.backfill_id, definitions)
+        print(f"launched asset backfill {new_id}: the partitions {args.backfill_id} did not write")
+        print(f"  follow it: backfill-assets status {new_id} --wait")
+        if args.wait:
+            return _follow(instance, new_id, wait=True)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from backfill_assets.tooling.demo import run_demo
 
     return run_demo(first=args.first, last=args.last, orders_per_day=args.orders_per_day)
+
+
+def _webserver(args: argparse.Namespace):
+    """The webserver to send the request to, if one is named; else None (the instance)."""
+    from backfill_assets.tooling.webserver import WEBSERVER_ENV, Webserver
+
+    url = args.webserver or os.environ.get(WEBSERVER_ENV)
+    return Webserver(url) if url else None
+
+
+def _webserver_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--webserver",
+        metavar="URL",
+        help="send it through this Dagster webserver's GraphQL API, e.g. http://127.0.0.1:3000 "
+        "(default: $BACKFILL_WEBSERVER_URL, else the instance directly)",
+    )
+
+
+def _selection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--select",
+        required=True,
+        nargs="+",
+        help="assets, e.g. analytics/fct_orders (or schema.table)",
+    )
+    parser.add_argument("--from", dest="first", required=True, help="first partition key")
+    parser.add_argument("--to", dest="last", required=True, help="last partition key (included)")
+    parser.add_argument(
+        "--downstream", action="store_true", help="also the assets built from the selection"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,25 +427,42 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser(
         "launch", help="launch an asset backfill (as the UI does); the daemon executes it"
     )
-    launch.add_argument(
-        "--select",
-        required=True,
-        nargs="+",
-        help="assets, e.g. analytics/fct_orders (or schema.table)",
-    )
-    launch.add_argument("--from", dest="first", required=True, help="first partition key")
-    launch.add_argument("--to", dest="last", required=True, help="last partition key (included)")
-    launch.add_argument(
-        "--downstream", action="store_true", help="also the assets built from the selection"
-    )
+    _selection_arguments(launch)
     launch.add_argument("--tags", help="JSON object of run tags, e.g. backfill_assets/* parameters")
     launch.add_argument("--wait", action="store_true", help="follow it until it ends")
+    launch.add_argument(
+        "--json", action="store_true", help="print its id (with --wait: its report) as JSON"
+    )
+    _webserver_argument(launch)
     launch.set_defaults(func=_launch)
 
-    status = commands.add_parser("status", help="progress of a backfill; exit 1 if a run failed")
+    dry = commands.add_parser(
+        "plan", help="what a launch would write and how long it would take; writes nothing"
+    )
+    _selection_arguments(dry)
+    dry.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    dry.set_defaults(func=_plan)
+
+    status = commands.add_parser(
+        "status", help="a backfill partition by partition; exit 1 if a partition failed"
+    )
     status.add_argument("backfill_id")
     status.add_argument("--wait", action="store_true", help="follow it until it ends")
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.set_defaults(func=_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a running backfill (the daemon stops it)")
+    cancel.add_argument("backfill_id")
+    _webserver_argument(cancel)
+    cancel.set_defaults(func=_cancel)
+
+    retry = commands.add_parser(
+        "retry", help="launch what an ended backfill did not materialize (failed or never run)"
+    )
+    retry.add_argument("backfill_id")
+    retry.add_argument("--wait", action="store_true", help="follow it until it ends")
+    _webserver_argument(retry)
+    retry.set_defaults(func=_retry)
 
     demo = commands.add_parser("demo", help="seed, backfill a week through the daemon, summarize")
     demo.add_argument("--from", dest="first", default="2024-04-01")

@@ -33,6 +33,8 @@ from backfill_assets.core.settings import WORKSPACE_FILE
 from backfill_assets.defs.dagster_internals import (
     BACKFILL_ID_TAG,
     BULK_ACTION_TERMINAL_STATUSES,
+    PARENT_BACKFILL_ID_TAG,
+    ROOT_BACKFILL_ID_TAG,
     BulkActionStatus,
     PartitionBackfill,
     get_current_timestamp,
@@ -114,9 +116,8 @@ def launch_asset_backfill(
     """
     if definitions is None:
         from backfill_assets.definitions import defs as definitions
+    keys = partition_keys(definitions, asset_keys[0], first, last)
     graph = definitions.resolve_asset_graph()
-    first_asset = asset_keys[0]
-    keys = _keys_between(graph.get(first_asset).partitions_def, first_asset, first, last)
     backfill_id = make_new_backfill_id()
     backfill = PartitionBackfill.from_asset_partitions(
         backfill_id=backfill_id,
@@ -133,6 +134,88 @@ def launch_asset_backfill(
     )
     instance.add_backfill(backfill)
     return backfill_id
+
+
+def cancel_backfill(instance: DagsterInstance, backfill_id: str) -> None:
+    """Ask the daemon to cancel the backfill, as the UI's "Cancel backfill" does: it requests no
+    more runs and terminates the queued and running ones; a partition mid-write rolls back."""
+    backfill = _existing(instance, backfill_id)
+    if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
+        raise BackfillLaunchError(
+            f"backfill {backfill_id} already ended ({backfill.status.value}); nothing to cancel"
+        )
+    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
+
+
+def retry_backfill(instance: DagsterInstance, backfill_id: str, definitions: Definitions) -> str:
+    """A new backfill of exactly what the ended one did not materialize (failed, canceled or never
+    run), with its tags; as the UI's "Re-execute from failure". Returns the new id."""
+    backfill = closed(instance, backfill_id)
+    tags = {
+        **backfill.tags,
+        PARENT_BACKFILL_ID_TAG: backfill.backfill_id,
+        ROOT_BACKFILL_ID_TAG: backfill.tags.get(ROOT_BACKFILL_ID_TAG, backfill.backfill_id),
+    }
+    if not backfill.is_asset_backfill:
+        raise BackfillLaunchError(
+            f"backfill {backfill_id} is a job backfill (`dagster job backfill`); re-execute it "
+            "from the UI (Runs > Backfills), or launch its failed days with "
+            "`backfill-assets launch`"
+        )
+    data = backfill.get_asset_backfill_data(definitions.resolve_asset_graph())
+    missing = data.target_subset - data.materialized_subset
+    if missing.num_partitions_and_non_partitioned_assets == 0:
+        raise BackfillLaunchError(
+            f"backfill {backfill_id} materialized every partition it targeted; nothing to retry"
+        )
+    retry = PartitionBackfill.from_asset_graph_subset(
+        backfill_id=make_new_backfill_id(),
+        asset_graph_subset=missing,
+        dynamic_partitions_store=instance,
+        tags=tags,
+        backfill_timestamp=get_current_timestamp(),
+        title=f"Retry of {backfill.title or backfill_id}",
+        description=backfill.description,
+        run_config=backfill.run_config,
+    )
+    instance.add_backfill(retry)
+    return retry.backfill_id
+
+
+def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
+    """The backfill once the daemon has closed it. Its runs may all have ended a tick (30 s)
+    before the daemon records that, and what it materialized is only final then; so a backfill
+    whose runs all ended is waited for, one that is still running is refused."""
+    from backfill_assets.tooling.report import BackfillWatcher
+
+    backfill = _existing(instance, backfill_id)
+    if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
+        return backfill
+    if not BackfillWatcher(instance, backfill_id).report().finished:
+        raise BackfillLaunchError(
+            f"backfill {backfill_id} is still running; wait for it "
+            f"(backfill-assets status {backfill_id} --wait) or cancel it first"
+        )
+    deadline = time.monotonic() + grace_s
+    while backfill.status not in BULK_ACTION_TERMINAL_STATUSES:
+        if time.monotonic() > deadline:
+            raise BackfillLaunchError(
+                f"backfill {backfill_id}: its runs ended but the daemon has not closed it after "
+                f"{grace_s:.0f}s; is `dagster-daemon run` running?"
+            )
+        time.sleep(1)
+        backfill = _existing(instance, backfill_id)
+    return backfill
+
+
+def _existing(instance: DagsterInstance, backfill_id: str):
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        raise BackfillLaunchError(
+            f"no backfill {backfill_id!r} in this Dagster instance; its id is printed at launch "
+            "and listed under Runs > Backfills"
+        )
+    return backfill
 
 
 def asset_selection(
@@ -169,8 +252,9 @@ def daemon_is_alive(instance: DagsterInstance, within_s: float = 60) -> bool:
     return heartbeat is not None and get_current_timestamp() - heartbeat.timestamp < within_s
 
 
-def _keys_between(partitions_def, asset: AssetKey, first: str, last: str) -> list[str]:
+def partition_keys(definitions: Definitions, asset: AssetKey, first: str, last: str) -> list[str]:
     """The keys from ``first`` to ``last`` of the asset's partitions; refuses, naming its range."""
+    partitions_def = definitions.resolve_asset_graph().get(asset).partitions_def
     keys = partitions_def.get_partition_keys() if partitions_def else []
     span = f"{keys[0]} to {keys[-1]}" if keys else "none"
     for key in (first, last):
@@ -220,12 +304,7 @@ class BackfillProgress:
 
 
 def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
-    backfill = instance.get_backfill(backfill_id)
-    if backfill is None:
-        raise BackfillLaunchError(
-            f"no backfill {backfill_id!r} in this Dagster instance; its id is printed at launch "
-            "and listed under Runs > Backfills"
-        )
+    backfill = _existing(instance, backfill_id)
     runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
     return BackfillProgress(backfill_id, backfill.status, {run.run_id: run.status for run in runs})
 

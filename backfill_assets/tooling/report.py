@@ -1,0 +1,294 @@
+"""What a backfill has done so far, partition by partition, read from Dagster's own storage.
+
+The backfill daemon updates an asset backfill's own bookkeeping once per tick (every 30 s in
+Dagster 1.13), so a report built from it lags. This one reads the backfill's runs and their events
+directly: a partition is *materialized* when a run of the backfill recorded its materialization,
+*failed* when the run meant to write it ended without doing so, *in flight* while that run is
+queued or running, *pending* while no run covers it yet. It also carries each partition's check
+results, rows written, rows per second and an ETA, and ``finished`` turns true as soon as every
+partition is accounted for, not at the daemon's next tick.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from dagster import (
+    AssetCheckSeverity,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
+)
+
+from backfill_assets.defs.dagster_internals import (
+    BACKFILL_ID_TAG,
+    BULK_ACTION_TERMINAL_STATUSES,
+    get_current_timestamp,
+)
+
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+PARTITION = "dagster/partition"
+ANY_ASSET = "*"
+"""Asset of a job backfill's partitions: the job names no assets up front."""
+
+
+class UnknownBackfillError(RuntimeError):
+    pass
+
+
+@dataclass
+class PartitionState:
+    asset: str
+    partition: str
+    status: str = "pending"
+    """pending | in_flight | materialized | failed"""
+    rows: int = 0
+    checks: dict[str, str] = field(default_factory=dict)
+    """check name -> passed | warned | failed"""
+    run_id: str | None = None
+
+
+@dataclass
+class RunEvents:
+    """What one run recorded; cached once the run ended, since it cannot change any more."""
+
+    status: DagsterRunStatus
+    assets: frozenset[str]
+    """The assets the run was launched for (empty: its job's, for job backfills)."""
+    partitions: tuple[str, ...]
+    materialized: dict[tuple[str, str], int]
+    """(asset, partition) -> rows inserted"""
+    checks: dict[tuple[str, str], dict[str, str]]
+
+
+@dataclass
+class BackfillReport:
+    backfill_id: str
+    daemon_status: str
+    created: float
+    partitions: dict[tuple[str, str], PartitionState]
+    runs: dict[str, DagsterRunStatus]
+    now: float = field(default_factory=get_current_timestamp)
+
+    def count(self, status: str) -> int:
+        return sum(p.status == status for p in self.partitions.values())
+
+    @property
+    def total(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.partitions.values())
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(self.now - self.created, 0.0)
+
+    @property
+    def finished(self) -> bool:
+        """Every run ended and every partition is materialized or failed (or the daemon says the
+        backfill is over)."""
+        runs_ended = all(status in FINISHED for status in self.runs.values())
+        if self.daemon_status in {s.value for s in BULK_ACTION_TERMINAL_STATUSES}:
+            return runs_ended
+        if self.daemon_status == "CANCELING":
+            return False  # the daemon is still stopping runs; it says when it is done
+        accounted = self.count("materialized") + self.count("failed") == self.total
+        return bool(self.runs) and runs_ended and accounted
+
+    @property
+    def succeeded(self) -> bool:
+        return self.finished and self.count("materialized") == self.total
+
+    @property
+    def failed_checks(self) -> dict[str, dict[str, str]]:
+        return {
+            f"{p.asset} {p.partition}": {n: r for n, r in p.checks.items() if r != "passed"}
+            for p in self.partitions.values()
+            if any(r != "passed" for r in p.checks.values())
+        }
+
+    def eta_s(self) -> float | None:
+        done = self.count("materialized") + self.count("failed")
+        if not done or done == self.total:
+            return None
+        return self.elapsed_s / done * (self.total - done)
+
+    def line(self, width: int = 24) -> str:
+        done, failed = self.count("materialized"), self.count("failed")
+        filled = round(width * (done + failed) / self.total) if self.total else width
+        bar = "#" * filled + "-" * (width - filled)
+        rate = self.rows / self.elapsed_s if self.elapsed_s else 0.0
+        eta = self.eta_s()
+        return (
+            f"[{bar}] {done}/{self.total} partitions materialized, {failed} failed, "
+            f"{self.count('in_flight')} in flight; {self.rows:,} rows, {rate:,.0f} rows/s; "
+            f"{len(self.runs)} runs; {self.elapsed_s:.0f}s"
+            + (f", ETA {eta:.0f}s" if eta is not None else "")
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "backfill_id": self.backfill_id,
+            "daemon_status": self.daemon_status,
+            "finished": self.finished,
+            "succeeded": self.succeeded,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "eta_s": None if self.eta_s() is None else round(self.eta_s(), 1),
+            "rows": self.rows,
+            "counts": {
+                s: self.count(s) for s in ("materialized", "failed", "in_flight", "pending")
+            },
+            "runs": {run_id: status.value for run_id, status in self.runs.items()},
+            "partitions": [
+                {
+                    "asset": p.asset,
+                    "partition": p.partition,
+                    "status": p.status,
+                    "rows": p.rows,
+                    "checks": p.checks,
+                    "run_id": p.run_id,
+                }
+                for p in sorted(self.partitions.values(), key=lambda p: (p.asset, p.partition))
+            ],
+        }
+
+
+class BackfillWatcher:
+    """Builds reports of one backfill, reading each ended run's events only once."""
+
+    def __init__(self, instance: DagsterInstance, backfill_id: str) -> None:
+        self.instance = instance
+        self.backfill_id = backfill_id
+        self._ended: dict[str, RunEvents] = {}
+
+    def report(self) -> BackfillReport:
+        backfill = self.instance.get_backfill(self.backfill_id)
+        if backfill is None:
+            raise UnknownBackfillError(
+                f"no backfill {self.backfill_id!r} in this Dagster instance; its id is printed at "
+                "launch and listed under Runs > Backfills"
+            )
+        partitions = {key: PartitionState(*key) for key in _targets(backfill)}
+        runs = self.instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}))
+        statuses = {}
+        for run in sorted(runs, key=lambda r: r.run_id):
+            statuses[run.run_id] = run.status
+            events = self._ended.get(run.run_id) or self._read(run)
+            if run.status in FINISHED:
+                self._ended[run.run_id] = events
+            _apply(partitions, run.run_id, events)
+        return BackfillReport(
+            backfill_id=self.backfill_id,
+            daemon_status=backfill.status.value,
+            created=backfill.backfill_timestamp,
+            partitions=partitions,
+            runs=statuses,
+        )
+
+    def _read(self, run) -> RunEvents:
+        materialized: dict[tuple[str, str], int] = {}
+        checks: dict[tuple[str, str], dict[str, str]] = {}
+        records = self.instance.get_records_for_run(
+            run.run_id,
+            of_type={
+                DagsterEventType.ASSET_MATERIALIZATION,
+                DagsterEventType.ASSET_CHECK_EVALUATION,
+            },
+        ).records
+        for record in records:
+            event = record.event_log_entry.dagster_event
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                materialization = event.step_materialization_data.materialization
+                inserted = materialization.metadata.get("rows_inserted")
+                key = (materialization.asset_key.to_user_string(), materialization.partition)
+                materialized[key] = int(inserted.value) if inserted is not None else 0
+            else:
+                evaluation = event.asset_check_evaluation_data
+                if evaluation.partition is None:
+                    continue
+                key = (evaluation.asset_key.to_user_string(), evaluation.partition)
+                checks.setdefault(key, {})[evaluation.check_name] = _verdict(evaluation)
+        assets = frozenset(key.to_user_string() for key in run.asset_selection or ())
+        return RunEvents(run.status, assets, _run_partitions(run.tags), materialized, checks)
+
+
+def _verdict(evaluation) -> str:
+    if evaluation.passed:
+        return "passed"
+    return "warned" if evaluation.severity == AssetCheckSeverity.WARN else "failed"
+
+
+def _targets(backfill) -> list[tuple[str, str]]:
+    if backfill.is_asset_backfill:
+        subset = backfill.asset_backfill_data.target_subset
+        return [
+            (key.asset_key.to_user_string(), key.partition_key)
+            for key in subset.iterate_asset_partitions()
+            if key.partition_key is not None
+        ]
+    return [(ANY_ASSET, name) for name in backfill.partition_names or []]
+
+
+def _run_partitions(tags) -> tuple[str, ...] | tuple[str, str]:
+    """The partition key, or the inclusive (first, last) range, a run was launched for."""
+    if RANGE_START in tags:
+        return (tags[RANGE_START], tags[RANGE_END])
+    if PARTITION in tags:
+        return (tags[PARTITION], tags[PARTITION])
+    return ()
+
+
+def _apply(partitions: dict[tuple[str, str], PartitionState], run_id: str, events: RunEvents):
+    for (asset, partition), rows in events.materialized.items():
+        state = partitions.get((asset, partition)) or partitions.get((ANY_ASSET, partition))
+        if state is not None:
+            state.status, state.rows, state.run_id = "materialized", state.rows + rows, run_id
+    for (asset, partition), checks in events.checks.items():
+        state = partitions.get((asset, partition)) or partitions.get((ANY_ASSET, partition))
+        if state is not None:
+            state.checks.update(checks)
+    if not events.partitions:
+        return
+    first, last = events.partitions
+    # Partition keys here are ISO dates: their order as strings is their order in time.
+    for state in partitions.values():
+        if state.status == "materialized" or not first <= state.partition <= last:
+            continue
+        if events.assets and state.asset not in events.assets and state.asset != ANY_ASSET:
+            continue
+        if events.status in FINISHED:
+            state.status, state.run_id = "failed", run_id
+        elif state.status == "pending":
+            state.status, state.run_id = "in_flight", run_id
+
+
+def watch(
+    watcher: BackfillWatcher,
+    *,
+    timeout_s: float,
+    on_change=None,
+    poll_s: float = 1.0,
+) -> BackfillReport:
+    """Poll until the backfill is finished (see ``BackfillReport.finished``)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        report = watcher.report()
+        shown = (report.count("materialized"), report.count("failed"), report.count("in_flight"))
+        if on_change and shown != last:
+            on_change(report)
+            last = shown
+        if report.finished:
+            return report
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{report.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
+                "Its log is in dagster_home/logs/daemon.log"
+            )
+        time.sleep(poll_s)

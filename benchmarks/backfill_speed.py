@@ -1,0 +1,232 @@
+"""How close to the database's own speed is a backfill? Every layer against raw INSERT ... SELECT.
+
+For each size (orders, i.e. fct_orders rows, per day), on a fresh database of the embedded
+PostgreSQL, the same days of ``analytics.fct_orders`` are written by:
+
+raw:           one ``INSERT ... SELECT`` of the whole range into an emptied, equally indexed twin
+               table (the physical-limit proxy; every ratio is against it);
+raw_per_day:   the same, one statement and commit per day;
+bare:          ``writer.replace_partition`` per day (DELETE + INSERT, one transaction each);
+verified:      what a run does per day: the guards of all days (two statements), then per day the
+               DELETE filling the snapshot, INSERT, one verification statement, the audit row;
+asset_cli:     ``backfill-assets launch --wait`` end to end through the daemon (an asset backfill,
+               the kind the UI launches), from the command to its exit;
+job_backfill:  ``dagster job backfill`` end to end through the daemon (one run per day).
+
+The in-database timings are the best of ``--rounds`` alternating rounds. For the end-to-end paths
+it also prints the share of the wall time that is orchestration: everything but the verified
+writes' own time (from the audit rows' start and end).
+
+Usage: python benchmarks/backfill_speed.py [--days 90] [--sizes 200 2400] [--rounds 3]
+                                            [--no-e2e] [--job-days N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dagster import DagsterInstance, RunsFilter
+from psycopg import sql
+
+from backfill_assets.core import settings
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.database import connect
+from backfill_assets.core.params import params_for
+from backfill_assets.core.partition_write import run_guards, write_verified
+from backfill_assets.core.snapshots import ensure_snapshot_table, snapshot_table
+from backfill_assets.core.tables import ensure_table
+from backfill_assets.core.writer import replace_partition
+from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
+from backfill_assets.project import ensure_manifest, job_name
+from backfill_assets.tooling import embedded
+from backfill_assets.tooling.demo_data import demo_table, seed
+from backfill_assets.tooling.launch import launch_job_backfill, running_daemon, wait_for_backfill
+
+TABLE = demo_table()
+RAW = sql.Identifier("bench", "raw_target")
+
+
+def fresh_database(admin_url: str, name: str) -> str:
+    with connect(admin_url) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return settings.with_database(admin_url, name)
+
+
+def in_database(url: str, windows, rounds: int) -> tuple[dict[str, float], int]:
+    """Best seconds of each in-database path over ``rounds`` alternating rounds."""
+    timings: dict[str, list[float]] = {"raw": [], "raw_per_day": [], "bare": [], "verified": []}
+    everything = windows[0].as_params() | {"end": windows[-1].end}
+    with connect(url) as conn, AuditTrail(url) as audit:
+        ensure_table(conn, TABLE)
+        ensure_snapshot_table(conn, TABLE)
+        conn.execute("CREATE SCHEMA bench")
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(RAW, TABLE.identifier)
+        )
+        into_raw = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM ({query}) AS src").format(
+            RAW, cols=TABLE.column_list(), query=TABLE.source_query
+        )
+        rows = sum(replace_partition(conn, TABLE, w).rows_inserted for w in windows)  # first load
+        params = params_for(TABLE, {})
+        run = RunInfo(None, "bench", "bench", params.as_json())
+        for _ in range(rounds):
+            conn.execute(sql.SQL("TRUNCATE {}").format(RAW))
+            conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            with conn.transaction():
+                assert conn.execute(into_raw, everything).rowcount == rows
+            timings["raw"].append(time.perf_counter() - started)
+
+            conn.execute(sql.SQL("TRUNCATE {}").format(RAW))
+            started = time.perf_counter()
+            for window in windows:
+                with conn.transaction():
+                    conn.execute(into_raw, window.as_params())
+            timings["raw_per_day"].append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            for window in windows:
+                replace_partition(conn, TABLE, window)
+            timings["bare"].append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            guarded = run_guards(conn, TABLE, windows, params)
+            for window in windows:
+                outcome = write_verified(
+                    conn, audit, run, TABLE, window, params, guarded[window.key]
+                )
+                assert outcome.succeeded, outcome.error
+            timings["verified"].append(time.perf_counter() - started)
+            conn.execute(sql.SQL("TRUNCATE {}").format(snapshot_table(TABLE)))
+            conn.execute(sql.SQL("VACUUM {}").format(TABLE.identifier))
+    return {name: min(values) for name, values in timings.items()}, rows
+
+
+def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: str) -> dict:
+    """Wall time of one backfill through a real daemon, and the verified writes' share of it."""
+    storage = settings.to_sqlalchemy(fresh_database(admin_url, "bench_speed_dagster"))
+    home = Path(tempfile.mkdtemp(prefix="bench_dagster_home_"))
+    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
+    os.environ.update(
+        {
+            settings.DATA_URL_ENV: data_url,
+            settings.DAGSTER_URL_ENV: storage,
+            "DAGSTER_HOME": str(home),
+        }
+    )
+    env = settings.process_env()
+    # The audit keeps the in-database rounds' writes: the daemon's code server sizes the runs
+    # from them, as it would after a user's earlier backfills.
+    with running_daemon(env, home / "daemon.log"):
+        # The daemon's first backfill tick comes as it starts; launched 3 s later, the backfill
+        # waits for the next one (30 s loop): close to the worst case, printed as "pickup".
+        time.sleep(3)
+        started = time.perf_counter()
+        if variant == "asset_cli":
+            command = [sys.executable, "-m", "backfill_assets.tooling.cli", "launch"]
+            command += ["--select", TABLE.asset_name, "--from", first, "--to", last, "--wait"]
+            done = subprocess.run(
+                command, env={**os.environ, **env}, capture_output=True, text=True
+            )
+            elapsed = time.perf_counter() - started
+            if done.returncode != 0:
+                raise SystemExit(f"{variant}: exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+            backfill_id = done.stdout.split("launched asset backfill ")[1].split(":")[0]
+        else:
+            backfill_id = launch_job_backfill(env, job_name(TABLE), TABLE.partitioning, first, last)
+        with DagsterInstance.get() as instance:
+            progress = wait_for_backfill(instance, backfill_id, timeout_s=6 * 3600)
+            created = instance.get_backfill(backfill_id).backfill_timestamp
+            records = instance.get_run_records(
+                filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})
+            )
+            pickup = min(r.create_timestamp.timestamp() for r in records) - created
+        if variant != "asset_cli":
+            elapsed = time.perf_counter() - started
+        if progress.failed:
+            raise SystemExit(f"{variant}: {progress.line()}")
+        runs = len(progress.statuses)
+    shutil.rmtree(home, ignore_errors=True)
+    with connect(data_url) as conn:
+        writes, db_seconds = conn.execute(
+            "SELECT count(*), coalesce(sum(extract(epoch FROM ended_at - started_at)), 0) "
+            "FROM backfill_audit.backfill_runs WHERE status = 'succeeded' AND backfill_id = %s",
+            [backfill_id],
+        ).fetchone()
+    return {
+        "seconds": elapsed,
+        "writes": writes,
+        "db_s": float(db_seconds),
+        "runs": runs,
+        "pickup_s": pickup,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="first", default="2024-03-01")
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2400])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="database paths only")
+    parser.add_argument(
+        "--job-days", type=int, help="days for `dagster job backfill` (default: --days)"
+    )
+    args = parser.parse_args()
+    keys = TABLE.partitioning.all_keys()
+    start = keys.index(args.first)
+    windows = TABLE.partitioning.windows(keys[start : start + args.days])
+    first, last = windows[0].key, windows[-1].key
+    job_days = args.job_days or args.days
+
+    for name in (settings.DATA_URL_ENV, settings.DAGSTER_URL_ENV):
+        os.environ.pop(name, None)
+    embedded.start(settings.embedded_pgdata())
+    admin = settings.embedded_url(settings.embedded_pgdata(), "postgres")
+    if args.e2e:
+        ensure_manifest()
+
+    import pandas as pd
+
+    for size in args.sizes:
+        url = fresh_database(admin, "bench_speed")
+        with connect(url) as conn:
+            seed(conn, orders_per_day=size)
+        best, rows = in_database(url, windows, args.rounds)
+        table = pd.DataFrame({"seconds": best}).rename_axis("path")
+        if args.e2e:
+            cli = end_to_end(admin, url, "asset_cli", first, last)
+            table.loc["asset_cli"] = cli["seconds"]
+            job = end_to_end(admin, url, "job_backfill", first, keys[start + job_days - 1])
+            table.loc["job_backfill"] = job["seconds"] * args.days / job_days
+        table["x_raw"] = table["seconds"] / table.loc["raw", "seconds"]
+        print(
+            f"\n{args.days} days ({first}..{last}) of {TABLE.qualified_name}, {rows} rows, "
+            f"~{size} rows a day; in-database: best of {args.rounds} rounds"
+        )
+        print(table.round(3).to_string())
+        if args.e2e:
+            for name, result in (("asset_cli", cli), ("job_backfill", job)):
+                share = 1 - result["db_s"] / result["seconds"]
+                print(
+                    f"{name}: {result['runs']} runs, {result['writes']} partitions written in "
+                    f"{result['db_s']:.1f} s of database time within {result['seconds']:.1f} s: "
+                    f"orchestration {share:.0%}; the daemon's first run came "
+                    f"{result['pickup_s']:.0f} s after the launch"
+                )
+            if job_days != args.days:
+                print(f"(job_backfill ran {job_days} days; its time is scaled to {args.days})")
+
+
+if __name__ == "__main__":
+    main()
