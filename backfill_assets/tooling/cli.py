@@ -262,25 +262,22 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
     import json
 
     from backfill_assets.tooling.launch import daemon_is_alive
-    from backfill_assets.tooling.report import BackfillWatcher, UnknownBackfillError, watch
+    from backfill_assets.tooling.report import BackfillWatcher, watch
 
     watcher = BackfillWatcher(instance, backfill_id)
-    try:
-        if wait:
-            if not daemon_is_alive(instance):
-                print(
-                    "warning: no dagster-daemon heartbeat in the last minute; start one (`make "
-                    "ui`, or `backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
-                    file=sys.stderr,
-                )
-            show = None if as_json else (lambda r: print(r.line(), flush=True))
-            report = watch(watcher, timeout_s=24 * 3600, on_change=show)
-        else:
-            report = watcher.report()
-            if not as_json:
-                print(report.line())
-    except UnknownBackfillError as exc:
-        raise ValueError(str(exc)) from None
+    if wait:
+        if not daemon_is_alive(instance):
+            print(
+                "warning: no dagster-daemon heartbeat in the last minute; start one (`make ui`, "
+                "or `backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
+                file=sys.stderr,
+            )
+        show = None if as_json else (lambda r: print(r.line(), flush=True))
+        report = watch(watcher, timeout_s=24 * 3600, on_change=show)
+    else:
+        report = watcher.report()
+        if not as_json:
+            print(report.line())
     if as_json:
         print(json.dumps(report.as_json(), indent=2))
     else:

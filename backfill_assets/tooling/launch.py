@@ -40,8 +40,7 @@ from backfill_assets.defs.dagster_internals import (
     get_current_timestamp,
     make_new_backfill_id,
 )
-
-FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+from backfill_assets.tooling.report import FINISHED, BackfillWatcher, existing_backfill
 
 
 class BackfillLaunchError(RuntimeError):
@@ -139,7 +138,7 @@ def launch_asset_backfill(
 def cancel_backfill(instance: DagsterInstance, backfill_id: str) -> None:
     """Ask the daemon to cancel the backfill, as the UI's "Cancel backfill" does: it requests no
     more runs and terminates the queued and running ones; a partition mid-write rolls back."""
-    backfill = _existing(instance, backfill_id)
+    backfill = existing_backfill(instance, backfill_id)
     if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
         raise BackfillLaunchError(
             f"backfill {backfill_id} already ended ({backfill.status.value}); nothing to cancel"
@@ -186,9 +185,7 @@ def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
     """The backfill once the daemon has closed it. Its runs may all have ended a tick (30 s)
     before the daemon records that, and what it materialized is only final then; so a backfill
     whose runs all ended is waited for, one that is still running is refused."""
-    from backfill_assets.tooling.report import BackfillWatcher
-
-    backfill = _existing(instance, backfill_id)
+    backfill = existing_backfill(instance, backfill_id)
     if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
         return backfill
     if not BackfillWatcher(instance, backfill_id).report().finished:
@@ -204,17 +201,7 @@ def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
                 f"{grace_s:.0f}s; is `dagster-daemon run` running?"
             )
         time.sleep(1)
-        backfill = _existing(instance, backfill_id)
-    return backfill
-
-
-def _existing(instance: DagsterInstance, backfill_id: str):
-    backfill = instance.get_backfill(backfill_id)
-    if backfill is None:
-        raise BackfillLaunchError(
-            f"no backfill {backfill_id!r} in this Dagster instance; its id is printed at launch "
-            "and listed under Runs > Backfills"
-        )
+        backfill = existing_backfill(instance, backfill_id)
     return backfill
 
 
@@ -304,7 +291,7 @@ class BackfillProgress:
 
 
 def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
-    backfill = _existing(instance, backfill_id)
+    backfill = existing_backfill(instance, backfill_id)
     runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
     return BackfillProgress(backfill_id, backfill.status, {run.run_id: run.status for run in runs})
 

@@ -40,6 +40,17 @@ class UnknownBackfillError(RuntimeError):
     pass
 
 
+def existing_backfill(instance: DagsterInstance, backfill_id: str):
+    """The backfill, or an error that says where its id comes from."""
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        raise UnknownBackfillError(
+            f"no backfill {backfill_id!r} in this Dagster instance; its id is printed at launch "
+            "and listed under Runs > Backfills"
+        )
+    return backfill
+
+
 @dataclass
 class PartitionState:
     asset: str
@@ -168,12 +179,7 @@ class BackfillWatcher:
         self._ended: dict[str, RunEvents] = {}
 
     def report(self) -> BackfillReport:
-        backfill = self.instance.get_backfill(self.backfill_id)
-        if backfill is None:
-            raise UnknownBackfillError(
-                f"no backfill {self.backfill_id!r} in this Dagster instance; its id is printed at "
-                "launch and listed under Runs > Backfills"
-            )
+        backfill = existing_backfill(self.instance, self.backfill_id)
         partitions = {key: PartitionState(*key) for key in _targets(backfill)}
         runs = self.instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}))
         statuses = {}
