@@ -127,6 +127,7 @@ def test_plan_writes_nothing_and_estimates_the_backfill_within_a_factor_of_two(
     table = planned["tables"][0]
     assert planned["downstream"] == ["analytics/customer_daily_orders", "analytics/daily_revenue"]
     assert table["partitions"] == 10 and table["measured_writes"] >= 3
+    assert planned["concurrency"] == 2  # dagster.yaml's concurrency.runs.max_concurrent_runs
     written = conn.execute(
         "SELECT partition_key, rows_inserted FROM backfill_audit.backfill_runs "
         "WHERE partition_key >= '2024-05-01' AND status = 'succeeded'"

@@ -117,7 +117,7 @@ class Plan:
         )
         out.extend(f"  note: {note}" for note in self.notes)
         out.append(
-            "  nothing was written; launch it with the same arguments: backfill-assets launch"
+            "  nothing was written; `backfill-assets launch` with the same arguments runs it"
         )
         return out
 
@@ -195,5 +195,6 @@ def _run_overhead(
 
 
 def _concurrency(instance: DagsterInstance) -> int:
-    get_config = getattr(instance.run_coordinator, "get_run_queue_config", None)
-    return get_config().max_concurrent_runs if get_config else 1
+    """Runs in progress at once: dagster.yaml's ``concurrency.runs`` (or the run coordinator's)."""
+    queue = instance.get_concurrency_config().run_queue_config
+    return queue.max_concurrent_runs if queue and queue.max_concurrent_runs > 0 else 1
