@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from dagster import DagsterInstance, instance_for_test
 from psycopg import sql
 
@@ -66,11 +67,18 @@ def cluster() -> Iterator[str]:
     with connect(settings.with_database(admin, DATA_TEMPLATE)) as conn:
         seed(conn, orders_per_day=ORDERS_PER_DAY)
     storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
-    with instance_for_test(overrides={"storage": {"postgres": {"postgres_url": storage_url}}}):
+    with instance_for_test(overrides=storage_overrides(storage_url)):
         pass
     yield admin
     if started_here:
         embedded.stop(TEST_PGDATA)
+
+
+def storage_overrides(storage_url: str) -> dict[str, dict]:
+    """The storage sections of the repository's dagster.yaml, pointed at ``storage_url``."""
+    config = yaml.safe_load((settings.DAGSTER_HOME / "dagster.yaml").read_text())
+    sections = ("run_storage", "event_log_storage", "schedule_storage")
+    return {name: {**config[name], "config": {"postgres_url": storage_url}} for name in sections}
 
 
 def _clone(admin: str, template: str, prefix: str) -> str:
@@ -108,9 +116,9 @@ def dagster_storage_url(cluster: str) -> str:
 
 @pytest.fixture
 def instance(dagster_storage_url: str) -> Iterator[DagsterInstance]:
-    """A Dagster instance whose runs, events and checks are stored in PostgreSQL."""
-    overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url}}}
-    with instance_for_test(overrides=overrides) as dagster_instance:
+    """A Dagster instance whose runs, events and checks are stored in PostgreSQL, by the storage
+    classes of the repository's dagster.yaml."""
+    with instance_for_test(overrides=storage_overrides(dagster_storage_url)) as dagster_instance:
         yield dagster_instance
 
 

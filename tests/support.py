@@ -8,6 +8,7 @@ import psycopg
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, materialize
 from psycopg.rows import dict_row
 
+from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.fingerprint import Fingerprint, partition_fingerprint
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.defs.dagster_internals import PartitionKeyFilter
@@ -104,3 +105,15 @@ def failed_run_report(instance: DagsterInstance, run_ids, daemon_log) -> str:
         f"daemon log tail:\n{daemon_log.read_text()[-2000:]}" if daemon_log.exists() else ""
     )
     return "\n".join(lines)
+
+
+def record_past_writes(conn, table: str, seconds: float, count: int = 20) -> None:
+    """Audit rows as earlier backfills leave them: ``count`` writes of ``seconds`` each."""
+    ensure_audit_table(conn)
+    conn.execute(
+        "INSERT INTO backfill_audit.backfill_runs (asset_key, table_name, partition_key, strategy,"
+        " code_version, sql_hash, launched_by, started_at, ended_at, status)"
+        " SELECT 'a', %s, '2024-01-01', 'delete_insert', 'c', 'h', 'tester', now(),"
+        " now() + make_interval(secs => %s), 'succeeded' FROM generate_series(1, %s)",
+        [table, seconds, count],
+    )

@@ -10,10 +10,15 @@ import subprocess
 
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
-from support import FCT_ORDERS, dbt_models, failed_run_report, latest_check
+from support import (
+    FCT_ORDERS,
+    dbt_models,
+    failed_run_report,
+    latest_check,
+    record_past_writes,
+)
 
 from backfill_assets.core import settings
-from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.partitioning import UnknownPartitionError
 from backfill_assets.core.writer import insert_statement
 from backfill_assets.defs.checks import CHECKS
@@ -98,18 +103,6 @@ def test_the_dagster_cli_refuses_an_unknown_partition_and_queues_nothing(dagster
 def test_the_launcher_names_the_valid_range_for_an_unknown_partition(dagster_env):
     with pytest.raises(UnknownPartitionError, match="2024-01-01 to 2024-12-31"):
         launch_job_backfill(dagster_env, JOB, FCT_ORDERS.partitioning, "2023-12-30", "2024-01-02")
-
-
-def record_past_writes(conn, table: str, seconds: float, count: int = 20) -> None:
-    """Audit rows as earlier backfills leave them: ``count`` writes of ``seconds`` each."""
-    ensure_audit_table(conn)
-    conn.execute(
-        "INSERT INTO backfill_audit.backfill_runs (asset_key, table_name, partition_key, strategy,"
-        " code_version, sql_hash, launched_by, started_at, ended_at, status)"
-        " SELECT 'a', %s, '2024-01-01', 'delete_insert', 'c', 'h', 'tester', now(),"
-        " now() + make_interval(secs => %s), 'succeeded' FROM generate_series(1, %s)",
-        [table, seconds, count],
-    )
 
 
 def test_an_asset_backfill_sizes_its_runs_from_the_measured_cost_of_a_partition(

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 from dagster import AssetKey, DagsterInstance, RunsFilter
-from support import failed_run_report
+from support import failed_run_report, record_past_writes
 
 from backfill_assets.core import settings
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -137,7 +137,10 @@ def test_plan_writes_nothing_and_estimates_the_backfill_within_a_factor_of_two(
     assert actual / 2 <= planned["estimated_s"] <= actual * 2, (planned["estimated_s"], actual)
 
 
-def test_cancel_stops_a_running_backfill(dagster_env, tmp_path, capsys):
+def test_cancel_stops_a_running_backfill(dagster_env, tmp_path, capsys, conn):
+    # Measured writes of 60 s: a run per day, 366 of them, far more than the daemon's next tick
+    # (when it acts on the cancel) lets the queue finish.
+    record_past_writes(conn, "analytics.fct_orders", seconds=60)
     with running_daemon(dagster_env, tmp_path / "daemon.log"):
         span = ["--from", "2024-01-01", "--to", "2024-12-31"]
         assert cli.main(["launch", "--select", "analytics/fct_orders", *span, "--json"]) == 0

@@ -257,3 +257,24 @@ def wait_until_blocked(conn: psycopg.Connection, *, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_run_logs_its_progress_every_few_seconds_not_once_per_partition(postgres, instance, conn):
+    result = materialize_range(postgres, instance, "2024-04-01", "2024-04-20")
+
+    lines = [
+        event.message
+        for event in instance.all_logs(result.run_id)
+        if event.user_message.startswith("[") and "analytics.fct_orders through" in event.message
+    ]
+    total = sum(
+        partition_fingerprint(conn, FCT_ORDERS, window).rows
+        for window in FCT_ORDERS.partitioning.windows(
+            [f"2024-04-{day:02d}" for day in range(1, 21)]
+        )
+    )
+    # 20 small partitions take well under the 5 s between lines: the first and the last.
+    assert len(lines) == 2, lines
+    assert "[1/20]" in lines[0] and "about" in lines[0]
+    assert f"[20/20] analytics.fct_orders through 2024-04-20: {total:,} rows" in lines[1]
+    assert "rows/s" in lines[1]

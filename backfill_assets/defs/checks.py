@@ -21,7 +21,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
-    AssetRecordsFilter,
+    DagsterEventType,
     Output,
 )
 
@@ -90,10 +90,9 @@ def evaluations(
 ) -> Iterator[AssetCheckEvaluation]:
     """One evaluation per check and partition; ``materialized`` links them to this run's writes."""
     key = context.assets_def.key
+    targets = this_runs_materializations(context) if materialized else {}
     for outcome in outcomes:
-        target = (
-            this_runs_materialization(context, key, outcome.window.key) if materialized else None
-        )
+        target = targets.get((key, outcome.window.key))
         for name, result in outcome.check_outcomes().items():
             metadata = {"partition": outcome.window.key, **result.metadata}
             if result.message:
@@ -118,18 +117,22 @@ def check_outputs(context: AssetExecutionContext) -> Iterator[Output]:
         yield Output(None, output_name=name)
 
 
-def this_runs_materialization(
-    context: AssetExecutionContext, key: AssetKey, partition: str
-) -> AssetCheckEvaluationTargetMaterializationData | None:
-    # This run's materialization of the partition; another run may have recorded one since.
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=10
+def this_runs_materializations(
+    context: AssetExecutionContext,
+) -> dict[tuple[AssetKey, str], AssetCheckEvaluationTargetMaterializationData]:
+    """This run's materializations so far, by asset and partition: one storage query per step,
+    not one per partition (each is a round trip to Dagster's event log)."""
+    records = context.instance.get_records_for_run(
+        context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
     ).records
-    record = next((r for r in records if r.run_id == context.run.run_id), None)
-    if record is None:
-        return None
-    return AssetCheckEvaluationTargetMaterializationData(
-        storage_id=record.storage_id,
-        run_id=record.event_log_entry.run_id,
-        timestamp=record.timestamp,
-    )
+    found = {}
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        if event is None or event.asset_key is None or event.partition is None:
+            continue
+        found[event.asset_key, event.partition] = AssetCheckEvaluationTargetMaterializationData(
+            storage_id=record.storage_id,
+            run_id=record.event_log_entry.run_id,
+            timestamp=record.event_log_entry.timestamp,
+        )
+    return found

@@ -16,6 +16,7 @@ from dagster._core.execution.backfill import (
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARENT_BACKFILL_ID_TAG, ROOT_BACKFILL_ID_TAG
 from dagster._core.utils import make_new_backfill_id
+from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_timestamp
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
     "BulkActionStatus",
+    "ConfigurableClassData",
     "PartitionBackfill",
     "PartitionKeyFilter",
     "get_current_timestamp",

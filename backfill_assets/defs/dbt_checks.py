@@ -22,7 +22,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetKey,
     AssetSpec,
     Output,
     PartitionsDefinition,
@@ -31,7 +30,7 @@ from dagster_dbt import DagsterDbtTranslator, DbtProject
 from dagster_dbt.core.dbt_cli_invocation import DbtCliInvocation
 from psycopg import sql
 
-from backfill_assets.defs.checks import this_runs_materialization
+from backfill_assets.defs.checks import this_runs_materializations
 
 
 class PartitionedChecksTranslator(DagsterDbtTranslator):
@@ -98,7 +97,7 @@ def per_partition_check_events(
         raise invocation.get_error() or RuntimeError(f"dbt failed: {invocation.dbt_command}")
 
     days = context.partition_keys
-    targets: dict[tuple[AssetKey, str], object] = {}  # one lookup per model and day, not per test
+    targets = this_runs_materializations(context)
     for key, result in held_back.items():
         spec = context.assets_def.get_spec_for_check_key(key)
         test = results[result.metadata["unique_id"].value]
@@ -111,8 +110,6 @@ def per_partition_check_events(
         else:  # the test's SQL itself failed: no day can be said to pass
             failures = dict.fromkeys(days)
         for day in days:
-            if (key.asset_key, day) not in targets:
-                targets[key.asset_key, day] = this_runs_materialization(context, key.asset_key, day)
             count = failures[day]
             metadata: dict[str, object] = {
                 "partition": day,
@@ -131,6 +128,6 @@ def per_partition_check_events(
                 severity=AssetCheckSeverity.WARN if status == "warn" else AssetCheckSeverity.ERROR,
                 partition=day,
                 blocking=spec.blocking,
-                target_materialization_data=targets[key.asset_key, day],
+                target_materialization_data=targets.get((key.asset_key, day)),
             )
         yield Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))

@@ -33,6 +33,7 @@ from backfill_assets.core.partition_write import (
     run_guards,
     write_verified,
 )
+from backfill_assets.core.progress import Progress
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.snapshots import ensure_snapshot_table
@@ -131,7 +132,8 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     context.log.warning(f"guard override: {outcome[0].metadata['override']}")
 
             outcomes: list[PartitionOutcome] = []
-            for number, window in enumerate(windows, start=1):
+            progress = Progress(context.log.info, table.qualified_name, len(windows))
+            for window in windows:
                 outcome = write_verified(
                     conn,
                     audit,
@@ -145,11 +147,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 if not outcome.succeeded:
                     context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
                     break
-                context.log.info(
-                    f"[{number}/{len(windows)}] {table.qualified_name} {window.key}: "
-                    f"deleted {outcome.write.rows_deleted}, inserted {outcome.write.rows_inserted}"
-                    f" rows in {outcome.write.duration_s:.2f}s"
-                )
+                progress.wrote(window.key, outcome.write.rows_inserted)
             if not all(o.succeeded for o in outcomes):
                 # The partitions written before the failure are committed: say so, so the
                 # backfill counts them as done and a retry re-runs only the rest.
