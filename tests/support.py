@@ -117,3 +117,18 @@ def record_past_writes(conn, table: str, seconds: float, count: int = 20) -> Non
         " now() + make_interval(secs => %s), 'succeeded' FROM generate_series(1, %s)",
         [table, seconds, count],
     )
+
+
+def database_checksum(conn) -> dict[str, tuple[int, object]]:
+    """Rows and an order-independent hash of every table of the database."""
+    tables = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+    ).fetchall()
+    return {
+        name: conn.execute(
+            f"SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {name} AS t"
+        ).fetchone()
+        for (name,) in tables
+    }

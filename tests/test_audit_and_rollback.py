@@ -250,3 +250,69 @@ def test_snapshots_can_be_switched_off_per_backfill_and_rollback_then_refuses(
     assert audit_rows(conn, backfill_id="fixtax01")[0]["snapshot_rows"] is None
     with pytest.raises(RollbackError, match="kept no snapshot"):
         snapshots_of_backfill(conn, REGISTRY, "fixtax01")
+
+
+def _collide_audit_ids(postgres, instance, conn, day: str, other: str) -> dict:
+    """Two writes of ``other``, the audit table recreated, two writes of ``day``: the second write
+    of each gets audit id 2, and both snapshots sit in the one snapshot table."""
+    for _ in range(2):
+        assert materialize_days(postgres, instance, other).success
+    conn.execute("DROP SCHEMA backfill_audit CASCADE")
+    assert materialize_days(postgres, instance, day).success
+    prior = fingerprints(conn, [day, other])
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, day).success
+    latest = max(audit_rows(conn, partition_key=day), key=lambda row: row["id"])
+    shared = conn.execute(
+        "SELECT count(DISTINCT write_id) FROM backfill_snapshots.analytics__fct_orders "
+        "WHERE audit_id = %s",
+        [latest["id"]],
+    ).fetchone()[0]
+    assert shared == 2, "the setup did not make two writes share an audit id"
+    return prior
+
+
+def _rollback_partition(postgres, instance, day: str):
+    config = {"partition": day, "table": "analytics.fct_orders"}
+    return rollback_backfill.execute_in_process(
+        run_config={"ops": {"restore_snapshots": {"config": config}}},
+        resources={"postgres": postgres},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def test_a_rollback_after_the_audit_table_was_recreated_restores_only_its_own_write(
+    postgres, instance, conn
+):
+    day, other = DAYS[0], "2024-04-05"
+    prior = _collide_audit_ids(postgres, instance, conn, day, other)
+    other_now = fingerprints(conn, [other])
+
+    assert _rollback_partition(postgres, instance, day).success
+
+    assert fingerprints(conn, [day]) == {day: prior[day]}
+    assert fingerprints(conn, [other]) == other_now
+    duplicated = conn.execute(
+        "SELECT count(*) FROM (SELECT order_id FROM analytics.fct_orders GROUP BY order_id "
+        "HAVING count(*) > 1) AS d"
+    ).fetchone()[0]
+    assert duplicated == 0
+
+
+def test_a_snapshot_that_does_not_match_its_audit_row_is_refused_and_changes_nothing(
+    postgres, instance, conn
+):
+    day, other = DAYS[0], "2024-04-05"
+    _collide_audit_ids(postgres, instance, conn, day, other)
+    # As snapshots and audit rows written before write ids existed: only the audit id is left.
+    conn.execute("UPDATE backfill_snapshots.analytics__fct_orders SET write_id = NULL")
+    conn.execute("UPDATE backfill_audit.backfill_runs SET write_id = NULL")
+    before = fingerprints(conn, [day, other])
+
+    result = _rollback_partition(postgres, instance, day)
+
+    assert not result.success
+    assert "does not match its audit row" in str(result.all_events)
+    assert fingerprints(conn, [day, other]) == before
+    assert [r["status"] for r in audit_rows(conn, strategy="rollback")] == []

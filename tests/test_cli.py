@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support import database_checksum, materialize_days
 
 from backfill_assets.core import settings
+from backfill_assets.core.database import connect
 from backfill_assets.tooling import cli
 
 
@@ -106,3 +108,49 @@ def test_db_start_with_your_own_server_starts_nothing_and_hides_the_password(
         for name in names:
             admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
     assert names == {f"own_data_{suffix}", f"own_dagster_{suffix}"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["snapshots", "expire", "--days", "-5"], "-5 is outside 1..36500"),
+        (["snapshots", "expire", "--days", "0"], "0 is outside 1..36500"),
+        (["snapshots", "expire", "--days", "99999999999"], "99999999999 is outside 1..36500"),
+        (["snapshots", "expire", "--days", "ten"], "'ten' is not a whole number"),
+        (["audit", "--limit", "-1"], "-1 is outside 1..100000"),
+    ],
+)
+def test_harmful_or_malformed_numbers_are_refused_in_one_line_and_change_nothing(
+    postgres, instance, conn, data_url, monkeypatch, capsys, args, message
+):
+    for _ in range(2):  # the second write keeps the first's rows as a snapshot
+        assert materialize_days(postgres, instance, "2024-04-02").success
+    assert conn.execute("SELECT count(*) FROM backfill_snapshots.analytics__fct_orders").fetchone()[
+        0
+    ]
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    before = database_checksum(conn)
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1] and "Traceback" not in "\n".join(error)
+    assert database_checksum(conn) == before
+
+
+def test_a_database_name_typo_on_your_own_server_is_an_error_and_creates_nothing(
+    cluster, monkeypatch, capsys
+):
+    typo = settings.with_database(cluster, "backfil_typo")
+    monkeypatch.setenv(settings.DATA_URL_ENV, typo)
+
+    assert cli.main(["audit"]) == 2
+
+    error = capsys.readouterr().err
+    assert "database 'backfil_typo' does not exist" in error and settings.DATA_URL_ENV in error
+    with connect(cluster) as conn:
+        assert not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = 'backfil_typo'"
+        ).fetchone()

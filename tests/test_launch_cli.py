@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 from dagster import AssetKey, DagsterInstance, RunsFilter
-from support import failed_run_report, record_past_writes
+from support import database_checksum, failed_run_report, record_past_writes
 
 from backfill_assets.core import settings
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -84,21 +84,6 @@ def test_bad_input_to_launch_is_one_line_and_launches_nothing(dagster_env, capsy
 def test_status_of_an_unknown_backfill_is_refused(dagster_env, capsys):
     assert cli.main(["status", "nosuchid"]) == 2
     assert "no backfill 'nosuchid'" in capsys.readouterr().err
-
-
-def database_checksum(conn) -> dict[str, tuple[int, object]]:
-    """Rows and an order-independent hash of every table of the database."""
-    tables = conn.execute(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
-        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
-        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
-    ).fetchall()
-    return {
-        name: conn.execute(
-            f"SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {name} AS t"
-        ).fetchone()
-        for (name,) in tables
-    }
 
 
 def test_plan_writes_nothing_and_estimates_the_backfill_within_a_factor_of_two(

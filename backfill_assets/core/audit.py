@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -55,6 +56,9 @@ CREATE TABLE IF NOT EXISTS backfill_audit.backfill_runs (
     status text NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'guard_failed')),
     error text
 );
+-- Which snapshot rows belong to a write: ids restart when the audit table is recreated, a
+-- write's random id does not (core/snapshots.py, core/rollback.py).
+ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS write_id uuid;
 CREATE INDEX IF NOT EXISTS backfill_runs_backfill_idx ON backfill_audit.backfill_runs (backfill_id);
 CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
     ON backfill_audit.backfill_runs (table_name, partition_key);
@@ -120,13 +124,14 @@ class AuditTrail:
         sql_hash: str,
         rows_before: int | None = None,
         restored_from: int | None = None,
+        write_id: UUID | None = None,
     ) -> int | None:
         return self._execute(
             sql.SQL(
                 "INSERT INTO {} (dagster_run_id, backfill_id, asset_key, table_name, partition_key,"
                 " strategy, code_version, sql_hash, launched_by, parameters, rows_before,"
-                " restored_from, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " 'running') RETURNING id"
+                " restored_from, write_id, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                " %s, %s, %s, 'running') RETURNING id"
             ).format(TABLE),
             [
                 run.dagster_run_id,
@@ -141,6 +146,7 @@ class AuditTrail:
                 json.dumps(run.parameters, default=str),
                 rows_before,
                 restored_from,
+                write_id,
             ],
             returning=True,
         )

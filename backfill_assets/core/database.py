@@ -88,8 +88,12 @@ def first_build_lock(
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
 
 
-def ensure_database(url: str) -> bool:
-    """Create the database named in ``url`` if it is missing; returns whether it was created."""
+def ensure_database(url: str, *, create: bool = True, variable: str = "the URL") -> bool:
+    """Create the database named in ``url`` if it is missing; returns whether it was created.
+
+    With ``create=False`` a missing database is an error naming it and ``variable``: a typo in a
+    URL must not quietly give the user a new, empty database that reports "no rows yet".
+    """
     dbname = conninfo_to_dict(url).get("dbname")
     if not dbname:
         raise ValueError(f"no database name in {redact(url)}")
@@ -99,6 +103,12 @@ def ensure_database(url: str) -> bool:
     except DatabaseUnavailableError as exc:
         if "does not exist" not in str(exc):
             raise
+        if not create:
+            raise DatabaseUnavailableError(
+                f"database {dbname!r} does not exist ({variable} = {redact(url)}). Correct the "
+                "name, or create it: `backfill-assets db start` creates the databases the URLs "
+                "name (the role needs CREATEDB)"
+            ) from None
     with connect(with_database(url, "postgres")) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     return True

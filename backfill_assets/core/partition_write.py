@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import uuid4
 
 import psycopg
 
@@ -127,8 +128,8 @@ def write_verified(
     guard_outcome, stats = guarded
     started_at = datetime.now(UTC)
     rows_before = guard_outcome.metadata.get("target_rows_before")
-    audit_id = audit.reserve_id(conn)
-    kept = snapshots.kept_rows(table, audit_id) if params.snapshots else KeptRows()
+    audit_id, write_id = audit.reserve_id(conn), uuid4()
+    kept = snapshots.kept_rows(table, audit_id, write_id) if params.snapshots else KeptRows()
     found: dict[str, Verification] = {}
 
     def verify_and_record(connection: psycopg.Connection, write: WriteResult) -> None:
@@ -143,6 +144,7 @@ def write_verified(
             window,
             conn=connection,
             audit_id=audit_id,
+            write_id=write_id,
             status="succeeded",
             started_at=started_at,
             rows_before=rows_before,

@@ -9,6 +9,7 @@ Rolling back a whole backfill is one transaction: either every partition is rest
 from __future__ import annotations
 
 from dataclasses import dataclass
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
@@ -34,6 +35,8 @@ class SnapshotRef:
     table: TableSpec
     partition_key: str
     snapshot_rows: int
+    write_id: UUID | None = None
+    """The write's random id (None for writes recorded before write ids existed)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def snapshots_of_backfill(
     rows = conn.execute(
         sql.SQL(
             "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
-            "snapshot_rows FROM {} WHERE backfill_id = %s AND strategy = 'delete_insert' "
+            "snapshot_rows, write_id FROM {} WHERE backfill_id = %s AND strategy = 'delete_insert' "
             "AND status = 'succeeded' ORDER BY table_name, partition_key, id"
         ).format(AUDIT_TABLE),
         [backfill_id],
@@ -74,14 +77,15 @@ def snapshot_of_partition(
     table.partitioning.window(partition_key)
     row = conn.execute(
         sql.SQL(
-            "SELECT id, table_name, partition_key, snapshot_rows FROM {} WHERE table_name = %s "
+            "SELECT id, table_name, partition_key, snapshot_rows, write_id FROM {} "
+            "WHERE table_name = %s "
             "AND partition_key = %s AND status = 'succeeded' ORDER BY id DESC LIMIT 1"
         ).format(AUDIT_TABLE),
         [table.qualified_name, partition_key],
     ).fetchone()
     if row is None:
         raise RollbackError(f"{table.qualified_name} {partition_key} has no recorded write")
-    return SnapshotRef(row[0], table, row[2], _snapshot_rows(*row))
+    return SnapshotRef(row[0], table, row[2], _snapshot_rows(*row[:4]), row[4])
 
 
 def snapshots_to_restore(
@@ -110,27 +114,43 @@ def _snapshot_rows(audit_id: int, table_name: str, partition_key: str, rows: int
     return rows
 
 
-def _ref(registry: Registry, audit_id: int, table_name: str, partition_key: str, rows):
+def _ref(registry: Registry, audit_id: int, table_name: str, partition_key: str, rows, write_id):
     try:
         table = registry.table(table_name)
     except ValueError as exc:
         raise RollbackError(f"write {audit_id} cannot be rolled back: {exc}") from None
     return SnapshotRef(
-        audit_id, table, partition_key, _snapshot_rows(audit_id, table_name, partition_key, rows)
+        audit_id,
+        table,
+        partition_key,
+        _snapshot_rows(audit_id, table_name, partition_key, rows),
+        write_id,
     )
 
 
 def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
-    kept = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE audit_id = %s").format(
-            snapshots.snapshot_table(ref.table)
-        ),
-        [ref.audit_id],
-    ).fetchone()[0]
-    if ref.snapshot_rows and not kept:
+    """The snapshot is there and is exactly this write's: as many of its rows inside the
+    partition's window as the write's audit row says it kept, and none elsewhere."""
+    window = ref.table.partitioning.window(ref.partition_key)
+    tagged, inside = conn.execute(
+        sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {} WHERE audit_id = %(snapshot_id)s"
+            " AND write_id IS NOT DISTINCT FROM %(write_id)s::uuid"
+        ).format(ref.table.window_filter(), snapshots.snapshot_table(ref.table)),
+        {**window.as_params(), "snapshot_id": ref.audit_id, "write_id": ref.write_id},
+    ).fetchone()
+    name = f"write {ref.audit_id} ({ref.table.qualified_name} {ref.partition_key})"
+    if ref.snapshot_rows and not tagged:
         raise RollbackError(
-            f"the snapshot of write {ref.audit_id} ({ref.table.qualified_name} "
-            f"{ref.partition_key}) has expired (retention {ref.table.snapshot_retention_days} days)"
+            f"the snapshot of {name} has expired "
+            f"(retention {ref.table.snapshot_retention_days} days)"
+        )
+    if tagged != ref.snapshot_rows or inside != tagged:
+        raise RollbackError(
+            f"the snapshot of {name} does not match its audit row: the audit says it kept "
+            f"{ref.snapshot_rows} rows, the snapshot table holds {tagged} under that write "
+            f"({inside} inside the partition). Was the audit table recreated? Nothing was "
+            "restored; compare backfill_audit.backfill_runs with backfill_snapshots by write_id."
         )
 
 
@@ -140,6 +160,7 @@ def restore(
     """Restore every partition in ``refs`` to its snapshot, all in one transaction."""
     for ref in refs:
         _check_available(conn, ref)
+    write_ids = {ref.audit_id: uuid4() for ref in refs}
     audit_ids = {
         ref.audit_id: audit.start(
             run,
@@ -149,6 +170,7 @@ def restore(
             strategy=STRATEGY,
             sql_hash=ref.table.sql_hash,
             restored_from=ref.audit_id,
+            write_id=write_ids[ref.audit_id],
         )
         for ref in refs
     }
@@ -156,7 +178,9 @@ def restore(
     try:
         with conn.transaction():
             for ref in refs:
-                results.append(_restore_one(conn, ref, audit_ids[ref.audit_id]))
+                results.append(
+                    _restore_one(conn, ref, audit_ids[ref.audit_id], write_ids[ref.audit_id])
+                )
     except psycopg.Error as exc:
         for audit_id in audit_ids.values():
             audit.finish(audit_id, "failed", error=f"rollback not applied: {exc}".strip())
@@ -180,9 +204,11 @@ def restore(
     return results
 
 
-def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | None):
+def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | None, write_id: UUID):
     window = ref.table.partitioning.window(ref.partition_key)
-    kept_rows = snapshots.kept_rows(ref.table, audit_id) if audit_id is not None else KeptRows()
+    kept_rows = (
+        snapshots.kept_rows(ref.table, audit_id, write_id) if audit_id is not None else KeptRows()
+    )
     kept: dict[str, object] = {}
 
     def checksums(connection: psycopg.Connection, _: object) -> None:
@@ -196,7 +222,7 @@ def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | Non
         ref.table,
         window,
         source=snapshots.restore_source(ref.table),
-        params={"snapshot_id": ref.audit_id},
+        params={"snapshot_id": ref.audit_id, "write_id": ref.write_id},
         keep_previous=kept_rows,
         before_commit=checksums,
     )

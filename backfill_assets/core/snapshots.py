@@ -8,6 +8,8 @@ expire after the table's retention, and rows about an erased person are purged f
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import psycopg
 from psycopg import sql
 
@@ -36,6 +38,9 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
             "CREATE TABLE IF NOT EXISTS {} (audit_id bigint NOT NULL, "
             "taken_at timestamptz NOT NULL DEFAULT now(), LIKE {})"
         ).format(target, table.identifier),
+        # The write's random id beside its audit id: audit ids restart when the audit table is
+        # recreated, and a rollback must never take another write's rows for its own.
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS write_id uuid").format(target),
         # Every write reads its own snapshot back (the diff) and a rollback reads one: a B-tree on
         # the ever-growing audit id, cheap to extend. Times only grow too: BRIN, next to free to
         # maintain. No index by subject: erasure is rare and may scan; three B-trees doubled
@@ -62,20 +67,24 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
                 )
 
 
-def kept_rows(table: TableSpec, audit_id: int) -> KeptRows:
-    """Where the write with audit row ``audit_id`` keeps the rows its DELETE removes.
+def kept_rows(table: TableSpec, audit_id: int, write_id: UUID | None) -> KeptRows:
+    """Where the write with audit row ``audit_id`` (and random ``write_id``) keeps the rows its
+    DELETE removes.
 
     The DELETE inserts them here directly (``writer.KeptRows``): one copy of the old rows, not a
     temporary table copied again. They commit with the write or vanish with its rollback.
     """
-    return KeptRows(snapshot_table(table), (("audit_id", audit_id),))
+    return KeptRows(snapshot_table(table), (("audit_id", audit_id), ("write_id", write_id)))
 
 
 def restore_source(table: TableSpec) -> sql.Composed:
-    """The rows of snapshot ``%(snapshot_id)s``, as a source query for the writer."""
-    return sql.SQL("SELECT {} FROM {} WHERE audit_id = %(snapshot_id)s").format(
-        table.column_list(), snapshot_table(table)
-    )
+    """The rows of one write's snapshot inside the partition's window, as a source query for the
+    writer: ``%(snapshot_id)s`` and ``%(write_id)s`` (NULL for snapshots older than write ids)
+    name the write, the window's own ``%(start)s``/``%(end)s`` bound the rows."""
+    return sql.SQL(
+        "SELECT {} FROM {} WHERE audit_id = %(snapshot_id)s "
+        "AND write_id IS NOT DISTINCT FROM %(write_id)s::uuid AND {}"
+    ).format(table.column_list(), snapshot_table(table), table.window_filter())
 
 
 def expire(conn: psycopg.Connection, table: TableSpec, retention_days: int | None = None) -> int:

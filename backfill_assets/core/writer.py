@@ -69,7 +69,7 @@ class KeptRows:
     """
 
     table: sql.Identifier = field(default_factory=lambda: PREVIOUS_ROWS)
-    tag: tuple[tuple[str, int], ...] = ()
+    tag: tuple[tuple[str, object], ...] = ()
     """Leading columns of ``table`` set to fixed values, e.g. ``(("audit_id", 42),)``."""
 
     @property
@@ -79,7 +79,7 @@ class KeptRows:
     def relation(self, table: TableSpec) -> sql.Composed:
         """The kept rows, shaped like ``table``, as a subquery."""
         where = sql.SQL(" AND ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
+            sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(name), sql.Literal(value))
             for name, value in self.tag
         )
         return sql.SQL("(SELECT {} FROM {}{})").format(

@@ -11,7 +11,7 @@ import argparse
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
@@ -110,6 +110,26 @@ def _rollback(args: argparse.Namespace) -> int:
         )
     print("Rebuild what reads these partitions (the tables and dbt models downstream of them).")
     return 0
+
+
+MAX_RETENTION_DAYS = 36_500
+"""A century: longer retentions are refused rather than overflowing PostgreSQL's intervals."""
+
+
+def bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else one line naming the value
+    (argparse exits 2 with it, before anything runs)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -383,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_db)
 
     seed = commands.add_parser("seed", help="(re)generate the demo shop data in schema app")
-    seed.add_argument("--orders-per-day", type=int, default=200)
+    seed.add_argument("--orders-per-day", type=bounded(1, 100_000), default=200)
     seed.set_defaults(func=_seed)
 
     commands.add_parser("env", help="print the environment as shell exports").set_defaults(
@@ -395,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_exec)
 
     dev = commands.add_parser("dev", help="open the Dagster UI on 127.0.0.1")
-    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--port", type=bounded(1, 65_535), default=3000)
     dev.set_defaults(func=_dev)
 
     undo = commands.add_parser("rollback", help="restore partitions from their snapshots")
@@ -408,12 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="show recent rows of backfill_audit.backfill_runs")
     audit.add_argument("--backfill", help="only this backfill's rows")
-    audit.add_argument("--limit", type=int, default=20)
+    audit.add_argument("--limit", type=bounded(1, 100_000), default=20)
     audit.set_defaults(func=_audit)
 
     snap = commands.add_parser("snapshots", help="expire old snapshots, erase a customer's rows")
     snap.add_argument("action", choices=["expire", "erase-customer"])
-    snap.add_argument("--days", type=int, help="expire: retention in days (default: per table)")
+    snap.add_argument(
+        "--days",
+        type=bounded(1, MAX_RETENTION_DAYS),
+        help="expire: retention in days (default: per table)",
+    )
     snap.add_argument("--customer-id", type=int, help="erase-customer: the customer to erase")
     snap.set_defaults(func=_snapshots)
 
@@ -464,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="seed, backfill a week through the daemon, summarize")
     demo.add_argument("--from", dest="first", default="2024-04-01")
     demo.add_argument("--to", dest="last", default="2024-04-07")
-    demo.add_argument("--orders-per-day", type=int, default=200)
+    demo.add_argument("--orders-per-day", type=bounded(1, 100_000), default=200)
     demo.set_defaults(func=_demo)
     return parser
 

@@ -33,7 +33,7 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
 
     begun = time.monotonic()
     try:
-        env = prepare()
+        env = prepare(create_databases=True)
         data_location = settings.redact(settings.data_url())
         print(f"database: {data_location}")
         with connect(settings.data_url()) as conn:
