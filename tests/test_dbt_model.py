@@ -10,7 +10,7 @@ from datetime import date, timedelta
 
 from support import dbt_models, fct_orders, materialize_days, step_failure_message
 
-from backfill_assets.core.database import connect
+from backfill_assets.core.database import connect, partition_locks
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env
 
@@ -203,3 +203,36 @@ def test_a_failing_dbt_build_names_model_window_and_error_and_keeps_the_old_rows
     assert f"--event-time-start {DAYS[1]}" in message
     assert 'column "gross_amount" does not exist' in message
     assert {m: mart_rows(conn, m) for m in before} == before
+
+
+def test_a_build_of_mart_days_another_build_holds_waits_for_it_then_matches_a_serial_build(
+    postgres, instance, conn, data_url
+):
+    """Overlapping builds of existing marts: dbt's microbatch DELETE + INSERT of one day by two
+    runs at once can duplicate (customer, day) keys. A build holds a lock per model set and day
+    for as long as dbt runs; here the test holds 2024-06-03's as another build would, and the
+    build of 2024-06-01..05 must wait for it rather than write beside it."""
+    assert build([fct_orders], postgres, instance, "2024-06-01", "2024-06-07").success
+    assert build([dbt_models], postgres, instance, "2024-06-01", "2024-06-07").success
+    serial = {mart: mart_rows(conn, mart) for mart in MARTS}
+    held = [(f"dbt:{dbt_models.node_def.name}", "2024-06-03")]
+    with partition_locks(data_url, held, application_name="test.other_build"):
+        run = subprocess.Popen(
+            [sys.executable, "-c", BUILD_IN_ITS_OWN_PROCESS, data_url, "2024-06-01", "2024-06-05"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        waiting = wait_for_lock_waiters(conn, 1, timeout_s=120)
+        time.sleep(2)
+        still_running = run.poll() is None
+    output = run.communicate(timeout=300)[0]
+
+    assert waiting == 1 and still_running, output[-3000:]
+    assert run.returncode == 0, output[-3000:]
+    duplicated = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM analytics.customer_daily_orders "
+        "GROUP BY customer_id, order_day HAVING count(*) > 1) AS d"
+    ).fetchone()[0]
+    assert duplicated == 0
+    assert {mart: mart_rows(conn, mart) for mart in MARTS} == serial

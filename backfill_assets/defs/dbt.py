@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dagster import AssetExecutionContext, AssetsDefinition
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
-from backfill_assets.core.database import first_build_lock
+from backfill_assets.core.database import first_build_lock, partition_locks
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
@@ -156,13 +156,22 @@ def _dbt_assets(
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
-            with dbt_process_env(postgres, registry):
+            # Overlapping builds of the same days take turns, day by day, as the tables do.
+            days = context.partition_keys if definition is not None else []
+            with (
+                partition_locks(
+                    postgres.resolved_url(),
+                    [(f"dbt:{name}", day) for day in days],
+                    application_name="backfill_assets.dbt_days",
+                ),
+                dbt_process_env(postgres, registry),
+            ):
                 invocation = dbt.cli(args, context=context, raise_on_error=definition is None)
-            if definition is None:
-                yield from invocation.stream()
-                return
-            with postgres.connect() as conn:
-                yield from per_partition_check_events(context, invocation, conn)
+                if definition is None:
+                    yield from invocation.stream()
+                    return
+                with postgres.connect() as conn:
+                    yield from per_partition_check_events(context, invocation, conn)
 
     return _models
 
