@@ -38,4 +38,4 @@ db-stop: setup
 	$(BIN)/backfill-assets db stop
 
 clean: db-stop
-	rm -rf .pgdata .pgdata-test dagster_home/storage dagster_home/logs dagster_home/history
+	rm -rf .pgdata .pgdata-test dagster_home/storage dagster_home/logs dagster_home/history logs

@@ -30,6 +30,10 @@ DAGSTER_DATABASE = "dagster"
 
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 DAGSTER_HOME = REPO_ROOT / "dagster_home"
+LOG_DIR = REPO_ROOT / "logs"
+"""The project's own logs (the demo's daemon log). Not under $DAGSTER_HOME/logs: Dagster's daemon
+and webserver upload that folder to Dagster's telemetry endpoint, then delete it, unless
+DAGSTER_DISABLE_TELEMETRY is set (``process_env`` sets it for every process the project starts)."""
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
 
 

@@ -44,7 +44,7 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
 
         with (
             DagsterInstance.get() as instance,
-            running_daemon(env, settings.DAGSTER_HOME / "logs" / "daemon.log"),
+            running_daemon(env, settings.LOG_DIR / "daemon.log"),
         ):
             backfill_id = launch_job_backfill(env, job, table.partitioning, first, last)
             print(f"launched backfill {backfill_id}: {job} {first}..{last}, {expected_runs} runs")

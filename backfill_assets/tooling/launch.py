@@ -317,7 +317,7 @@ def wait_for_backfill(
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"{progress.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
-                "Its log is in dagster_home/logs/daemon.log"
+                "The demo's daemon log is logs/daemon.log"
             )
         time.sleep(poll_s)
 

@@ -295,6 +295,6 @@ def watch(
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"{report.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
-                "Its log is in dagster_home/logs/daemon.log"
+                "The demo's daemon log is logs/daemon.log"
             )
         time.sleep(poll_s)
