@@ -78,8 +78,11 @@ class KeptRows:
 
     def relation(self, table: TableSpec) -> sql.Composed:
         """The kept rows, shaped like ``table``, as a subquery."""
+        # `=` (not IS NOT DISTINCT FROM, which no index serves) where there is a value.
         where = sql.SQL(" AND ").join(
-            sql.SQL("{} IS NOT DISTINCT FROM {}").format(sql.Identifier(name), sql.Literal(value))
+            sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
+            if value is not None
+            else sql.SQL("{} IS NULL").format(sql.Identifier(name))
             for name, value in self.tag
         )
         return sql.SQL("(SELECT {} FROM {}{})").format(
