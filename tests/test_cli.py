@@ -51,11 +51,12 @@ def test_dbt_gets_the_socket_directory_as_its_host():
 
 
 def test_the_rollback_and_audit_commands_undo_a_backfill_and_show_it(
-    postgres, instance, conn, data_url, monkeypatch, capsys
+    postgres, instance, conn, data_url, dagster_storage_url, monkeypatch, capsys
 ):
     from support import fingerprints, materialize_days
 
     monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, dagster_storage_url)
     assert materialize_days(postgres, instance, "2024-04-01").success
     before = fingerprints(conn, ["2024-04-01"])
     conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")

@@ -131,7 +131,7 @@ def ensure_database(url: str, *, create: bool = True, variable: str = "the URL")
             raise
         if not create:
             raise DatabaseUnavailableError(
-                f"database {dbname!r} does not exist ({variable} = {redact(url)}). Correct the "
+                f"database {dbname!r} does not exist ({variable}: {redact(url)}). Correct the "
                 "name, or create it: `backfill-assets db start` creates the databases the URLs "
                 "name (the role needs CREATEDB)"
             ) from None

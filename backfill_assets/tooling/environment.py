@@ -26,7 +26,9 @@ def prepare(*, create_databases: bool | None = None) -> dict[str, str]:
     ensure_database(
         settings.to_libpq(env[settings.DAGSTER_URL_ENV]),
         create=create,
-        variable=f"{settings.DAGSTER_URL_ENV} (default: database dagster on the same server)",
+        variable=settings.DAGSTER_URL_ENV
+        if os.environ.get(settings.DAGSTER_URL_ENV)
+        else f"{settings.DAGSTER_URL_ENV} unset, so the data server's database dagster",
     )
     os.environ.update(env)
     ensure_manifest()
