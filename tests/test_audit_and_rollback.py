@@ -220,6 +220,14 @@ def test_erasing_a_customer_purges_them_from_every_snapshot(postgres, instance, 
         == 0
     )
     assert conn.execute(f"SELECT count(*) FROM {snapshot}").fetchone()[0] == others
+    # A snapshot with fewer rows than its write kept (the erased person's) still rolls back.
+    assert _rollback_partition(postgres, instance, DAYS[0]).success
+    restored = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE customer_id = %s) FROM analytics.fct_orders "
+        "WHERE order_day = %s",
+        [customer, DAYS[0]],
+    ).fetchone()
+    assert restored[0] > 0 and restored[1] == 0
 
 
 def test_an_expired_snapshot_is_purged_and_the_rollback_says_so(postgres, instance, conn, data_url):
