@@ -134,10 +134,9 @@ def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
     write kept (fewer is expected after an erasure purged a person's rows)."""
     window = ref.table.partitioning.window(ref.partition_key)
     tagged, inside = conn.execute(
-        sql.SQL(
-            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {} WHERE audit_id = %(snapshot_id)s"
-            " AND write_id IS NOT DISTINCT FROM %(write_id)s::uuid"
-        ).format(ref.table.window_filter(), snapshots.snapshot_table(ref.table)),
+        sql.SQL("SELECT count(*), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
+            ref.table.window_filter(), snapshots.snapshot_table(ref.table), snapshots.OF_WRITE
+        ),
         {**window.as_params(), "snapshot_id": ref.audit_id, "write_id": ref.write_id},
     ).fetchone()
     name = f"write {ref.audit_id} ({ref.table.qualified_name} {ref.partition_key})"

@@ -77,14 +77,19 @@ def kept_rows(table: TableSpec, audit_id: int, write_id: UUID | None) -> KeptRow
     return KeptRows(snapshot_table(table), (("audit_id", audit_id), ("write_id", write_id)))
 
 
+OF_WRITE = sql.SQL(
+    "audit_id = %(snapshot_id)s AND write_id IS NOT DISTINCT FROM %(write_id)s::uuid"
+)
+"""The snapshot rows of one write: ``%(snapshot_id)s`` is its audit id, ``%(write_id)s`` its random
+id (NULL for snapshots older than write ids)."""
+
+
 def restore_source(table: TableSpec) -> sql.Composed:
-    """The rows of one write's snapshot inside the partition's window, as a source query for the
-    writer: ``%(snapshot_id)s`` and ``%(write_id)s`` (NULL for snapshots older than write ids)
-    name the write, the window's own ``%(start)s``/``%(end)s`` bound the rows."""
-    return sql.SQL(
-        "SELECT {} FROM {} WHERE audit_id = %(snapshot_id)s "
-        "AND write_id IS NOT DISTINCT FROM %(write_id)s::uuid AND {}"
-    ).format(table.column_list(), snapshot_table(table), table.window_filter())
+    """The rows of one write's snapshot (``OF_WRITE``) inside the partition's window (its own
+    ``%(start)s``/``%(end)s``), as a source query for the writer."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
+        table.column_list(), snapshot_table(table), OF_WRITE, table.window_filter()
+    )
 
 
 def expire(conn: psycopg.Connection, table: TableSpec, retention_days: int | None = None) -> int:
