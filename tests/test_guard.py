@@ -37,22 +37,6 @@ def test_a_truncated_source_does_not_wipe_the_partition(postgres, instance, conn
     assert fingerprints(conn, [DAY]) == before
 
 
-def test_a_guard_failure_anywhere_in_a_run_leaves_every_partition_of_the_run_untouched(
-    postgres, instance, conn
-):
-    days = ["2024-04-02", "2024-04-03", "2024-04-04"]
-    assert materialize_days(postgres, instance, days[0], days[-1]).success
-    before = fingerprints(conn, days)
-    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
-    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER}")
-
-    assert not materialize_days(postgres, instance, days[0], days[-1]).success
-
-    assert fingerprints(conn, days) == before
-    refused = audit_rows(conn, status="guard_failed")
-    assert [row["partition_key"] for row in refused] == [DAY]
-
-
 def test_the_allow_shrink_tag_lets_an_intended_shrink_through_and_says_so(postgres, instance, conn):
     assert materialize_days(postgres, instance, DAY).success
     conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER} AND order_id % 5 <> 0")

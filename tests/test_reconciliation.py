@@ -6,6 +6,7 @@ partition keeps its previous rows. Results are read back per partition, as the U
 
 from __future__ import annotations
 
+import pytest
 from dagster import AssetKey
 from support import (
     dbt_models,
@@ -50,7 +51,7 @@ def check_evaluation(instance, name, partition):
 def assert_rejected_and_untouched(result, instance, conn, before, check_name):
     assert not result.success
     assert check_name in step_failure_message(result)
-    assert "It keeps its previous rows" in step_failure_message(result)
+    assert f"{DAY} keeps its previous rows" in step_failure_message(result)
     assert fingerprints(conn, [DAY]) == before
     assert check_evaluation(instance, check_name, DAY)[0] == FAILED
 
@@ -197,3 +198,50 @@ def test_a_blocking_check_failure_prevents_the_downstream_dbt_model(postgres, in
     assert started == ["analytics__fct_orders"]
     after = conn.execute("SELECT * FROM analytics.daily_revenue ORDER BY 1").fetchall()
     assert after == revenue_before
+
+
+def empty_the_source_of_day(conn) -> None:
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER}")
+
+
+@pytest.mark.parametrize(
+    ("break_day", "check_name", "audit_status"),
+    [
+        (empty_the_source_of_day, "source_guard", "guard_failed"),
+        (duplicate_a_customer_with_orders_on_day, "unique_key_is_unique", "failed"),
+    ],
+    ids=["refused-by-its-guard", "failing-a-blocking-check"],
+)
+def test_a_bad_day_of_a_five_day_run_fails_alone_and_the_other_four_are_written(
+    postgres, instance, conn, break_day, check_name, audit_status
+):
+    days = ["2024-04-01", "2024-04-02", DAY, "2024-04-04", "2024-04-05"]
+    good = [day for day in days if day != DAY]
+    assert materialize_days(postgres, instance, days[0], days[-1]).success
+    before = fingerprints(conn, days)
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+    break_day(conn)
+
+    result = materialize_days(postgres, instance, days[0], days[-1])
+
+    assert not result.success
+    after = fingerprints(conn, days)
+    assert after[DAY] == before[DAY]
+    assert all(after[day] != before[day] for day in good), "the good days hold the new rows"
+    written = result.asset_materializations_for_node(fct_orders.node_def.name)
+    assert sorted(m.partition for m in written) == good
+    assert check_evaluation(instance, check_name, DAY)[0] == FAILED
+    for day in good:
+        for check in CHECKS:
+            record = latest_check(instance, check.name, day)
+            assert record.run_id == result.run_id, (check.name, day)
+            assert record.status == PASSED or not check.blocking, (check.name, day)
+    message = step_failure_message(result)
+    assert "4 of 5 partition(s) of analytics.fct_orders were written" in message
+    assert f"{DAY} keeps its previous rows" in message
+    assert "backfill-assets retry" in message
+    statuses = conn.execute(
+        "SELECT partition_key, status FROM backfill_audit.backfill_runs "
+        "WHERE id > 5 ORDER BY partition_key"
+    ).fetchall()
+    assert statuses == [(day, audit_status if day == DAY else "succeeded") for day in days]

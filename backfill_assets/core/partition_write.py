@@ -1,8 +1,8 @@
 """A verified, audited, undoable write of one partition: guard, write, verify, snapshot, audit.
 
 This is what a backfill does per partition; the Dagster asset only loops over its run's windows
-and reports. The guard runs for every partition of a run before the first write, so a bad source
-anywhere in the run leaves the whole run's data untouched.
+and reports. The guards of every partition of a run run first, in two statements; a partition
+refused by its guard is not touched, the run's other partitions are still written, each alone.
 """
 
 from __future__ import annotations

@@ -114,64 +114,32 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             ensure_table(conn, table)
             ensure_snapshot_table(conn, table)
             guarded = run_guards(conn, table, windows, params)
-            refused = [
-                PartitionOutcome(w, "guard_failed", guarded[w.key][0])
-                for w in windows
-                if not guarded[w.key][0].passed
-            ]
-            if refused:
-                for outcome in refused:
-                    record_refusal(audit, run, table, outcome.window, outcome.guard)
-                yield from evaluations(context, refused, materialized=False)
-                raise Failure(
-                    description="\n".join(o.guard.message for o in refused),
-                    metadata={"refused_partitions": ", ".join(o.window.key for o in refused)},
-                )
-            for outcome in guarded.values():
-                if "override" in outcome[0].metadata:
-                    context.log.warning(f"guard override: {outcome[0].metadata['override']}")
-
             outcomes: list[PartitionOutcome] = []
+            for window in windows:
+                guard = guarded[window.key][0]
+                if not guard.passed:
+                    record_refusal(audit, run, table, window, guard)
+                    outcomes.append(PartitionOutcome(window, "guard_failed", guard))
+                elif "override" in guard.metadata:
+                    context.log.warning(f"guard override: {guard.metadata['override']}")
+
             progress = Progress(context.log.info, table.qualified_name, len(windows))
             for window in windows:
+                if not guarded[window.key][0].passed:
+                    continue
+                if conn.broken or conn.closed:
+                    break  # the server is gone: the remaining days would fail the same way
                 outcome = write_verified(
-                    conn,
-                    audit,
-                    run,
-                    table,
-                    window,
-                    params,
-                    guarded[window.key],
+                    conn, audit, run, table, window, params, guarded[window.key]
                 )
                 outcomes.append(outcome)
-                if not outcome.succeeded:
+                if outcome.succeeded:
+                    progress.wrote(window.key, outcome.write.rows_inserted)
+                else:
                     context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
-                    break
-                progress.wrote(window.key, outcome.write.rows_inserted)
-            if not all(o.succeeded for o in outcomes):
-                # The partitions written before the failure are committed: say so, so the
-                # backfill counts them as done and a retry re-runs only the rest.
-                committed, failed = outcomes[:-1], outcomes[-1]
-                for outcome in committed:
-                    yield AssetMaterialization(
-                        asset_key=key,
-                        partition=outcome.window.key,
-                        metadata=outcome.as_metadata(),
-                    )
-                yield from evaluations(context, committed, materialized=True)
-                yield from evaluations(context, [failed], materialized=False)
-                unwritten = len(windows) - len(outcomes)
-                skipped = f"; {unwritten} later one(s) were not attempted" if unwritten else ""
-                raise Failure(
-                    description=(
-                        f"{table.qualified_name} {failed.window.key} was not written: "
-                        f"{failed.error}. It keeps its previous rows. "
-                        f"{len(committed)} earlier partition(s) of this run were committed"
-                        f"{skipped}. `backfill-assets retry BACKFILL_ID` re-runs what was not "
-                        "written."
-                    ),
-                    metadata={"audit_id": failed.audit_id or -1},
-                )
+            if not all(o.succeeded for o in outcomes) or len(outcomes) < len(windows):
+                yield from _partial_run(context, table, windows, outcomes)
+                return
             for outcome in outcomes:
                 context.add_asset_metadata(outcome.as_metadata(), partition_key=outcome.window.key)
             yield MaterializeResult()
@@ -185,3 +153,53 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 )
 
     return _partitioned_table
+
+
+def _partial_run(
+    context: AssetExecutionContext,
+    table: TableSpec,
+    windows: list,
+    outcomes: list[PartitionOutcome],
+) -> Iterator[object]:
+    """Report a run in which some partitions were not written, then fail its step.
+
+    Every written partition committed alone: it is reported materialized, with its checks, so the
+    UI's partition view and the backfill count it done. Refused and failed partitions report
+    their checks' reasons; the step fails so that the backfill marks exactly those as failed and
+    ``backfill-assets retry`` re-runs only them.
+    """
+    key = context.assets_def.key
+    committed = [o for o in outcomes if o.succeeded]
+    failed = [o for o in outcomes if not o.succeeded]
+    attempted = {o.window.key for o in outcomes}
+    unattempted = [w.key for w in windows if w.key not in attempted]
+    for outcome in committed:
+        yield AssetMaterialization(
+            asset_key=key, partition=outcome.window.key, metadata=outcome.as_metadata()
+        )
+    yield from evaluations(context, committed, materialized=True)
+    yield from evaluations(context, failed, materialized=False)
+    lines = [
+        f"{len(committed)} of {len(windows)} partition(s) of {table.qualified_name} were written "
+        "and committed; these were not:"
+    ]
+    for outcome in failed:
+        reason = outcome.guard.message if outcome.status == "guard_failed" else outcome.error
+        lines.append(f"- {outcome.window.key} keeps its previous rows: {reason}")
+    if unattempted:
+        lines.append(
+            f"- {', '.join(unattempted)} keep their previous rows: not attempted, the database "
+            "connection was lost"
+        )
+    lines.append(
+        "Fix the cause, then `backfill-assets retry BACKFILL_ID` re-runs only these partitions "
+        "(and what depends on them)."
+    )
+    raise Failure(
+        description="\n".join(lines),
+        metadata={
+            "failed_partitions": ", ".join(o.window.key for o in failed) or "-",
+            "unattempted_partitions": ", ".join(unattempted) or "-",
+            "written_partitions": len(committed),
+        },
+    )
