@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import audit_rows, fingerprints, latest_check, materialize_days, step_failure_message
+from support import fingerprints, latest_check, materialize_days, step_failure_message
 
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 

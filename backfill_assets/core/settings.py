@@ -8,6 +8,7 @@ machine needs no database server.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -102,13 +103,17 @@ def with_database(url: str, dbname: str) -> str:
     return to_uri(params)
 
 
-def to_uri(params: dict) -> str:
+def to_uri(params: dict, *, mask_password: bool = False) -> str:
     """A ``postgresql://`` URI from libpq parameters (the host may be a socket directory)."""
     from urllib.parse import quote, urlencode
 
     user = quote(str(params.get("user", "")), safe="")
     password = params.get("password")
-    auth = f"{user}:{quote(str(password), safe='')}@" if password is not None else f"{user}@"
+    if password and mask_password:
+        password = MASK
+    elif password is not None:
+        password = quote(str(password), safe="")
+    auth = f"{user}:{password}@" if password is not None else f"{user}@"
     host = str(params.get("host", ""))
     query: dict[str, str] = {}
     netloc = auth
@@ -137,15 +142,21 @@ def to_libpq(url: str) -> str:
     return url.replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
+MASK = "***"
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced, safe for logs, metadata and error messages."""
+    """The URL with any password replaced by ``***``, safe for logs, metadata and errors."""
     try:
         params = conninfo_to_dict(to_libpq(url))
     except Exception:
         return "<unparseable connection string>"
-    if params.get("password"):
-        params["password"] = "***"
-    return make_conninfo(**params)
+    if "://" not in url:
+        return make_conninfo(**{**params, **({"password": MASK} if params.get("password") else {})})
+    masked = to_uri(params, mask_password=True)
+    if url.startswith("postgresql+psycopg2://"):
+        return masked.replace("postgresql://", "postgresql+psycopg2://", 1)
+    return masked
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,27 @@ def _validate(url: str, variable: str) -> None:
             raise ValueError(f"port {params['port']!r} is not a number")
     except Exception as exc:
         raise SettingsError(
-            f"{variable} is not a valid PostgreSQL URL ({exc}); "
+            f"{variable} is not a valid PostgreSQL URL ({_parse_problem(url, exc)}); "
             "expected e.g. postgresql://user:password@host:5432/dbname"
         ) from None
+
+
+def _parse_problem(url: str, exc: Exception) -> str:
+    """Why ``url`` does not parse, without any of its password.
+
+    libpq's parse errors quote the offending part, which may be the password (a bare ``%`` in
+    it): when the URL holds a password, the reason is told in our words instead.
+    """
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0] if "@" in rest else ""
+    if ":" not in userinfo:
+        return str(exc)
+    if re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
+        return (
+            "its user or password holds a % that is not followed by two hex digits: "
+            "percent-encode special characters, e.g. % as %25, @ as %40, : as %3A, / as %2F"
+        )
+    return (
+        "it could not be parsed, or its port is not a number: percent-encode special characters "
+        "of the password, e.g. % as %25, @ as %40, : as %3A, / as %2F, # as %23, ? as %3F"
+    )

@@ -13,8 +13,16 @@ from dagster._core.execution.backfill import (
     BulkActionStatus,
     PartitionBackfill,
 )
+from dagster._core.execution.retries import auto_reexecution_should_retry_run
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-from dagster._core.storage.tags import BACKFILL_ID_TAG, PARENT_BACKFILL_ID_TAG, ROOT_BACKFILL_ID_TAG
+from dagster._core.storage.tags import (
+    BACKFILL_ID_TAG,
+    GRPC_INFO_TAG,
+    PARENT_BACKFILL_ID_TAG,
+    ROOT_BACKFILL_ID_TAG,
+    WILL_RETRY_TAG,
+)
 from dagster._core.utils import make_new_backfill_id
 from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_timestamp
@@ -22,14 +30,19 @@ from dagster._time import get_current_timestamp
 __all__ = [
     "BACKFILL_ID_TAG",
     "BULK_ACTION_TERMINAL_STATUSES",
+    "GRPC_INFO_TAG",
     "PARENT_BACKFILL_ID_TAG",
     "ROOT_BACKFILL_ID_TAG",
+    "WILL_RETRY_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
     "BulkActionStatus",
+    "CheckRunHealthResult",
     "ConfigurableClassData",
     "PartitionBackfill",
     "PartitionKeyFilter",
+    "WorkerStatus",
+    "auto_reexecution_should_retry_run",
     "get_current_timestamp",
     "make_new_backfill_id",
 ]

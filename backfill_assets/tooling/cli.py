@@ -43,7 +43,8 @@ def _db(args: argparse.Namespace) -> int:
         print(f"embedded PostgreSQL in {pgdata}: {'running' if running else 'stopped'}")
         return 0 if running else 3
     else:
-        print(settings.data_url())
+        url = settings.data_url()
+        print(url if args.show_password else settings.redact(url))
     return 0
 
 
@@ -57,8 +58,10 @@ def _seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env(_: argparse.Namespace) -> int:
+def _env(args: argparse.Namespace) -> int:
     for name, value in prepare().items():
+        if name in (settings.DATA_URL_ENV, settings.DAGSTER_URL_ENV) and not args.show_password:
+            value = settings.redact(value)
         print(f"export {name}={shlex.quote(value)}")
     return 0
 
@@ -400,15 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="manage the embedded PostgreSQL cluster")
     db.add_argument("action", choices=["start", "stop", "status", "url"])
+    db.add_argument("--show-password", action="store_true", help="print `url` with its password")
     db.set_defaults(func=_db)
 
     seed = commands.add_parser("seed", help="(re)generate the demo shop data in schema app")
     seed.add_argument("--orders-per-day", type=bounded(1, 100_000), default=200)
     seed.set_defaults(func=_seed)
 
-    commands.add_parser("env", help="print the environment as shell exports").set_defaults(
-        func=_env
+    env = commands.add_parser("env", help="print the environment as shell exports")
+    env.add_argument(
+        "--show-password",
+        action="store_true",
+        help="print the URLs with their passwords (for `eval`); masked as *** otherwise",
     )
+    env.set_defaults(func=_env)
 
     run = commands.add_parser("exec", help="run a command (e.g. dagster ...) with the environment")
     run.add_argument("command", nargs=argparse.REMAINDER)

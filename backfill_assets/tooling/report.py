@@ -184,6 +184,10 @@ class BackfillWatcher:
         runs = self.instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}))
         statuses = {}
         for run in sorted(runs, key=lambda r: r.run_id):
+            if run.is_complete_and_waiting_to_retry:
+                # Failed, and Dagster's run retries will launch its retry: its partitions are
+                # not failed yet (the backfill daemon waits for the retry too).
+                run = run.with_status(DagsterRunStatus.QUEUED)
             statuses[run.run_id] = run.status
             events = self._ended.get(run.run_id) or self._read(run)
             if run.status in FINISHED:

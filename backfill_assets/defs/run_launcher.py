@@ -1,0 +1,133 @@
+"""Dagster's default run launcher, plus the worker health check that run monitoring needs.
+
+``DefaultRunLauncher`` starts each run in a process forked by the code server and cannot tell
+whether that process is still alive, so Dagster's run monitoring cannot be switched on with it.
+When the code server stays up it notices a dead run worker itself; when the daemon, the code server
+and their workers die together (a killed process group, a reboot, an out-of-memory kill), their
+runs stayed ``STARTED`` forever and kept the queue's slots. This launcher answers the monitoring
+daemon's question from what Dagster already records: every run worker stores an engine event
+"Started process for run (pid: N)". A run whose worker is gone (no such process, a zombie, or a
+process started after the event: the pid was reused) is reported ``FAILED``; monitoring then fails
+the run, and ``run_retries`` in dagster.yaml retries it (selected there, with the intervals).
+
+A worker on another host cannot be seen from here: its runs are reported ``RUNNING``, as without
+monitoring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    DefaultRunLauncher,
+)
+
+from backfill_assets.defs.dagster_internals import (
+    GRPC_INFO_TAG,
+    WILL_RETRY_TAG,
+    CheckRunHealthResult,
+    WorkerStatus,
+    auto_reexecution_should_retry_run,
+)
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+STARTED_PROCESS = "Started process for run"
+# A worker's start time is read in clock ticks (10 ms); the event is stored just after it starts.
+START_SLACK_S = 2.0
+
+
+class MonitoredRunLauncher(DefaultRunLauncher):
+    """``DefaultRunLauncher`` whose run workers can be health-checked; see the module docstring."""
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        if not _worker_is_local(run):
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker on another host")
+        started = worker_start(self._instance, run.run_id)
+        if started is None:
+            # Not recorded yet: the start timeout of run monitoring covers a worker that never
+            # gets this far.
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker not recorded yet")
+        pid, recorded_at = started
+        state = process_state(pid, recorded_at)
+        if state == "running":
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker pid {pid} is alive")
+        self._announce_retry(run)
+        return CheckRunHealthResult(
+            WorkerStatus.FAILED,
+            f"run worker pid {pid} {state}: it died without reporting the end of its run "
+            "(killed, out of memory, or the machine restarted)",
+        )
+
+    def _announce_retry(self, run: DagsterRun) -> None:
+        """Tag the run "will retry" before monitoring fails it, not just after.
+
+        Dagster stores a failed run's status, then its will-retry tag; a backfill daemon tick in
+        between sees no run in progress and none waiting for a retry, and closes the backfill as
+        failed. Run monitoring and the backfill daemon both tick at once when a daemon starts,
+        so after a restart that race was lost every time (seen in the tests).
+        """
+        if not self._instance.run_retries_enabled:
+            return
+        failed = run.with_status(DagsterRunStatus.FAILURE)
+        if auto_reexecution_should_retry_run(self._instance, failed, None):
+            self._instance.add_run_tags(run.run_id, {WILL_RETRY_TAG: "true"})
+
+
+def worker_start(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """The pid and time of the latest "Started process for run" event of ``run_id``."""
+    for record in reversed(instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)):
+        event = record.dagster_event
+        if event is None or not record.message.startswith(STARTED_PROCESS):
+            continue
+        pid = event.engine_event_data.metadata.get("pid")
+        if pid is not None:
+            return int(pid.value), record.timestamp
+    return None
+
+
+def _worker_is_local(run: DagsterRun) -> bool:
+    grpc = json.loads(run.tags.get(GRPC_INFO_TAG) or "{}")
+    return bool(grpc.get("socket")) or grpc.get("host", "localhost") in LOCAL_HOSTS
+
+
+def process_state(pid: int, started_by: float) -> str:
+    """``running``, or why process ``pid`` is not the one that was running at ``started_by``."""
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self/stat").exists():  # not Linux: liveness only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "no longer exists"
+        except PermissionError:
+            pass
+        return "running"
+    try:
+        stat = (proc / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return "no longer exists"
+    # Fields after the command name (which may hold spaces and parentheses): state is the 3rd
+    # field of stat(5), starttime the 22nd.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return "has exited"
+    started_at = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    if started_at > started_by + START_SLACK_S:
+        return "no longer exists (its pid now belongs to a newer process)"
+    return "running"
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise RuntimeError("/proc/stat has no btime line")

@@ -1,0 +1,117 @@
+"""Dead run workers: detected by run monitoring, their runs failed, retried, the backfill completed.
+
+The hard case is the one the code server cannot report: daemon, code server and run worker killed
+together (a killed process group, a reboot). The run stays STARTED in storage; the next daemon's
+monitoring asks the launcher (``defs/run_launcher.py``) whether its worker lives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from support import failed_run_report
+
+from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
+from backfill_assets.defs.run_launcher import process_state, worker_start
+from backfill_assets.tooling import cli
+from backfill_assets.tooling.launch import running_daemon
+
+DAY = "2024-05-01"
+FCT_ORDERS = AssetKey(["analytics", "fct_orders"])
+PARENT_RUN_TAG = "dagster/parent_run_id"
+
+
+def test_a_live_dead_zombie_or_reused_worker_pid_is_told_apart():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_state(child.pid, time.time()) == "running"
+        assert "newer process" in process_state(child.pid, time.time() - 60), "a reused pid"
+        child.kill()
+        deadline = time.monotonic() + 10
+        while process_state(child.pid, time.time()) == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert process_state(child.pid, time.time()) == "has exited", "a zombie is not alive"
+    finally:
+        child.kill()
+        child.wait()
+    assert process_state(child.pid, time.time()) == "no longer exists"
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (found := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    return found
+
+
+def test_a_run_whose_worker_died_with_the_daemon_is_failed_retried_and_its_backfill_completes(
+    dagster_env, tmp_path, capsys, conn
+):
+    log = tmp_path / "daemon.log"
+    # The day's partition lock, held as another writer would: the run's worker waits on it.
+    conn.execute("SELECT pg_advisory_lock(hashtext('analytics.fct_orders'), hashtext(%s))", [DAY])
+    with running_daemon(dagster_env, log) as daemon:
+        args = ["launch", "--select", "analytics/fct_orders", "--from", DAY, "--to", DAY]
+        assert cli.main([*args, "--json"]) == 0
+        backfill_id = json.loads(capsys.readouterr().out)["backfill_id"]
+        with DagsterInstance.get() as instance:
+            run = wait_for(
+                lambda: instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})),
+                180,
+                "the daemon never started the backfill",
+            )[0]
+            pid, _ = wait_for(lambda: worker_start(instance, run.run_id), 180, "no run worker")
+        wait_for(
+            lambda: conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            ).fetchone()[0],
+            120,
+            "the run worker never reached the write",
+        )
+        os.killpg(daemon.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # in case the code server had a session of its own
+        daemon.wait()
+    conn.execute("SELECT pg_advisory_unlock_all()")
+    with DagsterInstance.get() as instance:
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+
+    killed_at = time.monotonic()
+    with running_daemon(dagster_env, log):
+        with DagsterInstance.get() as instance:
+            wait_for(
+                lambda: instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE,
+                60,
+                "monitoring did not fail the dead run",
+            )
+            failed_after = time.monotonic() - killed_at
+        code = cli.main(["status", backfill_id, "--wait"])
+        out = capsys.readouterr().out
+
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        report = failed_run_report(instance, [r.run_id for r in runs], log)
+        messages = [record.message for record in instance.all_logs(run.run_id)]
+        materialized = instance.get_materialized_partitions(FCT_ORDERS)
+    assert code == 0, f"{out}\n{report}"
+    assert failed_after < 45, "within the monitoring interval (15 s) and a daemon start"
+    assert any(f"run worker pid {pid} no longer exists" in m for m in messages), messages
+    retries = [r for r in runs if r.tags.get(PARENT_RUN_TAG) == run.run_id]
+    assert [r.status for r in retries] == [DagsterRunStatus.SUCCESS], report
+    assert materialized == {DAY}
+    rows = conn.execute(
+        "SELECT count(*), count(DISTINCT order_id) FROM analytics.fct_orders"
+    ).fetchone()
+    assert rows[0] == rows[1] > 0
+    audit = conn.execute(
+        "SELECT status, count(*) FROM backfill_audit.backfill_runs GROUP BY 1"
+    ).fetchall()
+    assert audit == [("succeeded", 1)], "the killed write left no audit row"

@@ -1,0 +1,117 @@
+"""No password in any message, output, log, file or table, whatever characters it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill_assets.core import settings
+from backfill_assets.tooling import cli
+
+# Every character that has a meaning in a URL, around a marker that occurs nowhere else.
+MARKER = "Qx7s3cr"
+PASSWORD = f"{MARKER}%@:/#?&z"
+RAW_PASSWORDS = [f"{MARKER}{c}z" for c in "%@:/#?&"] + [f"{MARKER}%zz", f"{MARKER}%4"]
+
+
+def with_password(url: str, password: str, *, encode: bool = True) -> str:
+    params = conninfo_to_dict(settings.to_libpq(url))
+    secret = quote(password, safe="") if encode else password
+    host = params["host"]
+    return f"postgresql://{params['user']}:{secret}@/{params['dbname']}?host={host}"
+
+
+@pytest.mark.parametrize("password", RAW_PASSWORDS)
+def test_a_password_written_raw_into_the_url_never_appears_in_the_error_or_redacted_url(
+    monkeypatch, capsys, password
+):
+    url = f"postgresql://alice:{password}@db.internal:5433/shop"
+    monkeypatch.setenv(settings.DATA_URL_ENV, url)
+    try:
+        shown = settings.redact(settings.data_url())
+    except settings.SettingsError as exc:
+        shown = str(exc)
+        assert settings.DATA_URL_ENV in shown and "percent-encode" in shown
+    assert MARKER not in shown
+    assert cli.main(["db", "url"]) in (0, 2)
+    out, err = capsys.readouterr()
+    assert MARKER not in out + err
+
+
+def test_db_url_and_env_mask_the_password_unless_asked(monkeypatch, capsys, dagster_env):
+    data = with_password(dagster_env[settings.DATA_URL_ENV], PASSWORD)
+    storage = settings.to_sqlalchemy(
+        with_password(settings.to_libpq(dagster_env[settings.DAGSTER_URL_ENV]), PASSWORD)
+    )
+    monkeypatch.setenv(settings.DATA_URL_ENV, data)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage)
+
+    assert cli.main(["db", "url"]) == 0
+    assert cli.main(["env"]) == 0
+    masked = capsys.readouterr().out
+    assert MARKER not in masked and masked.count(":***@") == 3, masked
+    assert cli.main(["db", "url", "--show-password"]) == 0
+    assert cli.main(["env", "--show-password"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count(quote(PASSWORD, safe="")) == 3
+    parsed = conninfo_to_dict(shown.splitlines()[0])
+    assert parsed["password"] == PASSWORD, "the printed URL gives back the exact password"
+
+
+def scan_database(url: str, needle: str) -> list[str]:
+    """Every table of the database whose rows' text holds ``needle``."""
+    found = []
+    with psycopg.connect(settings.to_libpq(url), autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+        ).fetchall()
+        for (table,) in tables:
+            hits = conn.execute(
+                f"SELECT count(*) FROM {table} AS t WHERE strpos(t::text, %s) > 0", [needle]
+            ).fetchone()[0]
+            if hits:
+                found.append(f"{table}: {hits} rows")
+    return found
+
+
+def scan_files(folder: Path, needle: str) -> list[str]:
+    return [
+        str(path)
+        for path in folder.rglob("*")
+        if path.is_file() and needle.encode() in path.read_bytes()
+    ]
+
+
+def test_no_password_is_left_anywhere_after_a_demo_and_a_bad_url(
+    monkeypatch, capsys, dagster_env, tmp_path
+):
+    data = with_password(dagster_env[settings.DATA_URL_ENV], PASSWORD)
+    storage = settings.to_sqlalchemy(
+        with_password(settings.to_libpq(dagster_env[settings.DAGSTER_URL_ENV]), PASSWORD)
+    )
+    monkeypatch.setenv(settings.DATA_URL_ENV, data)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage)
+    monkeypatch.setattr(settings, "LOG_DIR", tmp_path / "logs")
+
+    days = ["--from", "2024-04-01", "--to", "2024-04-02"]
+    code = cli.main(["demo", *days, "--orders-per-day", "20"])
+    demo_out, demo_err = capsys.readouterr()
+    assert code == 0, demo_out + demo_err
+    assert cli.main(["audit"]) == 0
+    assert cli.main(["tables"]) == 0
+    monkeypatch.setenv(settings.DATA_URL_ENV, with_password(data, PASSWORD, encode=False))
+    assert cli.main(["audit"]) == 2
+    out, err = capsys.readouterr()
+
+    leaks = [f"output: {line}" for line in (demo_out + demo_err + out + err).splitlines()]
+    leaks = [line for line in leaks if MARKER in line]
+    leaks += scan_files(tmp_path, MARKER)
+    leaks += scan_database(data, MARKER) + scan_database(storage, MARKER)
+    assert "Backfill" in demo_out and "error:" in err
+    assert leaks == []
