@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from dagster import AssetKey
 from support import (
@@ -10,16 +13,19 @@ from support import (
     audit_rows,
     fingerprints,
     materialize_days,
+    record_past_writes,
     rollback_backfill,
 )
 
 from backfill_assets.core import partition_write, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.database import connect
 from backfill_assets.core.guards import guard
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import write_verified
 from backfill_assets.core.rollback import RollbackError, restore, snapshots_of_backfill
 from backfill_assets.core.tables import ensure_table
+from backfill_assets.tooling import cli
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03"]
 BACKFILL = {"dagster/backfill": "fixtax01"}
@@ -97,6 +103,87 @@ def test_a_write_whose_audit_row_is_refused_is_rolled_back_with_its_snapshot(dat
     assert kept.fetchone()[0] == snapshot_rows
     statuses = [r["status"] for r in audit_rows(conn, dagster_run_id="run-unaudited")]
     assert statuses == ["succeeded", "failed"]
+
+
+def write_day(conn, audit, run, day=DAYS[0]):
+    window = FCT_ORDERS.partitioning.window(day)
+    params = params_for(FCT_ORDERS, {})
+    return write_verified(
+        conn, audit, run, FCT_ORDERS, window, params, guard(conn, FCT_ORDERS, window, params)
+    )
+
+
+def test_a_locked_audit_table_fails_the_write_within_the_lock_timeout_and_says_why(
+    data_url, conn
+):
+    ensure_table(conn, FCT_ORDERS)
+    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
+    run = RunInfo("run-locked-audit", None, "tester", {})
+    with AuditTrail(data_url) as audit, connect(data_url) as locker:
+        assert write_day(conn, audit, run).succeeded
+        before = fingerprints(conn, [DAYS[0]])
+        rewrite_source(conn)
+        with locker.transaction():
+            # Reads go on, inserts wait: what a maintenance job or a careless session does.
+            locker.execute("LOCK TABLE backfill_audit.backfill_runs IN EXCLUSIVE MODE")
+            release = threading.Timer(60, locker.cancel)  # never hang the suite
+            release.start()
+            started = time.monotonic()
+            outcome = write_day(conn, audit, run)
+            waited = time.monotonic() - started
+            release.cancel()
+
+    assert not outcome.succeeded
+    assert waited < 30, f"the write waited {waited:.0f}s for the audit table"
+    assert "backfill_audit.backfill_runs stayed locked by another session" in outcome.error
+    assert "the write was rolled back" in outcome.error
+    assert fingerprints(conn, [DAYS[0]]) == before
+
+
+def test_a_rollback_whose_audit_row_is_refused_restores_nothing_and_says_why(
+    postgres, instance, conn, data_url
+):
+    assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
+    rewrite_source(conn)
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    before = fingerprints(conn, [DAYS[0]])
+    audit_before = audit_rows(conn)
+    conn.execute(
+        "DO $$BEGIN CREATE ROLE auditless; EXCEPTION WHEN duplicate_object THEN NULL; END$$"
+    )
+    conn.execute("GRANT USAGE ON SCHEMA analytics, backfill_audit, backfill_snapshots TO auditless")
+    conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA analytics, backfill_snapshots TO auditless")
+    conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA backfill_audit TO auditless")
+    conn.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA backfill_audit TO auditless")
+    conn.execute("SET ROLE auditless")
+    run = RunInfo("run-rollback", None, "tester", {})
+    refs = [snapshots_of_backfill(conn, REGISTRY, "fixtax01")[0]]
+    with AuditTrail(data_url) as audit, pytest.raises(RollbackError) as refused:
+        restore(conn, audit, run, refs)
+    conn.execute("RESET ROLE")
+
+    assert "rollback failed and changed nothing" in str(refused.value)
+    assert "grant INSERT on backfill_audit.backfill_runs" in str(refused.value)
+    assert fingerprints(conn, [DAYS[0]]) == before
+    added = audit_rows(conn)[len(audit_before) :]
+    assert [(r["status"], r["strategy"]) for r in added] == [("failed", "rollback")]
+    assert added[0]["error"].startswith("rollback not applied: the audit row could not be written")
+
+
+def test_rows_left_running_by_a_killed_process_are_closed_as_abandoned(conn, capsys, dagster_env):
+    record_past_writes(conn, "analytics.fct_orders", seconds=1, count=2)
+    conn.execute("UPDATE backfill_audit.backfill_runs SET status = 'running' WHERE id = 2")
+
+    assert cli.main(["audit", "--close-abandoned"]) == 0
+    assert cli.main(["audit", "--close-abandoned"]) == 0
+
+    assert capsys.readouterr().out.splitlines() == [
+        "closed 1 abandoned audit row(s) as failed: [2]",
+        "closed 0 abandoned audit row(s) as failed: -",
+    ]
+    rows = {row["id"]: row for row in audit_rows(conn)}
+    assert rows[1]["status"] == "succeeded"
+    assert rows[2]["status"] == "failed" and rows[2]["error"].startswith("abandoned:")
 
 
 def test_an_interrupted_write_keeps_the_old_rows_and_records_it_as_failed(

@@ -5,8 +5,11 @@ commits with the data or vanishes with it, so no write commits without its row a
 write that was rolled back, and the bookkeeping costs no commit of its own. Its id is taken from
 the sequence before the transaction, so the snapshot the DELETE fills can carry it. Outcomes that
 happen after a rollback (failed, refused, interrupted) are recorded through the trail's own
-autocommit connection; a problem there is logged as a warning. Rollbacks still open a row as
-``running`` and close it after their transaction.
+autocommit connection; a problem there is logged as a warning. Rollbacks audit the same way.
+
+The audit never holds a write up for long: its statements wait at most ``LOCK_TIMEOUT`` for a lock
+on the audit table. A write whose audit row cannot be inserted (locked table, revoked privilege,
+a raising trigger) is rolled back with ``AuditUnavailable`` saying why.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
-from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -66,11 +68,69 @@ CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
 
 log = logging.getLogger(__name__)
 
+LOCK_TIMEOUT = "5s"
+ABANDONED = (
+    "abandoned: the process recording it ended without closing it (killed); its transaction "
+    "rolled back, nothing of it was committed"
+)
+
+
+class AuditUnavailable(Exception):
+    """The audit row of a write could not be inserted; the write is rolled back."""
+
 
 def ensure_audit_table(conn: psycopg.Connection) -> None:
+    """Create or update the audit table; a no-op (no DDL, no lock) when it is current.
+
+    ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` takes an exclusive lock even when the column
+    exists, which would queue every run behind any open reader of the audit table.
+    """
+    current = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = "
+        "to_regclass('backfill_audit.backfill_runs') AND attname = 'write_id' AND NOT attisdropped"
+    ).fetchone()[0]
+    if current:
+        return
     with conn.transaction():
         lock_schema_changes(conn)
         conn.execute(DDL)
+
+
+def close_abandoned(conn: psycopg.Connection) -> list[int]:
+    """Close rows left ``running``; returns their ids.
+
+    This version never leaves such rows (every row is inserted complete, in its write's
+    transaction or after its rollback); earlier versions opened rollbacks' rows as ``running``,
+    and a killed process left them so, wrongly telling that something was still happening.
+    """
+    ensure_audit_table(conn)
+    rows = conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), "
+            "error = coalesce(error || '; ', '') || %s WHERE status = 'running' RETURNING id"
+        ).format(TABLE),
+        [ABANDONED],
+    ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def _unavailable(exc: psycopg.Error) -> AuditUnavailable:
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        reason = (
+            f"{SCHEMA}.backfill_runs stayed locked by another session for {LOCK_TIMEOUT} (find "
+            "it in pg_locks and pg_stat_activity)"
+        )
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        reason = (
+            f"{(exc.diag.message_primary or str(exc)).strip()}: grant INSERT on "
+            f"{SCHEMA}.backfill_runs and USAGE on {SCHEMA}.backfill_runs_id_seq to this role"
+        )
+    else:
+        reason = (exc.diag.message_primary or str(exc)).strip()
+    return AuditUnavailable(
+        f"the audit row could not be written ({reason}); the write was rolled back, since no "
+        "write is committed unaudited"
+    )
 
 
 @cache
@@ -112,44 +172,6 @@ class AuditTrail:
     def __exit__(self, *_: object) -> None:
         if self._conn is not None:
             self._conn.close()
-
-    def start(
-        self,
-        run: RunInfo,
-        *,
-        asset_key: str,
-        table: str,
-        partition: str,
-        strategy: str,
-        sql_hash: str,
-        rows_before: int | None = None,
-        restored_from: int | None = None,
-        write_id: UUID | None = None,
-    ) -> int | None:
-        return self._execute(
-            sql.SQL(
-                "INSERT INTO {} (dagster_run_id, backfill_id, asset_key, table_name, partition_key,"
-                " strategy, code_version, sql_hash, launched_by, parameters, rows_before,"
-                " restored_from, write_id, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " %s, %s, %s, 'running') RETURNING id"
-            ).format(TABLE),
-            [
-                run.dagster_run_id,
-                run.backfill_id,
-                asset_key,
-                table,
-                partition,
-                strategy,
-                code_version(),
-                sql_hash,
-                run.launched_by,
-                json.dumps(run.parameters, default=str),
-                rows_before,
-                restored_from,
-                write_id,
-            ],
-            returning=True,
-        )
 
     def reserve_id(self, conn: psycopg.Connection) -> int:
         """An id for the audit row of a write about to start on ``conn``."""
@@ -208,22 +230,12 @@ class AuditTrail:
             sql.SQL(", ").join(sql.Placeholder() for _ in columns),
         )
         if conn is not None:
-            return conn.execute(query, list(columns.values())).fetchone()[0]
+            try:
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
+                return conn.execute(query, list(columns.values())).fetchone()[0]
+            except psycopg.Error as exc:
+                raise _unavailable(exc) from exc
         return self._execute(query, list(columns.values()), returning=True)
-
-    def finish(self, audit_id: int | None, status: str, **fields: object) -> None:
-        """Close a row: ``status`` plus any of rows_*, checksum_*, snapshot_rows, error."""
-        if audit_id is None:
-            return
-        assignments = sql.SQL(", ").join(
-            sql.SQL("{} = %s").format(sql.Identifier(name)) for name in ["status", *fields]
-        )
-        self._execute(
-            sql.SQL("UPDATE {} SET {}, ended_at = clock_timestamp() WHERE id = %s").format(
-                TABLE, assignments
-            ),
-            [status, *fields.values(), audit_id],
-        )
 
     def _execute(
         self, query: sql.Composed, params: list[object], *, returning: bool = False
@@ -231,6 +243,7 @@ class AuditTrail:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._url, application_name="backfill_assets.core.audit")
+                self._conn.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_TIMEOUT])
                 ensure_audit_table(self._conn)
             cursor = self._conn.execute(query, params)
             return cursor.fetchone()[0] if returning else None

@@ -14,7 +14,7 @@ from uuid import uuid4
 import psycopg
 
 from backfill_assets.core import snapshots
-from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.guards import SourceStats, guard_all
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
@@ -175,7 +175,7 @@ def write_verified(
         result = replace_partition(
             conn, table, window, keep_previous=kept, before_commit=verify_and_record
         )
-    except (VerificationFailed, psycopg.Error) as exc:
+    except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
         error = str(exc).strip()
         record_failure(error)
         return PartitionOutcome(

@@ -9,6 +9,7 @@ Rolling back a whole backfill is one transaction: either every partition is rest
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import psycopg
@@ -16,11 +17,11 @@ from psycopg import sql
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
-from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import KeptRows, replace_partition
+from backfill_assets.core.writer import replace_partition
 
 STRATEGY = "rollback"
 
@@ -157,65 +158,73 @@ def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
 def restore(
     conn: psycopg.Connection, audit: AuditTrail, run: RunInfo, refs: list[SnapshotRef]
 ) -> list[RollbackResult]:
-    """Restore every partition in ``refs`` to its snapshot, all in one transaction."""
+    """Restore every partition in ``refs`` to its snapshot, all in one transaction.
+
+    Like a write, each restored partition's audit row is inserted complete inside that
+    transaction: it commits with the restore or not at all (a killed rollback leaves no row
+    claiming anything), and a refused audit insert rolls the restore back.
+    """
     for ref in refs:
         _check_available(conn, ref)
-    write_ids = {ref.audit_id: uuid4() for ref in refs}
-    audit_ids = {
-        ref.audit_id: audit.start(
+    ids = {ref.audit_id: (audit.reserve_id(conn), uuid4()) for ref in refs}
+    started_at = datetime.now(UTC)
+    results: list[RollbackResult] = []
+
+    def record(ref: SnapshotRef, **fields: object) -> int | None:
+        audit_id, write_id = ids[ref.audit_id]
+        return audit.record(
             run,
             asset_key=ref.table.asset_name,
             table=ref.table.qualified_name,
             partition=ref.partition_key,
             strategy=STRATEGY,
             sql_hash=ref.table.sql_hash,
+            started_at=started_at,
+            audit_id=audit_id,
+            write_id=write_id,
             restored_from=ref.audit_id,
-            write_id=write_ids[ref.audit_id],
+            **fields,
         )
-        for ref in refs
-    }
-    results: list[RollbackResult] = []
+
     try:
         with conn.transaction():
             for ref in refs:
-                results.append(
-                    _restore_one(conn, ref, audit_ids[ref.audit_id], write_ids[ref.audit_id])
-                )
-    except psycopg.Error as exc:
-        for audit_id in audit_ids.values():
-            audit.finish(audit_id, "failed", error=f"rollback not applied: {exc}".strip())
+                results.append(_restore_one(conn, ref, *ids[ref.audit_id], record))
+    except (psycopg.Error, AuditUnavailable) as exc:
+        for ref in refs:
+            record(ref, status="failed", error=f"rollback not applied: {exc}".strip())
         raise RollbackError(f"rollback failed and changed nothing: {exc}") from exc
     except BaseException as exc:
         # Interrupted (a terminated run, Ctrl-C): the transaction rolled back; say so, go on.
-        for audit_id in audit_ids.values():
-            audit.finish(audit_id, "failed", error=f"rollback not applied: {exc!r}")
+        for ref in refs:
+            record(ref, status="failed", error=f"rollback not applied: {exc!r}")
         raise
-    for result in results:
-        audit.finish(
-            result.audit_id,
-            "succeeded",
-            rows_deleted=result.rows_deleted,
-            rows_inserted=result.rows_restored,
-            rows_after=result.rows_restored,
-            checksum_after=result.checksum_after,
-            checksum_before=result.checksum_before,
-            snapshot_rows=result.snapshot_rows,
-        )
     return results
 
 
-def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | None, write_id: UUID):
+def _restore_one(
+    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
+) -> RollbackResult:
     window = ref.table.partitioning.window(ref.partition_key)
-    kept_rows = (
-        snapshots.kept_rows(ref.table, audit_id, write_id) if audit_id is not None else KeptRows()
-    )
+    kept_rows = snapshots.kept_rows(ref.table, audit_id, write_id)
     kept: dict[str, object] = {}
 
-    def checksums(connection: psycopg.Connection, _: object) -> None:
+    def checksums_and_audit(connection: psycopg.Connection, write) -> None:
         kept["after"] = fingerprint_of(connection, ref.table, ref.table.identifier, window).checksum
         kept["before"] = fingerprint_of(
             connection, ref.table, kept_rows.relation(ref.table), window
         ).checksum
+        record(
+            ref,
+            conn=connection,
+            status="succeeded",
+            rows_deleted=write.rows_deleted,
+            rows_inserted=write.rows_inserted,
+            rows_after=write.rows_inserted,
+            checksum_before=kept["before"],
+            checksum_after=kept["after"],
+            snapshot_rows=write.rows_deleted,
+        )
 
     result = replace_partition(
         conn,
@@ -224,7 +233,7 @@ def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | Non
         source=snapshots.restore_source(ref.table),
         params={"snapshot_id": ref.audit_id, "write_id": ref.write_id},
         keep_previous=kept_rows,
-        before_commit=checksums,
+        before_commit=checksums_and_audit,
     )
     return RollbackResult(
         ref,
@@ -233,5 +242,5 @@ def _restore_one(conn: psycopg.Connection, ref: SnapshotRef, audit_id: int | Non
         result.rows_inserted,
         checksum_before=kept["before"],
         checksum_after=kept["after"],
-        snapshot_rows=result.rows_deleted if audit_id is not None else None,
+        snapshot_rows=result.rows_deleted,
     )

@@ -136,10 +136,14 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from backfill_assets.core.audit import recent_rows
+    from backfill_assets.core.audit import close_abandoned, recent_rows
 
     prepare()
     with connect(settings.data_url()) as conn:
+        if args.close_abandoned:
+            closed = close_abandoned(conn)
+            print(f"closed {len(closed)} abandoned audit row(s) as failed: {closed or '-'}")
+            return 0
         frame = recent_rows(conn, backfill_id=args.backfill, limit=args.limit)
     print(frame.to_string(index=False) if not frame.empty else "no audit rows yet")
     return 0
@@ -437,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="show recent rows of backfill_audit.backfill_runs")
     audit.add_argument("--backfill", help="only this backfill's rows")
     audit.add_argument("--limit", type=bounded(1, 100_000), default=20)
+    audit.add_argument(
+        "--close-abandoned",
+        action="store_true",
+        help="mark rows left 'running' by a killed process (earlier versions) as failed",
+    )
     audit.set_defaults(func=_audit)
 
     snap = commands.add_parser("snapshots", help="expire old snapshots, erase a customer's rows")
