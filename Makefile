@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint format ui bench db-stop clean
+.PHONY: setup demo test soak lint format ui bench db-stop clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true.
+soak: setup
+	BACKFILL_SOAK_TRIALS=$${BACKFILL_SOAK_TRIALS:-300} $(BIN)/pytest -s tests/test_kill_soak.py
 
 lint: setup
 	$(BIN)/ruff check .
