@@ -16,17 +16,41 @@ class DatabaseUnavailableError(RuntimeError):
     """PostgreSQL could not be reached; nothing was read or written."""
 
 
-def connect(url: str, *, application_name: str = "backfill_assets") -> psycopg.Connection:
-    """An autocommit connection: every write path opens its own explicit transaction."""
+def connect(
+    url: str,
+    *,
+    application_name: str = "backfill_assets",
+    variable: str = "BACKFILL_PG_URL",
+) -> psycopg.Connection:
+    """An autocommit connection: every write path opens its own explicit transaction.
+
+    A failure names the server, the URL's ``variable`` and libpq's own reason ("Connection
+    refused", "password authentication failed ...").
+    """
     try:
         return psycopg.connect(url, autocommit=True, application_name=application_name)
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = libpq_reason(exc)
+        hint = (
+            f"Check the user, password and database name in {variable}."
+            if "FATAL" in reason
+            else "Is the server running? For the embedded one run `backfill-assets db start`; "
+            f"for your own server check {variable}."
+        )
         raise DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL at {redact(url)}: {reason}. "
-            "Is the server running? For the embedded one run `backfill-assets db start`; "
-            "for your own server check BACKFILL_PG_URL."
+            f"cannot connect to PostgreSQL at {redact(url)} ({variable}): {reason}. {hint}"
         ) from None
+
+
+def libpq_reason(exc: Exception) -> str:
+    """libpq's reason for a failed connection, one line per address tried, without its hints.
+
+    psycopg's message is "connection failed: connection to server at "h", port p failed: REASON"
+    followed by hint lines ("Is the server running on that host ..."), which alone say nothing.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    reasons = [line.removeprefix("connection failed: ") for line in lines if "failed:" in line]
+    return "; ".join(reasons or lines[:1]) or type(exc).__name__
 
 
 def lock_schema_changes(conn: psycopg.Connection) -> None:
@@ -124,7 +148,7 @@ def ensure_database(url: str, *, create: bool = True, variable: str = "the URL")
     if not dbname:
         raise ValueError(f"no database name in {redact(url)}")
     try:
-        connect(url).close()
+        connect(url, variable=variable).close()
         return False
     except DatabaseUnavailableError as exc:
         if "does not exist" not in str(exc):

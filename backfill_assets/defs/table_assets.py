@@ -18,7 +18,7 @@ from dagster import (
     asset,
 )
 
-from backfill_assets.core import snapshots
+from backfill_assets.core import settings, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.contract import (
     ContractError,
@@ -33,6 +33,7 @@ from backfill_assets.core.partition_write import (
     run_guards,
     write_verified,
 )
+from backfill_assets.core.privileges import PrivilegeError, require_data_grants
 from backfill_assets.core.progress import Progress
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
@@ -107,9 +108,10 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
         ):
             try:
+                require_data_grants(conn, table.upstream, settings.DATA_URL_ENV)
                 check_contract(conn, table)
                 check_target(conn, table)
-            except (ContractError, SourceNotReady) as exc:
+            except (PrivilegeError, ContractError, SourceNotReady) as exc:
                 raise Failure(description=f"{exc}. Nothing was written.") from None
             ensure_table(conn, table)
             ensure_snapshot_table(conn, table)

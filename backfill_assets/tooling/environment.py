@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from backfill_assets.core import settings
-from backfill_assets.core.database import ensure_database
+from backfill_assets.core.database import connect, ensure_database
+from backfill_assets.core.privileges import require_dagster_grants, require_data_grants
 from backfill_assets.project import ensure_manifest
 from backfill_assets.tooling import embedded
 
@@ -21,15 +22,31 @@ def prepare(*, create_databases: bool | None = None) -> dict[str, str]:
     if embedded_server:
         embedded.start(settings.embedded_pgdata())
     create = embedded_server if create_databases is None else create_databases
-    ensure_database(settings.data_url(), create=create, variable=settings.DATA_URL_ENV)
+    data_url = settings.data_url()
+    ensure_database(data_url, create=create, variable=settings.DATA_URL_ENV)
     env = settings.process_env()
-    ensure_database(
-        settings.to_libpq(env[settings.DAGSTER_URL_ENV]),
-        create=create,
-        variable=settings.DAGSTER_URL_ENV
+    dagster_url = settings.to_libpq(env[settings.DAGSTER_URL_ENV])
+    dagster_variable = (
+        settings.DAGSTER_URL_ENV
         if os.environ.get(settings.DAGSTER_URL_ENV)
-        else f"{settings.DAGSTER_URL_ENV} unset, so the data server's database dagster",
+        else f"{settings.DAGSTER_URL_ENV} unset, so the data server's database dagster"
     )
+    ensure_database(dagster_url, create=create, variable=dagster_variable)
+    with connect(data_url) as conn:
+        require_data_grants(conn, _declared_sources(), settings.DATA_URL_ENV)
+    with connect(dagster_url, variable=dagster_variable) as conn:
+        require_dagster_grants(conn, dagster_variable)
     os.environ.update(env)
     ensure_manifest()
     return env
+
+
+def _declared_sources() -> list[str]:
+    """The source tables the declarations read (none when a declaration is broken: the commands
+    that load them say what is wrong)."""
+    from backfill_assets.core.registry import load_registry
+
+    try:
+        return [source for table in load_registry() for source in table.upstream]
+    except ValueError:
+        return []
