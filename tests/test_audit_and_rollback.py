@@ -113,9 +113,7 @@ def write_day(conn, audit, run, day=DAYS[0]):
     )
 
 
-def test_a_locked_audit_table_fails_the_write_within_the_lock_timeout_and_says_why(
-    data_url, conn
-):
+def test_a_locked_audit_table_fails_the_write_within_the_lock_timeout_and_says_why(data_url, conn):
     ensure_table(conn, FCT_ORDERS)
     snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
     run = RunInfo("run-locked-audit", None, "tester", {})

@@ -70,8 +70,12 @@ def test_launch_creates_an_asset_backfill_that_the_daemon_completes_and_status_r
             ["--select", "analytics/fct_orders", "--from", DAYS[0], "--to", DAYS[0], "--tags", "x"],
             "JSON",
         ),
+        (
+            ["--select", "analytics/fct_orders", "--from", "", "--to", ""],
+            "unknown partition key ''",
+        ),
     ],
-    ids=["unknown", "source", "malformed", "reversed", "out-of-range", "bad-tags"],
+    ids=["unknown", "source", "malformed", "reversed", "out-of-range", "bad-tags", "empty"],
 )
 def test_bad_input_to_launch_is_one_line_and_launches_nothing(dagster_env, capsys, args, message):
     assert cli.main(["launch", *args]) == 2

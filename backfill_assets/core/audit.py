@@ -25,7 +25,7 @@ from functools import cache
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core.database import connect, lock_schema_changes
+from backfill_assets.core.database import connect, schema_changes
 from backfill_assets.core.settings import REPO_ROOT
 
 SCHEMA = "backfill_audit"
@@ -91,8 +91,7 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
     ).fetchone()[0]
     if current:
         return
-    with conn.transaction():
-        lock_schema_changes(conn)
+    with schema_changes(conn):
         conn.execute(DDL)
 
 

@@ -53,13 +53,23 @@ def libpq_reason(exc: Exception) -> str:
     return "; ".join(reasons or lines[:1]) or type(exc).__name__
 
 
-def lock_schema_changes(conn: psycopg.Connection) -> None:
-    """Serialise this transaction's CREATE ... IF NOT EXISTS with other runs'.
+@contextmanager
+def schema_changes(conn: psycopg.Connection) -> Iterator[None]:
+    """A transaction for ``CREATE ... IF NOT EXISTS`` statements, one run at a time.
 
     Two runs starting together would otherwise race in the catalog: IF NOT EXISTS does not stop
-    a concurrent CREATE of the same name from failing with a unique violation.
+    a concurrent CREATE of the same name from failing with a unique violation. The lock is taken
+    *before* the transaction begins: a transaction that waited for it inside would still look
+    names up in the catalog as it was when it began, miss what the other run just created, and
+    fail on it all the same.
     """
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('backfill_assets.schema_changes'))")
+    conn.execute("SELECT pg_advisory_lock(hashtext('backfill_assets.schema_changes'))")
+    try:
+        with conn.transaction():
+            yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('backfill_assets.schema_changes'))")
 
 
 def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:

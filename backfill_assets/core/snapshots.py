@@ -13,7 +13,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core.database import column_names, lock_schema_changes, relation_exists
+from backfill_assets.core.database import column_names, relation_exists, schema_changes
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows
 
@@ -31,7 +31,12 @@ def snapshot_table(table: TableSpec) -> sql.Identifier:
 
 
 def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
+    """Create the table's snapshot table, or add the columns it lacks; no DDL (and so no lock
+    behind other runs' writes into it) when it is current."""
     target = snapshot_table(table)
+    wanted = {"audit_id", "taken_at", "write_id", *table.column_names}
+    if wanted <= column_names(conn, *snapshot_relation(table)):
+        return
     statements = [
         sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
         sql.SQL(
@@ -52,8 +57,7 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
             sql.Identifier(f"{table.schema}__{table.name}_taken_brin"), target, SUMMARIZE
         ),
     ]
-    with conn.transaction():
-        lock_schema_changes(conn)
+    with schema_changes(conn):
         for statement in statements:
             conn.execute(statement)
         # A column added to the table after its first snapshot (see contract.check_target).

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core.database import lock_schema_changes
+from backfill_assets.core.database import schema_changes
 from backfill_assets.core.partitioning import Partitioning
 
 
@@ -142,7 +142,26 @@ class TableSpec:
 
 
 def ensure_table(conn: psycopg.Connection, table: TableSpec) -> None:
-    with conn.transaction():
-        lock_schema_changes(conn)
+    """Create the table, its schema and its index if the table does not exist yet.
+
+    An existing table is left alone, without DDL: ``CREATE ... IF NOT EXISTS`` still takes locks
+    (and ``CREATE SCHEMA`` a privilege check) before it finds the object there, so running it at
+    every run would queue the run behind readers of the table on a live database.
+    """
+    if _has_partition_index(conn, table):
+        return
+    with schema_changes(conn):
         for statement in table.create_statements():
             conn.execute(statement)
+
+
+def _has_partition_index(conn: psycopg.Connection, table: TableSpec) -> bool:
+    """The table exists and has an index led by its partition column."""
+    return bool(
+        conn.execute(
+            "SELECT count(*) FROM pg_index AS i JOIN pg_attribute AS a ON a.attrelid = "
+            "i.indrelid AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) "
+            "AND a.attname = %s",
+            [table.identifier.as_string(conn), table.partition_column],
+        ).fetchone()[0]
+    )
