@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from support import database_checksum, materialize_days
+from support import database_checksum, materialize_days, record_past_writes
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
@@ -155,3 +159,20 @@ def test_a_database_name_typo_on_your_own_server_is_an_error_and_creates_nothing
         assert not conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = 'backfil_typo'"
         ).fetchone()
+
+
+def test_a_reader_that_stops_early_ends_the_output_without_a_traceback(dagster_env):
+    command = f"{Path(sys.executable).parent / 'backfill-assets'} tables | true"
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_the_audit_prints_missing_counts_as_blanks_not_nan(dagster_env, conn, capsys):
+    record_past_writes(conn, "analytics.fct_orders", seconds=2, count=1)
+    conn.execute("UPDATE backfill_audit.backfill_runs SET rows_inserted = 1309")
+
+    assert cli.main(["audit"]) == 0
+
+    out = capsys.readouterr().out
+    assert " 1309 " in out and "1309.0" not in out
+    assert "NaN" not in out and "<NA>" not in out and "None" not in out

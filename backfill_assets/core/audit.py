@@ -283,4 +283,6 @@ def recent_rows(conn: psycopg.Connection, *, backfill_id: str | None = None, lim
         columns, TABLE, where
     )
     rows = conn.execute(query, {"backfill": backfill_id, "limit": limit}).fetchall()
-    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+    # Nullable dtypes: a count absent from a row (a refusal deletes nothing) stays an integer
+    # column with a gap, not a float column.
+    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).convert_dtypes()

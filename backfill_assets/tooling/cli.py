@@ -145,7 +145,9 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"closed {len(closed)} abandoned audit row(s) as failed: {closed or '-'}")
             return 0
         frame = recent_rows(conn, backfill_id=args.backfill, limit=args.limit)
-    print(frame.to_string(index=False) if not frame.empty else "no audit rows yet")
+    # Counts absent from a row (a refusal deletes nothing) print empty, not as NaN floats.
+    shown = frame.astype(object).where(frame.notna(), "")
+    print(shown.to_string(index=False) if not frame.empty else "no audit rows yet")
     return 0
 
 
@@ -517,6 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (settings.SettingsError, DatabaseUnavailableError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`backfill-assets tables | head`): stop quietly, as Unix tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
