@@ -184,6 +184,19 @@ def test_rows_left_running_by_a_killed_process_are_closed_as_abandoned(conn, cap
     assert rows[2]["status"] == "failed" and rows[2]["error"].startswith("abandoned:")
 
 
+def test_a_run_closes_rows_left_running_by_a_killed_process(postgres, instance, conn):
+    record_past_writes(conn, "analytics.fct_orders", seconds=1, count=1)
+    conn.execute("UPDATE backfill_audit.backfill_runs SET status = 'running'")
+
+    result = materialize_days(postgres, instance, DAYS[0])
+
+    assert result.success
+    closed = audit_rows(conn, id=1)[0]
+    assert closed["status"] == "failed" and closed["error"].startswith("abandoned:")
+    warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 30]
+    assert any("left running by a killed process: [1]" in w for w in warnings), warnings
+
+
 def test_an_interrupted_write_keeps_the_old_rows_and_records_it_as_failed(
     data_url, conn, monkeypatch
 ):

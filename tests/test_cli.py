@@ -176,3 +176,23 @@ def test_the_audit_prints_missing_counts_as_blanks_not_nan(dagster_env, conn, ca
     out = capsys.readouterr().out
     assert " 1309 " in out and "1309.0" not in out
     assert "NaN" not in out and "<NA>" not in out and "None" not in out
+
+
+def test_a_wrong_port_keeps_libpqs_reason_and_names_the_variable(dagster_env, monkeypatch, capsys):
+    monkeypatch.setenv(settings.DATA_URL_ENV, "postgresql://postgres@127.0.0.1:1/backfill")
+
+    assert cli.main(["audit"]) == 2
+
+    error = capsys.readouterr().err
+    assert "Connection refused" in error and f"({settings.DATA_URL_ENV})" in error, error
+
+
+def test_a_refused_login_to_dagsters_storage_names_its_variable(dagster_env, monkeypatch, capsys):
+    storage = dagster_env[settings.DAGSTER_URL_ENV].replace("://postgres@", "://nobody_here@")
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage)
+
+    assert cli.main(["audit"]) == 2
+
+    error = capsys.readouterr().err
+    assert 'role "nobody_here" does not exist' in error, error
+    assert f"({settings.DAGSTER_URL_ENV})" in error and "Check the user, password" in error

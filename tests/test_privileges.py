@@ -52,18 +52,23 @@ def as_role(url: str) -> str:
 def least_privileged(cluster, data_url, dagster_env, monkeypatch):
     """Set up the role's databases with every grant but ``leave_out``; returns the setter."""
 
-    def setup(leave_out: str | None = None) -> dict[str, str]:
+    def setup(leave_out: str | None = None, *, empty: bool = False) -> dict[str, str]:
+        """``empty``: a new data database without the demo's sources (the demo seeds them)."""
         dagster_db = f"dagster_{uuid.uuid4().hex[:8]}_least"
+        data_db = f"data_{uuid.uuid4().hex[:8]}_least" if empty else None
         with connect(cluster) as admin:
             admin.execute(
                 f"DO $$BEGIN CREATE ROLE {ROLE} LOGIN; "
                 "EXCEPTION WHEN duplicate_object THEN NULL; END$$"
             )
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dagster_db)))
-        data_db = conninfo_to_dict(data_url)["dbname"]
+            for db in filter(None, (dagster_db, data_db)):
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        data = settings.with_database(data_url, data_db) if empty else data_url
+        data_db = conninfo_to_dict(data)["dbname"]
         dagster_url = settings.with_database(data_url, dagster_db)
+        data_grants = {k: v for k, v in DATA_GRANTS.items() if not empty or "DATABASE" in v}
         for url, db, grants in (
-            (data_url, data_db, DATA_GRANTS),
+            (data, data_db, data_grants),
             (dagster_url, dagster_db, DAGSTER_GRANTS),
         ):
             with connect(url) as conn:
@@ -79,7 +84,7 @@ def least_privileged(cluster, data_url, dagster_env, monkeypatch):
                     if name != leave_out:
                         conn.execute(grant.format(db=sql.Identifier(db).as_string(conn)))
         urls = {
-            settings.DATA_URL_ENV: as_role(data_url),
+            settings.DATA_URL_ENV: as_role(data),
             settings.DAGSTER_URL_ENV: settings.to_sqlalchemy(as_role(dagster_url)),
             "data_db": data_db,
         }
@@ -111,6 +116,25 @@ def test_a_role_with_exactly_the_documented_grants_runs_the_demo_backfill(
     assert owners == [(ROLE,)], "everything the backfill built belongs to the role"
     assert cli.main(["audit", "--limit", "1"]) == 0
     assert "succeeded" in capsys.readouterr().out
+
+
+def test_the_demo_runs_as_a_role_with_only_the_database_grants(
+    least_privileged, tmp_path, capsys, monkeypatch
+):
+    urls = least_privileged(empty=True)
+    monkeypatch.setattr(settings, "LOG_DIR", tmp_path / "logs")
+
+    days = ["--from", "2024-04-01", "--to", "2024-04-02", "--orders-per-day", "20"]
+    code = cli.main(["demo", *days])
+
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "partitions materialized: 2 of 2" in out
+    with connect(urls[settings.DATA_URL_ENV]) as conn:
+        owner = conn.execute(
+            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'app'"
+        )
+        assert owner.fetchone()[0] == ROLE, "the demo created its sources as the role"
 
 
 @pytest.mark.parametrize("leave_out", list(EXPECTED))

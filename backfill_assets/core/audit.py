@@ -100,7 +100,8 @@ def close_abandoned(conn: psycopg.Connection) -> list[int]:
 
     This version never leaves such rows (every row is inserted complete, in its write's
     transaction or after its rollback); earlier versions opened rollbacks' rows as ``running``,
-    and a killed process left them so, wrongly telling that something was still happening.
+    and a killed process left them so, wrongly telling that something was still happening. Every
+    run closes them as it starts, and ``backfill-assets audit --close-abandoned`` does on demand.
     """
     ensure_audit_table(conn)
     rows = conn.execute(

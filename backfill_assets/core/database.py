@@ -161,8 +161,8 @@ def ensure_database(url: str, *, create: bool = True, variable: str = "the URL")
         connect(url, variable=variable).close()
         return False
     except DatabaseUnavailableError as exc:
-        if "does not exist" not in str(exc):
-            raise
+        if f'database "{dbname}" does not exist' not in str(exc):
+            raise  # unreachable, refused login, a role that does not exist: said as it is
         if not create:
             raise DatabaseUnavailableError(
                 f"database {dbname!r} does not exist ({variable}: {redact(url)}). Correct the "

@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from backfill_assets.core import settings, snapshots
-from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.audit import AuditTrail, RunInfo, close_abandoned
 from backfill_assets.core.contract import (
     ContractError,
     SourceNotReady,
@@ -115,6 +115,11 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 raise Failure(description=f"{exc}. Nothing was written.") from None
             ensure_table(conn, table)
             ensure_snapshot_table(conn, table)
+            abandoned = close_abandoned(conn)
+            if abandoned:
+                context.log.warning(
+                    f"closed audit rows left running by a killed process: {abandoned}"
+                )
             guarded = run_guards(conn, table, windows, params)
             outcomes: list[PartitionOutcome] = []
             for window in windows:
