@@ -1,8 +1,13 @@
-"""No password in any message, output, log, file or table, whatever characters it holds."""
+"""Nothing leaks: no password in any message, output, log, file or table, whatever characters it
+holds, and nothing uploaded as telemetry."""
 
 from __future__ import annotations
 
+import http.server
+import threading
+import time
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
 import psycopg
@@ -11,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from backfill_assets.core import settings
 from backfill_assets.tooling import cli
+from backfill_assets.tooling.launch import running_daemon
 
 # Every character that has a meaning in a URL, around a marker that occurs nowhere else.
 MARKER = "Qx7s3cr"
@@ -115,3 +121,42 @@ def test_no_password_is_left_anywhere_after_a_demo_and_a_bad_url(
     leaks += scan_database(data, MARKER) + scan_database(storage, MARKER)
     assert "Backfill" in demo_out and "error:" in err
     assert leaks == []
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        _Recorder.received.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_the_daemon_the_project_starts_uploads_nothing_from_dagster_home_logs(
+    dagster_env, monkeypatch, tmp_path
+):
+    """Dagster's daemon uploads $DAGSTER_HOME/logs at start-up unless the environment says not to;
+    the project's environment (not the test's) must say it."""
+    monkeypatch.delenv("DAGSTER_DISABLE_TELEMETRY", raising=False)
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("DAGSTER_TELEMETRY_URL", f"http://127.0.0.1:{server.server_port}/actions")
+    probe = Path(dagster_env["DAGSTER_HOME"]) / "logs" / "probe.log"
+    probe.parent.mkdir()
+    probe.write_text("a line Dagster would upload\n")
+    log = tmp_path / "daemon.log"
+    try:
+        with running_daemon(dagster_env, log):
+            deadline = time.monotonic() + 120
+            while "Instance is configured with the following daemons" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.5)
+            time.sleep(5)  # the upload thread starts with the daemon and uploads at once
+    finally:
+        server.shutdown()
+
+    assert _Recorder.received == []
+    assert probe.exists(), "Dagster moves the folder away when it uploads it"
