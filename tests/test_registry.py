@@ -12,6 +12,7 @@ from dagster import TimeWindowPartitionsDefinition
 
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, DeclarationError, load_registry
+from backfill_assets.core.tables import Timeouts
 from backfill_assets.defs.partitions import partitions_def
 
 OWN_TABLES = Path(__file__).parent / "own_tables"
@@ -68,6 +69,16 @@ def test_a_declaration_becomes_a_spec_with_its_own_partitions(tmp_path):
     assert table.required_columns == table.column_names
     assert [c.check for c in table.columns if c.check] == ["net_price >= 0"]
     assert table.upstream == ("legacy.order_lines",)
+    assert table.timeouts == Timeouts(lock_ms=5_000, statement_ms=1_800_000, lock_retries=8)
+
+
+def test_timeouts_are_read_in_any_unit_of_a_duration(tmp_path):
+    declared = "timeouts: {lock: 250ms, statement: 2min, lock_retries: 3}\npartitions:"
+    folder = _declaration(tmp_path, ("partitions:", declared))
+
+    table = load_registry([folder]).table("reporting.shipped_lines")
+
+    assert table.timeouts == Timeouts(lock_ms=250, statement_ms=120_000, lock_retries=3)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +97,11 @@ def test_a_declaration_becomes_a_spec_with_its_own_partitions(tmp_path):
         (("partitions:", "thresholds: {max_shrink: 2}\npartitions:"), "max_shrink: 2"),
         (("start: 1995-01-01", "start: 1995-13-01"), "month must be in 1..12"),
         (("partitions:", "partitions_per_run: 0\npartitions:"), "partitions_per_run: 0 is not"),
+        (("partitions:", "timeouts: {lock: 5 secs}\npartitions:"), "timeouts.lock: '5 secs' is"),
+        (("partitions:", "timeouts: {lock: 0ms}\npartitions:"), "timeouts.lock: '0ms' is outside"),
+        (("partitions:", "timeouts: {statement: 2d}\npartitions:"), "timeouts.statement: '2d'"),
+        (("partitions:", "timeouts: {lock_retries: -1}\npartitions:"), "lock_retries: -1 is not"),
+        (("partitions:", "timeouts: {locks: 1s}\npartitions:"), "unknown key(s) locks in timeouts"),
     ],
 )
 def test_a_mistake_in_a_declaration_names_the_file_and_the_field(tmp_path, replace, message):

@@ -7,6 +7,9 @@ refused by its guard is not touched, the run's other partitions are still writte
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import uuid4
@@ -24,6 +27,8 @@ from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition
 
 STRATEGY = "delete_insert"
+BASE_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 15.0
 
 
 class VerificationFailed(Exception):
@@ -118,6 +123,7 @@ def write_verified(
     window: PartitionWindow,
     params: BackfillParams,
     guarded: tuple[CheckOutcome, SourceStats],
+    log: Callable[[str], None] | None = None,
 ) -> PartitionOutcome:
     """Replace one partition; snapshot, verify and audit it inside its transaction.
 
@@ -172,11 +178,16 @@ def write_verified(
         )
 
     try:
-        result = replace_partition(
-            conn, table, window, keep_previous=kept, before_commit=verify_and_record
+        result = _with_lock_retries(
+            lambda: replace_partition(
+                conn, table, window, keep_previous=kept, before_commit=verify_and_record
+            ),
+            table,
+            window,
+            log,
         )
     except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
-        error = str(exc).strip()
+        error = _explained(exc, table)
         record_failure(error)
         return PartitionOutcome(
             window,
@@ -199,3 +210,46 @@ def write_verified(
         snapshot_rows=result.rows_deleted if params.snapshots else None,
         audit_id=audit_id,
     )
+
+
+def _with_lock_retries(write, table: TableSpec, window: PartitionWindow, log):
+    """Run ``write``; when it gives up on a lock (the table's ``lock_timeout``), wait and try
+    again, with exponential back-off and jitter, up to the table's ``lock_retries`` times.
+
+    Each attempt is a whole transaction: the failed one rolled back, nothing of it remains.
+    """
+    timeouts = table.timeouts
+    for attempt in range(timeouts.lock_retries + 1):
+        try:
+            return write()
+        except psycopg.errors.LockNotAvailable:
+            if attempt == timeouts.lock_retries:
+                raise
+            ceiling = min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2**attempt)
+            delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+            if log is not None:
+                log(
+                    f"{table.qualified_name} {window.key}: a lock was not granted within "
+                    f"{timeouts.lock_ms} ms (another session holds it); retry "
+                    f"{attempt + 1}/{timeouts.lock_retries} in {delay:.1f} s"
+                )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _explained(exc: BaseException, table: TableSpec) -> str:
+    """The error of a failed write, with what to change for the table's own limits."""
+    error = str(exc).strip()
+    where = f"timeouts in {table.declared_in}" if table.declared_in else "the table's timeouts"
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return (
+            f"{error}: a lock was not granted within {table.timeouts.lock_ms} ms, "
+            f"{table.timeouts.lock_retries + 1} times; find the session holding it in pg_locks, "
+            f"or raise lock / lock_retries ({where})"
+        )
+    if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in error:
+        return (
+            f"{error} (a statement ran over {table.timeouts.statement_ms} ms; raise statement "
+            f"in {where} for partitions this big)"
+        )
+    return error

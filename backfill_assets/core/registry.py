@@ -21,7 +21,7 @@ import yaml
 from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
 from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
-from backfill_assets.core.tables import Column, TableSpec
+from backfill_assets.core.tables import Column, TableSpec, Timeouts
 
 TABLES_PATH_ENV = "BACKFILL_TABLES_PATH"
 DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
@@ -39,10 +39,14 @@ KEYS = {
     "thresholds": "max_shrink, diff_warn, sum_tolerance",
     "snapshots": "keep (true | false), retention_days",
     "partitions_per_run": "partitions one backfill run writes (default: sized from the audit)",
+    "timeouts": "lock (5s), statement (30min), lock_retries (8): limits of every write statement",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
 SNAPSHOT_KEYS = ("keep", "retention_days")
+TIMEOUT_KEYS = ("lock", "statement", "lock_retries")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1_000, "min": 60_000, "h": 3_600_000}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 _NOT_NULL = re.compile(r"\s+not\s+null\s*$", re.IGNORECASE)
 
@@ -191,7 +195,39 @@ def _spec(path: Path, doc: object) -> TableSpec:
         snapshots=_flag(snapshots, "keep", True),
         snapshot_retention_days=_days(snapshots, "retention_days", 30),
         partitions_per_run=_per_run(doc.get("partitions_per_run")),
+        timeouts=_timeouts(doc.get("timeouts") or {}),
     )
+
+
+def _timeouts(value: object) -> Timeouts:
+    doc = _mapping(value, "timeouts", TIMEOUT_KEYS)
+    default = Timeouts()
+    retries = doc.get("lock_retries", default.lock_retries)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise DeclarationError(f"timeouts.lock_retries: {retries!r} is not a whole number 0..100")
+    return Timeouts(
+        lock_ms=_duration(doc, "lock", default.lock_ms, low_ms=10, high_ms=600_000),
+        statement_ms=_duration(doc, "statement", default.statement_ms, 1_000, 24 * 3_600_000),
+        lock_retries=retries,
+    )
+
+
+def _duration(doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int) -> int:
+    """A duration such as ``250ms``, ``5s``, ``2min``, ``1h`` (a bare number is seconds)."""
+    if key not in doc:
+        return default_ms
+    value = doc[key]
+    match = _DURATION.match(str(value)) if not isinstance(value, bool) else None
+    if match is None:
+        raise DeclarationError(
+            f"timeouts.{key}: {value!r} is not a duration such as 250ms, 5s, 2min or 1h"
+        )
+    ms = round(float(match.group(1)) * _UNIT_MS[match.group(2) or "s"])
+    if not low_ms <= ms <= high_ms:
+        raise DeclarationError(
+            f"timeouts.{key}: {value!r} is outside {low_ms} ms .. {high_ms // 1000} s"
+        )
+    return ms
 
 
 def _mapping(value: object, field: str, allowed) -> Mapping:

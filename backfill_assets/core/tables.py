@@ -30,6 +30,27 @@ class Column:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Limits every write statement of the table runs under (``timeouts:`` in its declaration).
+
+    The database may serve an application: a write that cannot get a lock within ``lock_ms``
+    gives up instead of queueing (and making everything behind it queue), backs off with jitter
+    and tries the partition again, up to ``lock_retries`` times. ``statement_ms`` bounds any one
+    statement.
+    """
+
+    lock_ms: int = 5_000
+    statement_ms: int = 30 * 60_000
+    lock_retries: int = 8
+
+    def describe(self) -> str:
+        return (
+            f"lock {self.lock_ms} ms ({self.lock_retries} retries), "
+            f"statement {self.statement_ms} ms"
+        )
+
+
+@dataclass(frozen=True)
 class TableSpec:
     schema: str
     name: str
@@ -60,6 +81,7 @@ class TableSpec:
     snapshot_retention_days: int = 30
     partitions_per_run: int | None = None
     """Fixed partitions per backfill run; ``None``: sized from measured cost (``run_sizing``)."""
+    timeouts: Timeouts = Timeouts()
 
     @property
     def identifier(self) -> sql.Identifier:

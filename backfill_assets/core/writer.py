@@ -154,6 +154,13 @@ def replace_partition(
     started = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         lock_partition(cur, table, window)
+        # After the partition lock (a backfill waits for another backfill of the same partition
+        # as long as it takes), everything runs under the table's limits.
+        cur.execute(
+            "SELECT set_config('lock_timeout', %s, true), "
+            "set_config('statement_timeout', %s, true)",
+            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
+        )
         if keep_previous is not None:
             for statement in keep_previous.statements(table):
                 cur.execute(statement, bound)

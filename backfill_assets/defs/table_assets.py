@@ -131,13 +131,14 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     context.log.warning(f"guard override: {guard.metadata['override']}")
 
             progress = Progress(context.log.info, table.qualified_name, len(windows))
+            log = context.log.warning
             for window in windows:
                 if not guarded[window.key][0].passed:
                     continue
                 if conn.broken or conn.closed:
                     break  # the server is gone: the remaining days would fail the same way
                 outcome = write_verified(
-                    conn, audit, run, table, window, params, guarded[window.key]
+                    conn, audit, run, table, window, params, guarded[window.key], log
                 )
                 outcomes.append(outcome)
                 if outcome.succeeded:
