@@ -21,7 +21,7 @@ import yaml
 from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
 from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
-from backfill_assets.core.tables import Column, TableSpec, Timeouts
+from backfill_assets.core.tables import Column, TableSpec, ThrottleLimits, Timeouts
 
 TABLES_PATH_ENV = "BACKFILL_TABLES_PATH"
 DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
@@ -40,11 +40,21 @@ KEYS = {
     "snapshots": "keep (true | false), retention_days",
     "partitions_per_run": "partitions one backfill run writes (default: sized from the audit)",
     "timeouts": "lock (5s), statement (30min), lock_retries (8): limits of every write statement",
+    "throttle": "pause, max_lock_waiters, max_transaction_age, max_active_connections, "
+    "max_replica_lag, max_wait: when writes hold back",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
 SNAPSHOT_KEYS = ("keep", "retention_days")
 TIMEOUT_KEYS = ("lock", "statement", "lock_retries")
+THROTTLE_KEYS = (
+    "pause",
+    "max_lock_waiters",
+    "max_transaction_age",
+    "max_active_connections",
+    "max_replica_lag",
+    "max_wait",
+)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1_000, "min": 60_000, "h": 3_600_000}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -196,7 +206,33 @@ def _spec(path: Path, doc: object) -> TableSpec:
         snapshot_retention_days=_days(snapshots, "retention_days", 30),
         partitions_per_run=_per_run(doc.get("partitions_per_run")),
         timeouts=_timeouts(doc.get("timeouts") or {}),
+        throttle=_throttle(doc.get("throttle") or {}),
     )
+
+
+def _throttle(value: object) -> ThrottleLimits:
+    doc = _mapping(value, "throttle", THROTTLE_KEYS)
+    default = ThrottleLimits()
+    day = 24 * 3_600_000
+    return ThrottleLimits(
+        pause_ms=_duration(doc, "pause", default.pause_ms, 0, 3_600_000, "throttle"),
+        max_lock_waiters=_count(doc, "max_lock_waiters", default.max_lock_waiters),
+        max_transaction_age_ms=_duration(
+            doc, "max_transaction_age", default.max_transaction_age_ms, 1_000, day, "throttle"
+        ),
+        max_active_connections=_count(doc, "max_active_connections", 0),
+        max_replica_lag_ms=_duration(
+            doc, "max_replica_lag", default.max_replica_lag_ms, 1_000, day, "throttle"
+        ),
+        max_wait_ms=_duration(doc, "max_wait", default.max_wait_ms, 1_000, day, "throttle"),
+    )
+
+
+def _count(doc: Mapping, key: str, default: int) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+        raise DeclarationError(f"throttle.{key}: {value!r} is not a whole number 0..100000")
+    return value
 
 
 def _timeouts(value: object) -> Timeouts:
@@ -212,7 +248,9 @@ def _timeouts(value: object) -> Timeouts:
     )
 
 
-def _duration(doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int) -> int:
+def _duration(
+    doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int, block: str = "timeouts"
+) -> int:
     """A duration such as ``250ms``, ``5s``, ``2min``, ``1h`` (a bare number is seconds)."""
     if key not in doc:
         return default_ms
@@ -220,12 +258,12 @@ def _duration(doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int
     match = _DURATION.match(str(value)) if not isinstance(value, bool) else None
     if match is None:
         raise DeclarationError(
-            f"timeouts.{key}: {value!r} is not a duration such as 250ms, 5s, 2min or 1h"
+            f"{block}.{key}: {value!r} is not a duration such as 250ms, 5s, 2min or 1h"
         )
     ms = round(float(match.group(1)) * _UNIT_MS[match.group(2) or "s"])
     if not low_ms <= ms <= high_ms:
         raise DeclarationError(
-            f"timeouts.{key}: {value!r} is outside {low_ms} ms .. {high_ms // 1000} s"
+            f"{block}.{key}: {value!r} is outside {low_ms} ms .. {high_ms // 1000} s"
         )
     return ms
 

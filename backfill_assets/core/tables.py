@@ -51,6 +51,19 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class ThrottleLimits:
+    """When a backfill of the table holds back (``throttle:`` in its declaration; see
+    ``core/throttle.py``). ``max_active_connections`` 0 means not checked."""
+
+    pause_ms: int = 0
+    max_lock_waiters: int = 0
+    max_transaction_age_ms: int = 15 * 60_000
+    max_active_connections: int = 0
+    max_replica_lag_ms: int = 30_000
+    max_wait_ms: int = 30 * 60_000
+
+
+@dataclass(frozen=True)
 class TableSpec:
     schema: str
     name: str
@@ -82,6 +95,7 @@ class TableSpec:
     partitions_per_run: int | None = None
     """Fixed partitions per backfill run; ``None``: sized from measured cost (``run_sizing``)."""
     timeouts: Timeouts = Timeouts()
+    throttle: ThrottleLimits = ThrottleLimits()
 
     @property
     def identifier(self) -> sql.Identifier:

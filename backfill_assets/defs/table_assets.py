@@ -26,6 +26,7 @@ from backfill_assets.core.contract import (
     check_contract,
     check_target,
 )
+from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import (
     PartitionOutcome,
@@ -39,6 +40,7 @@ from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.snapshots import ensure_snapshot_table
 from backfill_assets.core.tables import TableSpec, ensure_table
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
@@ -132,11 +134,20 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
 
             progress = Progress(context.log.info, table.qualified_name, len(windows))
             log = context.log.warning
+            throttle = Throttle(conn, table, log)
+            stopped = None
             for window in windows:
                 if not guarded[window.key][0].passed:
                     continue
                 if conn.broken or conn.closed:
-                    break  # the server is gone: the remaining days would fail the same way
+                    stopped = "the database connection was lost"  # the rest would fail alike
+                    break
+                try:
+                    wait_while_paused(conn, run.backfill_id, log)
+                    throttle.before_partition()
+                except ThrottleTimeout as exc:
+                    stopped = str(exc)
+                    break
                 outcome = write_verified(
                     conn, audit, run, table, window, params, guarded[window.key], log
                 )
@@ -146,7 +157,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 else:
                     context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
             if not all(o.succeeded for o in outcomes) or len(outcomes) < len(windows):
-                yield from _partial_run(context, table, windows, outcomes)
+                yield from _partial_run(context, table, windows, outcomes, stopped)
                 return
             for outcome in outcomes:
                 context.add_asset_metadata(outcome.as_metadata(), partition_key=outcome.window.key)
@@ -168,6 +179,7 @@ def _partial_run(
     table: TableSpec,
     windows: list,
     outcomes: list[PartitionOutcome],
+    stopped: str | None,
 ) -> Iterator[object]:
     """Report a run in which some partitions were not written, then fail its step.
 
@@ -196,8 +208,7 @@ def _partial_run(
         lines.append(f"- {outcome.window.key} keeps its previous rows: {reason}")
     if unattempted:
         lines.append(
-            f"- {', '.join(unattempted)} keep their previous rows: not attempted, the database "
-            "connection was lost"
+            f"- {', '.join(unattempted)} keep their previous rows: not attempted, {stopped}"
         )
     lines.append(
         "Fix the cause, then `backfill-assets retry BACKFILL_ID` re-runs only these partitions "

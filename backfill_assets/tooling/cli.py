@@ -8,6 +8,7 @@ goes from clone to backfill in one command.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import shlex
 import sys
@@ -344,6 +345,43 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pause(args: argparse.Namespace) -> int:
+    from backfill_assets.core import control
+
+    scope = _pause_scope(args)
+    with connect(settings.data_url()) as conn:
+        if args.func is _resume:
+            lifted = control.resume(conn, scope)
+            what = "every backfill" if scope == control.ALL else f"backfill {scope}"
+            print(f"{what}: {'resumed' if lifted else 'was not paused'}")
+            return 0
+        paused = control.pause(conn, scope, by=getpass.getuser(), reason=args.reason)
+    print(f"{paused.describe()}; its writers stop before their next partition")
+    print(f"  go on with: backfill-assets resume {'--all' if scope == control.ALL else scope}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _pause(args)
+
+
+def _pause_scope(args: argparse.Namespace) -> str:
+    from backfill_assets.core import control
+
+    if args.all == bool(args.backfill_id):
+        raise ValueError("name one backfill id, or --all for every backfill")
+    prepare()
+    if args.all:
+        return control.ALL
+    from dagster import DagsterInstance
+
+    from backfill_assets.tooling.report import existing_backfill
+
+    with DagsterInstance.get() as instance:
+        existing_backfill(instance, args.backfill_id)
+    return args.backfill_id
+
+
 def _retry(args: argparse.Namespace) -> int:
     prepare()
     from dagster import DagsterInstance
@@ -495,6 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("backfill_id")
     _webserver_argument(cancel)
     cancel.set_defaults(func=_cancel)
+
+    for name, func, text in (
+        ("pause", _pause, "stop a backfill's writers before their next partition (runs wait)"),
+        ("resume", _resume, "let a paused backfill's writers go on"),
+    ):
+        switch = commands.add_parser(name, help=text)
+        switch.add_argument("backfill_id", nargs="?")
+        switch.add_argument("--all", action="store_true", help="every backfill on this database")
+        if name == "pause":
+            switch.add_argument("--reason", help="why, shown to whoever looks at the runs")
+        switch.set_defaults(func=func)
 
     retry = commands.add_parser(
         "retry", help="launch what an ended backfill did not materialize (failed or never run)"

@@ -1,0 +1,172 @@
+"""Controls for a database that serves an application: pause and resume, throttling.
+
+Real runs on the real PostgreSQL: a pause reaches a run between two partitions and the run waits
+instead of failing; the throttle holds writes back while another session keeps a transaction
+open, and gives up (writing nothing more) when that lasts past the table's ``max_wait``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import psycopg
+import pytest
+from support import FCT_ORDERS, audit_rows, fingerprints, materialize_days
+
+from backfill_assets.core import control
+from backfill_assets.core.audit import ensure_audit_table
+from backfill_assets.core.tables import ThrottleLimits
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.defs.table_assets import table_asset
+from backfill_assets.tooling import cli
+
+DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04", "2024-04-05"]
+BACKFILL = "pausetst"
+
+
+def written_days(conn) -> list[str]:
+    return sorted(
+        row["partition_key"] for row in audit_rows(conn, status="succeeded", backfill_id=BACKFILL)
+    )
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_a_paused_backfill_waits_between_partitions_and_resumes_to_the_same_rows(
+    postgres, instance, conn
+):
+    results = []
+    ensure_audit_table(conn)
+    # Day 3's partition lock, held as another writer would: the run is mid-way when paused.
+    lock = "SELECT pg_advisory_lock(hashtext('analytics.fct_orders'), hashtext(%s))"
+    conn.execute(lock, [DAYS[2]])
+    run = threading.Thread(
+        target=lambda: results.append(
+            materialize_days(
+                postgres, instance, DAYS[0], DAYS[-1], tags={"dagster/backfill": BACKFILL}
+            )
+        )
+    )
+    run.start()
+    wait_for(lambda: written_days(conn) == DAYS[:2], 60, "the run never reached day 3")
+    control.pause(conn, BACKFILL, by="tester", reason="peak hour")
+    conn.execute("SELECT pg_advisory_unlock_all()")
+
+    wait_for(lambda: written_days(conn) == DAYS[:3], 30, "the day in progress finishes")
+    time.sleep(4)
+    assert written_days(conn) == DAYS[:3], "nothing more is written while paused"
+    assert run.is_alive(), "the run waits; it does not fail"
+    assert control.resume(conn, BACKFILL)
+    run.join(timeout=120)
+
+    (result,) = results
+    assert result.success
+    assert written_days(conn) == DAYS
+    warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 30]
+    assert any(f"backfill {BACKFILL} paused by tester" in w and "peak hour" in w for w in warnings)
+    assert any("resumed after a pause of" in w for w in warnings)
+    after_pause = fingerprints(conn, DAYS)
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[-1]).success
+    assert fingerprints(conn, DAYS) == after_pause, "the same rows as an uninterrupted run"
+
+
+def test_pause_and_resume_from_the_cli_refuse_an_unknown_backfill(dagster_env, capsys, conn):
+    assert cli.main(["pause", "nosuchid"]) == 2
+    assert "no backfill 'nosuchid'" in capsys.readouterr().err
+    assert cli.main(["pause"]) == 2
+    assert "--all" in capsys.readouterr().err
+
+    assert cli.main(["pause", "--all", "--reason", "incident 42"]) == 0
+    assert "every backfill paused by" in capsys.readouterr().out
+    assert [p.reason for p in control.pauses(conn)] == ["incident 42"]
+    assert cli.main(["resume", "--all"]) == 0
+    assert cli.main(["resume", "--all"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "every backfill: resumed",
+        "every backfill: was not paused",
+    ]
+    assert control.pauses(conn) == []
+
+
+def open_transaction(data_url: str, seconds: float) -> threading.Thread:
+    """An application session that keeps a transaction open (idle in transaction)."""
+    opened = threading.Event()
+
+    def run() -> None:
+        with psycopg.connect(data_url, application_name="shop_app") as app:
+            app.execute("SELECT 1")  # a transaction is open from here until the block ends
+            opened.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert opened.wait(30)
+    return thread
+
+
+def test_the_throttle_holds_writes_back_while_a_transaction_stays_open(data_url, conn):
+    limits = ThrottleLimits(pause_ms=300, max_transaction_age_ms=1_000, max_wait_ms=60_000)
+    table = dataclasses.replace(FCT_ORDERS, throttle=limits)
+    said: list[str] = []
+    throttle = Throttle(conn, table, said.append)
+    throttle.before_partition()
+    assert said == [], "nothing to hold back for"
+
+    app = open_transaction(data_url, seconds=4)
+    time.sleep(1.5)
+    started = time.monotonic()
+    throttle.before_partition()
+    held = time.monotonic() - started
+    app.join()
+
+    assert held >= 2, "it waited for the transaction to end"
+    assert "a transaction has been open for" in said[0] and "max_transaction_age 1s" in said[0]
+    assert said[-1].startswith("analytics.fct_orders: going on after")
+    assert throttle.paused_s >= 0.3 + 2
+
+
+def test_stress_past_max_wait_stops_the_run_and_the_rest_keep_their_rows(
+    postgres, instance, conn, data_url
+):
+    limits = ThrottleLimits(max_transaction_age_ms=1_000, max_wait_ms=2_000)
+    throttled = table_asset(dataclasses.replace(FCT_ORDERS, throttle=limits))
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1]).success
+    before = fingerprints(conn, DAYS[:2])
+    conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+    app = open_transaction(data_url, seconds=8)
+    time.sleep(1.2)
+
+    result = materialize_days(postgres, instance, DAYS[0], DAYS[1], assets=(throttled,))
+    app.join()
+
+    assert not result.success
+    message = "\n".join(
+        str(e.event_specific_data.error) for e in result.all_events if e.is_step_failure
+    )
+    assert "0 of 2 partition(s)" in message and "the database stayed under stress" in message
+    assert "a transaction has been open for" in message
+    assert fingerprints(conn, DAYS[:2]) == before
+
+
+def test_throttle_limits_are_read_from_the_declaration(tmp_path):
+    from test_registry import _declaration
+
+    from backfill_assets.core.registry import DeclarationError, load_registry
+
+    throttle = "throttle: {pause: 500ms, max_lock_waiters: 2, max_wait: 5min}\npartitions:"
+    folder = _declaration(tmp_path, ("partitions:", throttle))
+    table = load_registry([folder]).table("reporting.shipped_lines")
+    assert table.throttle == ThrottleLimits(pause_ms=500, max_lock_waiters=2, max_wait_ms=300_000)
+
+    (tmp_path / "bad").mkdir()
+    bad = _declaration(tmp_path / "bad", ("partitions:", "throttle: {pause: soon}\npartitions:"))
+    with pytest.raises(DeclarationError, match=r"throttle\.pause: 'soon' is not a duration"):
+        load_registry([bad])
+    assert ThrottleTimeout.__doc__
