@@ -360,12 +360,35 @@ def summarize_backfill(instance: DagsterInstance, backfill_id: str) -> BackfillS
     return BackfillSummary(sorted(materialized), rows, passed, failed, warned)
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+def _stop_process_group(process: subprocess.Popen, *, linger_s: float = 15.0) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its group.
+
+    The daemon's code server and run workers share its group. On SIGTERM a code server waits for
+    its runs to end; a run stuck on a database that went away kept it alive for good, holding
+    memory, after the daemon itself had exited. What is left ``linger_s`` after the daemon is
+    killed; its runs are then failed by run monitoring when a daemon starts again.
+    """
+    group = process.pid
+    if process.poll() is None:
+        os.killpg(group, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            process.wait()
+    deadline = time.monotonic() + linger_s
+    while _group_alive(group):
+        if time.monotonic() > deadline:
+            os.killpg(group, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def _group_alive(group: int) -> bool:
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
