@@ -12,7 +12,7 @@ import dataclasses
 import threading
 import time
 
-from support import FCT_ORDERS, audit_rows, fingerprints
+from support import FCT_ORDERS, REGISTRY, audit_rows, fingerprints
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
@@ -20,19 +20,20 @@ from backfill_assets.core.database import connect
 from backfill_assets.core.guards import guard
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import write_verified
+from backfill_assets.core.rollback import restore, snapshots_of_backfill
 from backfill_assets.core.tables import Timeouts, ensure_table
 
 DAY = "2024-04-03"
 
 
-def write(conn, data_url, table, warnings):
+def write(conn, data_url, table, warnings, backfill_id=None):
     window = table.partitioning.window(DAY)
     params = params_for(table, {})
     with AuditTrail(data_url) as audit:
         return write_verified(
             conn,
             audit,
-            RunInfo("run-timeouts", None, "tester", {}),
+            RunInfo("run-timeouts", backfill_id, "tester", {}),
             table,
             window,
             params,
@@ -118,3 +119,22 @@ def test_a_statement_over_the_tables_limit_is_cancelled_and_the_partition_keeps_
     assert "statement timeout" in outcome.error and "ran over 1000 ms" in outcome.error
     assert took < 3.5, "cancelled at the statement limit, not when the lock went"
     assert fingerprints(conn, [DAY]) == before
+
+
+def test_a_rollback_that_meets_a_held_lock_retries_and_restores_the_rows(data_url, conn):
+    table = prepared(conn, data_url, Timeouts(lock_ms=200, statement_ms=60_000, lock_retries=20))
+    before = fingerprints(conn, [DAY])
+    assert write(conn, data_url, table, [], backfill_id="bf-lock").succeeded
+    refs = [
+        dataclasses.replace(ref, table=table)
+        for ref in snapshots_of_backfill(conn, REGISTRY, "bf-lock")
+    ]
+    warnings: list[str] = []
+    holder = hold_share_lock(data_url, seconds=2.0)
+
+    with AuditTrail(data_url) as audit:
+        restore(conn, audit, RunInfo("run-rollback", None, "tester", {}), refs, warnings.append)
+    holder.join()
+
+    assert fingerprints(conn, [DAY]) == before
+    assert warnings and "retry 1/20" in warnings[0]

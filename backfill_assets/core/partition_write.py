@@ -7,8 +7,6 @@ refused by its guard is not touched, the run's other partitions are still writte
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,11 +22,9 @@ from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition
+from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition, with_lock_retries
 
 STRATEGY = "delete_insert"
-BASE_BACKOFF_S = 0.2
-MAX_BACKOFF_S = 15.0
 
 
 class VerificationFailed(Exception):
@@ -178,7 +174,7 @@ def write_verified(
         )
 
     try:
-        result = _with_lock_retries(
+        result = with_lock_retries(
             lambda: replace_partition(
                 conn, table, window, keep_previous=kept, before_commit=verify_and_record
             ),
@@ -210,31 +206,6 @@ def write_verified(
         snapshot_rows=result.rows_deleted if params.snapshots else None,
         audit_id=audit_id,
     )
-
-
-def _with_lock_retries(write, table: TableSpec, window: PartitionWindow, log):
-    """Run ``write``; when it gives up on a lock (the table's ``lock_timeout``), wait and try
-    again, with exponential back-off and jitter, up to the table's ``lock_retries`` times.
-
-    Each attempt is a whole transaction: the failed one rolled back, nothing of it remains.
-    """
-    timeouts = table.timeouts
-    for attempt in range(timeouts.lock_retries + 1):
-        try:
-            return write()
-        except psycopg.errors.LockNotAvailable:
-            if attempt == timeouts.lock_retries:
-                raise
-            ceiling = min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2**attempt)
-            delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-            if log is not None:
-                log(
-                    f"{table.qualified_name} {window.key}: a lock was not granted within "
-                    f"{timeouts.lock_ms} ms (another session holds it); retry "
-                    f"{attempt + 1}/{timeouts.lock_retries} in {delay:.1f} s"
-                )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _explained(exc: BaseException, table: TableSpec) -> str:

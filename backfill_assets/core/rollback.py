@@ -8,6 +8,7 @@ Rolling back a whole backfill is one transaction: either every partition is rest
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
@@ -21,7 +22,7 @@ from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import replace_partition
+from backfill_assets.core.writer import replace_partition, with_lock_retries
 
 STRATEGY = "rollback"
 
@@ -156,7 +157,11 @@ def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
 
 
 def restore(
-    conn: psycopg.Connection, audit: AuditTrail, run: RunInfo, refs: list[SnapshotRef]
+    conn: psycopg.Connection,
+    audit: AuditTrail,
+    run: RunInfo,
+    refs: list[SnapshotRef],
+    log: Callable[[str], object] | None = None,
 ) -> list[RollbackResult]:
     """Restore every partition in ``refs`` to its snapshot, all in one transaction.
 
@@ -168,7 +173,6 @@ def restore(
         _check_available(conn, ref)
     ids = {ref.audit_id: (audit.reserve_id(conn), uuid4()) for ref in refs}
     started_at = datetime.now(UTC)
-    results: list[RollbackResult] = []
 
     def record(ref: SnapshotRef, **fields: object) -> int | None:
         audit_id, write_id = ids[ref.audit_id]
@@ -186,10 +190,16 @@ def restore(
             **fields,
         )
 
-    try:
+    def restore_all() -> list[RollbackResult]:
         with conn.transaction():
-            for ref in refs:
-                results.append(_restore_one(conn, ref, *ids[ref.audit_id], record))
+            return [_restore_one(conn, ref, *ids[ref.audit_id], record) for ref in refs]
+
+    try:
+        # A lock not granted within the table's timeout: the whole rollback is tried again.
+        first = refs[0].table
+        results = with_lock_retries(
+            restore_all, first, first.partitioning.window(refs[0].partition_key), log
+        )
     except (psycopg.Error, AuditUnavailable) as exc:
         for ref in refs:
             record(ref, status="failed", error=f"rollback not applied: {exc}".strip())

@@ -11,9 +11,11 @@ that yields the new rows and in what they do inside the transaction (the two hoo
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -21,9 +23,12 @@ from psycopg import sql
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
 
+T = TypeVar("T")
 Hook = Callable[[psycopg.Connection], None]
 BeforeCommit = Callable[[psycopg.Connection, "WriteResult"], None]
 
+BASE_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 15.0
 PREVIOUS_ROWS = sql.Identifier("backfill_previous_rows")
 """Temporary table holding the rows the DELETE removed, for the rest of the transaction."""
 
@@ -183,3 +188,33 @@ def _result(window: PartitionWindow, deleted: int, inserted: int, started: float
         rows_inserted=inserted,
         duration_s=time.perf_counter() - started,
     )
+
+
+def with_lock_retries(
+    write: Callable[[], T],
+    table: TableSpec,
+    window: PartitionWindow,
+    log: Callable[[str], object] | None,
+) -> T:
+    """Run ``write``; when it gives up on a lock (the table's ``lock_timeout``), wait and try
+    again, with exponential back-off and jitter, up to the table's ``lock_retries`` times.
+
+    Each attempt is a whole transaction: the failed one rolled back, nothing of it remains.
+    """
+    timeouts = table.timeouts
+    for attempt in range(timeouts.lock_retries + 1):
+        try:
+            return write()
+        except psycopg.errors.LockNotAvailable:
+            if attempt == timeouts.lock_retries:
+                raise
+            ceiling = min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2**attempt)
+            delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+            if log is not None:
+                log(
+                    f"{table.qualified_name} {window.key}: a lock was not granted within "
+                    f"{timeouts.lock_ms} ms (another session holds it); retry "
+                    f"{attempt + 1}/{timeouts.lock_retries} in {delay:.1f} s"
+                )
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -77,7 +77,7 @@ def _restore(
                 table_name=config.table or None,
                 partition=config.partition,
             )
-            results = rollback.restore(conn, audit, run, refs)
+            results = rollback.restore(conn, audit, run, refs, context.log.warning)
         except (rollback.RollbackError, ValueError) as exc:
             raise Failure(str(exc)) from None
     for result in results:

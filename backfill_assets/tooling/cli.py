@@ -105,7 +105,9 @@ def _rollback(args: argparse.Namespace) -> int:
             table_name=args.table,
             partition=args.partition,
         )
-        results = rollback.restore(conn, audit, run, refs)
+        results = rollback.restore(
+            conn, audit, run, refs, lambda line: print(line, file=sys.stderr, flush=True)
+        )
     for result in results:
         ref = result.snapshot
         print(
