@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test soak lint format ui bench db-stop clean
+.PHONY: setup demo test soak lint format ui bench bench-live db-stop clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/backfill_speed.py $(BENCH_ARGS)
+
+# The application's latency (pgbench) during a year's backfill and during naive updates.
+bench-live: setup
+	$(BIN)/python benchmarks/live_latency.py $(BENCH_ARGS)
 
 ui: setup
 	$(BIN)/backfill-assets dev

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import fresh_database
 from dagster import DagsterInstance, RunsFilter
 from psycopg import sql
 
@@ -51,15 +52,6 @@ from backfill_assets.tooling.launch import launch_job_backfill, running_daemon, 
 
 TABLE = demo_table()
 RAW = sql.Identifier("bench", "raw_target")
-
-
-def fresh_database(admin_url: str, name: str) -> str:
-    with connect(admin_url) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return settings.with_database(admin_url, name)
 
 
 def in_database(url: str, windows, rounds: int) -> tuple[dict[str, float], int]:

