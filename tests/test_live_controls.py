@@ -13,7 +13,7 @@ import time
 
 import psycopg
 import pytest
-from support import FCT_ORDERS, audit_rows, fingerprints, materialize_days
+from support import FCT_ORDERS, audit_rows, dbt_models, fingerprints, materialize_days
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
@@ -72,6 +72,8 @@ def test_a_paused_backfill_waits_between_partitions_and_resumes_to_the_same_rows
     warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 30]
     assert any(f"backfill {BACKFILL} paused by tester" in w and "peak hour" in w for w in warnings)
     assert any("resumed after a pause of" in w for w in warnings)
+    infos = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 20]
+    assert any("held back 0s by the throttle and " in i and "s by a pause" in i for i in infos)
     after_pause = fingerprints(conn, DAYS)
     assert materialize_days(postgres, instance, DAYS[0], DAYS[-1]).success
     assert fingerprints(conn, DAYS) == after_pause, "the same rows as an uninterrupted run"
@@ -170,3 +172,35 @@ def test_throttle_limits_are_read_from_the_declaration(tmp_path):
     with pytest.raises(DeclarationError, match=r"throttle\.pause: 'soon' is not a duration"):
         load_registry([bad])
     assert ThrottleTimeout.__doc__
+
+
+def test_a_paused_backfill_builds_no_mart_until_resumed(postgres, instance, conn):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    control.pause(conn, BACKFILL, by="tester")
+    results = []
+    build = threading.Thread(
+        target=lambda: results.append(
+            materialize_days(
+                postgres,
+                instance,
+                DAYS[0],
+                assets=(dbt_models,),
+                tags={"dagster/backfill": BACKFILL},
+            )
+        )
+    )
+    build.start()
+    time.sleep(5)
+    marts = "SELECT to_regclass('analytics.daily_revenue')"
+    assert conn.execute(marts).fetchone()[0] is None, "nothing built while paused"
+    assert build.is_alive()
+    control.resume(conn, BACKFILL)
+    build.join(timeout=180)
+
+    (result,) = results
+    assert result.success
+    revenue = conn.execute("SELECT count(*) FROM analytics.daily_revenue").fetchone()[0]
+    assert revenue == 1
+    warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 30]
+    assert any(f"backfill {BACKFILL} paused by tester" in w for w in warnings), warnings
+    assert any("resumed after a pause of" in w for w in warnings)

@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from dagster import AssetExecutionContext, AssetsDefinition
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
+from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.database import first_build_lock, partition_locks
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
@@ -151,6 +153,9 @@ def _dbt_assets(
             window = context.partition_time_window
             args += ["--event-time-start", f"{window.start:%Y-%m-%d}"]
             args += ["--event-time-end", f"{window.end:%Y-%m-%d}"]
+        # A paused backfill builds nothing until it is resumed (core/control.py).
+        with postgres.connect() as conn:
+            wait_while_paused(conn, context.run.tags.get(BACKFILL_ID_TAG), context.log.warning)
         # Two runs of one backfill reach this step together; the first build of a
         # table must not race (see first_build_lock). Once the tables exist, runs go side by side.
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:

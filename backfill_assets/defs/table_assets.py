@@ -135,7 +135,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             progress = Progress(context.log.info, table.qualified_name, len(windows))
             log = context.log.warning
             throttle = Throttle(conn, table, log)
-            stopped = None
+            stopped, paused_s = None, 0.0
             for window in windows:
                 if not guarded[window.key][0].passed:
                     continue
@@ -143,7 +143,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     stopped = "the database connection was lost"  # the rest would fail alike
                     break
                 try:
-                    wait_while_paused(conn, run.backfill_id, log)
+                    paused_s += wait_while_paused(conn, run.backfill_id, log)
                     throttle.before_partition()
                 except ThrottleTimeout as exc:
                     stopped = str(exc)
@@ -156,6 +156,11 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     progress.wrote(window.key, outcome.write.rows_inserted)
                 else:
                     context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
+            if paused_s or throttle.paused_s:
+                context.log.info(
+                    f"{table.qualified_name}: held back {throttle.paused_s:.0f}s by the throttle "
+                    f"and {paused_s:.0f}s by a pause"
+                )
             if not all(o.succeeded for o in outcomes) or len(outcomes) < len(windows):
                 yield from _partial_run(context, table, windows, outcomes, stopped)
                 return
