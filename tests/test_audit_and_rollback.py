@@ -15,6 +15,7 @@ from support import (
     materialize_days,
     record_past_writes,
     rollback_backfill,
+    step_failure_message,
 )
 
 from backfill_assets.core import partition_write, snapshots
@@ -135,6 +136,28 @@ def test_a_locked_audit_table_fails_the_write_within_the_lock_timeout_and_says_w
     assert waited < 30, f"the write waited {waited:.0f}s for the audit table"
     assert "backfill_audit.backfill_runs stayed locked by another session" in outcome.error
     assert "the write was rolled back" in outcome.error
+    assert fingerprints(conn, [DAYS[0]]) == before
+
+
+def test_a_run_against_a_locked_audit_table_fails_its_days_quickly_and_writes_nothing(
+    postgres, instance, conn, data_url
+):
+    assert materialize_days(postgres, instance, DAYS[0]).success
+    conn.execute("UPDATE backfill_audit.backfill_runs SET status = 'running'")  # a legacy row
+    before = fingerprints(conn, [DAYS[0]])
+    rewrite_source(conn)
+    with connect(data_url) as locker, locker.transaction():
+        locker.execute("LOCK TABLE backfill_audit.backfill_runs IN EXCLUSIVE MODE")
+        release = threading.Timer(90, locker.cancel)  # never hang the suite
+        release.start()
+        started = time.monotonic()
+        result = materialize_days(postgres, instance, DAYS[0])
+        took = time.monotonic() - started
+        release.cancel()
+
+    assert not result.success
+    assert took < 60, f"the run was held up {took:.0f}s by the locked audit table"
+    assert "stayed locked by another session" in step_failure_message(result)
     assert fingerprints(conn, [DAYS[0]]) == before
 
 

@@ -104,13 +104,22 @@ def close_abandoned(conn: psycopg.Connection) -> list[int]:
     run closes them as it starts, and ``backfill-assets audit --close-abandoned`` does on demand.
     """
     ensure_audit_table(conn)
-    rows = conn.execute(
-        sql.SQL(
-            "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), "
-            "error = coalesce(error || '; ', '') || %s WHERE status = 'running' RETURNING id"
-        ).format(TABLE),
-        [ABANDONED],
-    ).fetchall()
+    running = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE status = 'running')").format(TABLE)
+    if not conn.execute(running).fetchone()[0]:
+        return []  # the usual case: a read, no lock that could hold a run up
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
+            rows = conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), "
+                    "error = coalesce(error || '; ', '') || %s WHERE status = 'running' "
+                    "RETURNING id"
+                ).format(TABLE),
+                [ABANDONED],
+            ).fetchall()
+    except psycopg.errors.LockNotAvailable:
+        return []  # the audit table is locked: the next run closes them
     return sorted(row[0] for row in rows)
 
 
