@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import psycopg
@@ -132,3 +134,30 @@ def database_checksum(conn) -> dict[str, tuple[int, object]]:
         ).fetchone()
         for (name,) in tables
     }
+
+
+def wait_for(condition, timeout_s: float, what: str, *, poll_s: float = 0.1):
+    """Poll ``condition`` until it returns something true, and return that; fail saying ``what``
+    did not happen within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(poll_s)
+    return found
+
+
+def other_session(url: str, statement: str, seconds: float) -> threading.Thread:
+    """Another session (an application, a maintenance job) that runs ``statement`` and keeps its
+    transaction, with whatever locks it took, open for ``seconds``; returns once it is open."""
+    opened = threading.Event()
+
+    def run() -> None:
+        with psycopg.connect(url, application_name="other_session") as other:
+            other.execute(statement)  # the transaction stays open until the block ends
+            opened.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert opened.wait(30)
+    return thread

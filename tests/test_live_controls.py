@@ -11,9 +11,16 @@ import dataclasses
 import threading
 import time
 
-import psycopg
 import pytest
-from support import FCT_ORDERS, audit_rows, dbt_models, fingerprints, materialize_days
+from support import (
+    FCT_ORDERS,
+    audit_rows,
+    dbt_models,
+    fingerprints,
+    materialize_days,
+    other_session,
+    wait_for,
+)
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
@@ -30,13 +37,6 @@ def written_days(conn) -> list[str]:
     return sorted(
         row["partition_key"] for row in audit_rows(conn, status="succeeded", backfill_id=BACKFILL)
     )
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def test_a_paused_backfill_waits_between_partitions_and_resumes_to_the_same_rows(
@@ -97,22 +97,6 @@ def test_pause_and_resume_from_the_cli_refuse_an_unknown_backfill(dagster_env, c
     assert control.pauses(conn) == []
 
 
-def open_transaction(data_url: str, seconds: float) -> threading.Thread:
-    """An application session that keeps a transaction open (idle in transaction)."""
-    opened = threading.Event()
-
-    def run() -> None:
-        with psycopg.connect(data_url, application_name="shop_app") as app:
-            app.execute("SELECT 1")  # a transaction is open from here until the block ends
-            opened.set()
-            time.sleep(seconds)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert opened.wait(30)
-    return thread
-
-
 def test_the_throttle_holds_writes_back_while_a_transaction_stays_open(data_url, conn):
     limits = ThrottleLimits(pause_ms=300, max_transaction_age_ms=1_000, max_wait_ms=60_000)
     table = dataclasses.replace(FCT_ORDERS, throttle=limits)
@@ -121,7 +105,7 @@ def test_the_throttle_holds_writes_back_while_a_transaction_stays_open(data_url,
     throttle.before_partition()
     assert said == [], "nothing to hold back for"
 
-    app = open_transaction(data_url, seconds=4)
+    app = other_session(data_url, "SELECT 1", seconds=4)
     time.sleep(1.5)
     started = time.monotonic()
     throttle.before_partition()
@@ -142,7 +126,7 @@ def test_stress_past_max_wait_stops_the_run_and_the_rest_keep_their_rows(
     assert materialize_days(postgres, instance, DAYS[0], DAYS[1]).success
     before = fingerprints(conn, DAYS[:2])
     conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
-    app = open_transaction(data_url, seconds=8)
+    app = other_session(data_url, "SELECT 1", seconds=8)
     time.sleep(1.2)
 
     result = materialize_days(postgres, instance, DAYS[0], DAYS[1], assets=(throttled,))

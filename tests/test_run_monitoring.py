@@ -16,7 +16,7 @@ import time
 
 from conftest import TEST_PGDATA
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
-from support import failed_run_report
+from support import failed_run_report, wait_for
 
 from backfill_assets.core.database import connect
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -44,14 +44,6 @@ def test_a_live_dead_zombie_or_reused_worker_pid_is_told_apart():
         child.kill()
         child.wait()
     assert process_state(child.pid, time.time()) == "no longer exists"
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (found := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
-    return found
 
 
 def test_a_run_whose_worker_died_with_the_daemon_is_failed_retried_and_its_backfill_completes(

@@ -12,11 +12,10 @@ import dataclasses
 import threading
 import time
 
-from support import FCT_ORDERS, REGISTRY, audit_rows, fingerprints
+from support import FCT_ORDERS, REGISTRY, audit_rows, fingerprints, other_session
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
-from backfill_assets.core.database import connect
 from backfill_assets.core.guards import guard
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import write_verified
@@ -53,18 +52,7 @@ def prepared(conn, data_url, timeouts: Timeouts):
 
 def hold_share_lock(data_url, seconds: float) -> threading.Thread:
     """Another session holding a lock that blocks DELETE (as a long index build would)."""
-    held = threading.Event()
-
-    def run() -> None:
-        with connect(data_url) as other, other.transaction():
-            other.execute("LOCK TABLE analytics.fct_orders IN SHARE MODE")
-            held.set()
-            time.sleep(seconds)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert held.wait(30)
-    return thread
+    return other_session(data_url, "LOCK TABLE analytics.fct_orders IN SHARE MODE", seconds)
 
 
 def test_a_write_that_meets_a_held_lock_backs_off_retries_and_succeeds_once_it_is_released(
