@@ -352,7 +352,7 @@ def _pause(args: argparse.Namespace) -> int:
 
     scope = _pause_scope(args)
     with connect(settings.data_url()) as conn:
-        if args.func is _resume:
+        if args.name == "resume":
             lifted = control.resume(conn, scope)
             what = "every backfill" if scope == control.ALL else f"backfill {scope}"
             print(f"{what}: {'resumed' if lifted else 'was not paused'}")
@@ -361,10 +361,6 @@ def _pause(args: argparse.Namespace) -> int:
     print(f"{paused.describe()}; its writers stop before their next partition")
     print(f"  go on with: backfill-assets resume {'--all' if scope == control.ALL else scope}")
     return 0
-
-
-def _resume(args: argparse.Namespace) -> int:
-    return _pause(args)
 
 
 def _pause_scope(args: argparse.Namespace) -> str:
@@ -536,16 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     _webserver_argument(cancel)
     cancel.set_defaults(func=_cancel)
 
-    for name, func, text in (
-        ("pause", _pause, "stop a backfill's writers before their next partition (runs wait)"),
-        ("resume", _resume, "let a paused backfill's writers go on"),
+    for name, text in (
+        ("pause", "stop a backfill's writers before their next partition (runs wait)"),
+        ("resume", "let a paused backfill's writers go on"),
     ):
         switch = commands.add_parser(name, help=text)
         switch.add_argument("backfill_id", nargs="?")
         switch.add_argument("--all", action="store_true", help="every backfill on this database")
         if name == "pause":
             switch.add_argument("--reason", help="why, shown to whoever looks at the runs")
-        switch.set_defaults(func=func)
+        switch.set_defaults(func=_pause)
 
     retry = commands.add_parser(
         "retry", help="launch what an ended backfill did not materialize (failed or never run)"
