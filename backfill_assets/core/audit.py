@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS backfill_audit.backfill_runs (
 -- Which snapshot rows belong to a write: ids restart when the audit table is recreated, a
 -- write's random id does not (core/snapshots.py, core/rollback.py).
 ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS write_id uuid;
+-- Rows an in-place update (strategy batched_update) changed; it deletes and inserts none.
+ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS rows_updated bigint;
 CREATE INDEX IF NOT EXISTS backfill_runs_backfill_idx ON backfill_audit.backfill_runs (backfill_id);
 CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
     ON backfill_audit.backfill_runs (table_name, partition_key);
@@ -87,7 +89,8 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
     """
     current = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = "
-        "to_regclass('backfill_audit.backfill_runs') AND attname = 'write_id' AND NOT attisdropped"
+        "to_regclass('backfill_audit.backfill_runs') AND attname = 'rows_updated' "
+        "AND NOT attisdropped"
     ).fetchone()[0]
     if current:
         return
@@ -273,6 +276,7 @@ REPORT_COLUMNS = (
     "rows_before",
     "rows_deleted",
     "rows_inserted",
+    "rows_updated",
     "rows_after",
     "snapshot_rows",
     "restored_from",

@@ -30,7 +30,7 @@ class SourceNotReady(Exception):
 
 
 def _where(table: TableSpec) -> str:
-    sql_file = table.sql_path
+    sql_file = table.sql_path or "batched_update.set"
     declaration = f" (declared in {table.declared_in})" if table.declared_in else ""
     return f"table {table.qualified_name}: {sql_file}{declaration}"
 
@@ -90,6 +90,9 @@ def check_types(conn: psycopg.Connection, table: TableSpec) -> None:
 def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
     """Raise ``ContractError`` naming unknown types, missing and extra columns; ``SourceNotReady``
     if the sources do not exist yet."""
+    if table.in_place:
+        check_in_place(conn, table)
+        return
     check_placeholders(table)
     check_types(conn, table)
     yielded = result_columns(conn, table)
@@ -110,6 +113,47 @@ def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
             "Make the SELECT return exactly the columns of the declaration, by name "
             "(alias them with AS), or change the declaration."
         )
+
+
+def check_in_place(conn: psycopg.Connection, table: TableSpec) -> None:
+    """A table updated in place exists with every declared column, and its ``set`` expressions and
+    ``needs_update`` condition run on it (described, no row read)."""
+    check_types(conn, table)
+    existing = column_names(conn, table.schema, table.name)
+    if not existing:
+        raise SourceNotReady(
+            f"table {table.qualified_name} does not exist; batched_update fills columns of an "
+            "existing table (create it, and add the columns to fill, first)"
+        )
+    missing = [c.name for c in table.columns if c.name not in existing]
+    if missing:
+        raise ContractError(
+            f"table {table.qualified_name} has no column(s) {', '.join(missing)} (declared in "
+            f"{table.declared_in}); add them first, e.g. ALTER TABLE {table.qualified_name} ADD "
+            f"COLUMN {missing[0]} {table.columns[table.column_names.index(missing[0])].type} "
+            "(nullable: batched_update fills it, `backfill-assets finish-column` makes it NOT NULL)"
+        )
+    assert table.batched_update is not None
+    condition = sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 0").format(
+        table.identifier, sql.SQL(table.batched_update.needs_update_sql)
+    )
+    window = {"start": table.partitioning.start, "end": table.partitioning.start}
+    for what, query in (
+        (
+            "batched_update.set",
+            sql.SQL("SELECT * FROM ({}) AS src LIMIT 0").format(table.source_query),
+        ),
+        ("batched_update.needs_update", condition),
+    ):
+        try:
+            with conn.transaction():
+                conn.execute(query, window)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ContractError(
+                f"table {table.qualified_name}: {what} in {table.declared_in} does not run on the "
+                f"table: {reason}"
+            ) from None
 
 
 def check_target(conn: psycopg.Connection, table: TableSpec) -> None:

@@ -29,6 +29,8 @@ class SourceStats:
     rows: int
     null_keys: int
     sums: dict[str, Decimal]
+    null_required: int = 0
+    """Rows whose computed value of a required column is NULL (in-place updates only)."""
 
 
 WINDOW = sql.Identifier("backfill_window")
@@ -73,6 +75,17 @@ def source_stats_all(
         sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in table.unique_key
     )
     sums = [sql.SQL("sum({})").format(sql.Identifier(m)) for m in table.measures]
+    # An in-place update commits batch by batch: a value that would violate NOT NULL is refused
+    # here, before the first batch, rather than by the batch that meets it.
+    filled = _required_set_columns(table)
+    if filled:
+        sums.append(
+            sql.SQL("count(*) FILTER (WHERE {})").format(
+                sql.SQL(" OR ").join(
+                    sql.SQL("{} IS NULL").format(sql.Identifier(c)) for c in filled
+                )
+            )
+        )
     values, params = _windows_values(windows)
     query = sql.SQL(
         "SELECT {window}.key, stats.* FROM {values} CROSS JOIN LATERAL "
@@ -87,8 +100,15 @@ def source_stats_all(
     )
     found = {}
     for key, rows, null_keys, *totals in conn.execute(query, params).fetchall():
-        found[key] = SourceStats(rows=rows, null_keys=null_keys, sums=sums_of(table, totals))
+        null_required = totals.pop() if filled else 0
+        found[key] = SourceStats(rows, null_keys, sums_of(table, totals), null_required)
     return found
+
+
+def _required_set_columns(table: TableSpec) -> list[str]:
+    if table.batched_update is None:
+        return []
+    return [c for c in table.batched_update.columns if c in table.required_columns]
 
 
 def target_rows_all(
@@ -136,6 +156,12 @@ def _judge(
         problems.append(
             f"{stats.null_keys} source rows have a NULL in {', '.join(table.unique_key)}"
         )
+    if stats.null_required:
+        problems.append(
+            f"{stats.null_required} rows would get a NULL in "
+            f"{', '.join(_required_set_columns(table))} (declared not null): its expression "
+            "yields NULL for them"
+        )
     shrink_problem = None
     if current and stats.rows == 0:
         shrink_problem = f"the source is empty but the partition holds {current} rows"
@@ -156,13 +182,20 @@ def _judge(
     }
     if overridden:
         metadata["override"] = f"{shrink_problem}; allowed by {ALLOW_SHRINK}=true"
-    if problems:
+    if problems and table.in_place:
+        message = (
+            f"guard refused to update {table.qualified_name} {window.key}: "
+            + "; ".join(problems)
+            + f". Nothing was updated. Fix the expression in {table.declared_in} (or the rows)."
+        )
+    elif problems:
         message = (
             f"guard refused to replace {table.qualified_name} {window.key}: "
             + "; ".join(problems)
             + ". Nothing was deleted. Fix the source, or for an intended shrink re-run with the "
             f"tag {ALLOW_SHRINK}=true"
         )
+    if problems:
         return CheckOutcome(
             False, metadata | {"problems": "; ".join(problems)}, message=message
         ), stats

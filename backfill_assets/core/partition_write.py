@@ -48,6 +48,10 @@ class PartitionOutcome:
     snapshot_rows: int | None = None
     audit_id: int | None = None
     error: str | None = None
+    halt: bool = False
+    """The run's remaining partitions should not be attempted (the throttle gave up)."""
+    resumed_after: int = 0
+    """Batches of an interrupted in-place write this one resumed after."""
 
     @property
     def succeeded(self) -> bool:
@@ -71,6 +75,8 @@ class PartitionOutcome:
             metadata["audit_id"] = self.audit_id
         if self.snapshot_rows is not None:
             metadata["snapshot_rows"] = self.snapshot_rows
+        if self.resumed_after:
+            metadata["resumed_after_batches"] = self.resumed_after
         return metadata
 
 

@@ -163,7 +163,7 @@ def verify(
             {"source_rows": source.rows, "target_rows": after.rows},
             message=f"the partition holds {after.rows} rows, the source {source.rows}"
             + (
-                f" (does {table.sql_path.name} return rows outside the window, not filtered on"
+                f" (does {table.sql_source} return rows outside the window, not filtered on"
                 f" %(start)s <= {table.partition_column} < %(end)s?)"
                 if source.rows > after.rows
                 else ""

@@ -21,7 +21,14 @@ import yaml
 from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
 from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
-from backfill_assets.core.tables import Column, TableSpec, ThrottleLimits, Timeouts
+from backfill_assets.core.tables import (
+    STRATEGIES,
+    BatchedUpdate,
+    Column,
+    TableSpec,
+    ThrottleLimits,
+    Timeouts,
+)
 
 TABLES_PATH_ENV = "BACKFILL_TABLES_PATH"
 DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
@@ -29,6 +36,10 @@ DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
 KEYS = {
     "table": "schema.name of the table to build (required)",
     "description": "what a row is, for the UI",
+    "strategy": "delete_insert (default: the project rebuilds the table) | batched_update "
+    "(fill columns of a live table in place)",
+    "batched_update": "set {column: expression}, needs_update, batch {start, min, max, target}, "
+    "triggers (keep | replica)",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
     "partitions": "column, every (day | month), start, optional end (exclusive)",
@@ -44,6 +55,9 @@ KEYS = {
     "max_replica_lag, max_wait: when writes hold back",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
+BATCHED_KEYS = ("set", "needs_update", "batch", "triggers")
+BATCH_KEYS = ("start", "min", "max", "target")
+TRIGGER_MODES = ("keep", "replica")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
 SNAPSHOT_KEYS = ("keep", "retention_days")
 TIMEOUT_KEYS = ("lock", "statement", "lock_retries")
@@ -171,12 +185,36 @@ def _spec(path: Path, doc: object) -> TableSpec:
     except ValueError as exc:
         raise DeclarationError(f"partitions: {exc}") from None
 
-    sql_path = path.parent / str(doc.get("sql") or f"{path.stem}.sql")
-    if not sql_path.is_file():
-        raise DeclarationError(
-            f"sql: {sql_path} does not exist; write the SELECT that yields one window's rows there"
-        )
+    strategy = str(doc.get("strategy") or "delete_insert")
+    if strategy not in STRATEGIES:
+        raise DeclarationError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     unique_key = known_columns("unique_key", _names(_required(doc, "unique_key"), "unique_key"))
+    batched, sql_path = None, None
+    if strategy == "batched_update":
+        if doc.get("sql"):
+            raise DeclarationError(
+                "sql: a batched_update table has no SQL file; its new values are the "
+                "expressions of batched_update.set, computed from each row"
+            )
+        batched = _batched(_required(doc, "batched_update"), known_columns)
+        fixed = [c for c in batched.columns if c in unique_key or c == column]
+        if fixed:
+            raise DeclarationError(
+                f"batched_update.set: {', '.join(fixed)} is the unique key or the partition "
+                "column, which batches walk and filter on; they cannot be set"
+            )
+    else:
+        if doc.get("batched_update") is not None:
+            raise DeclarationError(
+                "batched_update: only for strategy: batched_update (add that key, or remove "
+                "this block)"
+            )
+        sql_path = path.parent / str(doc.get("sql") or f"{path.stem}.sql")
+        if not sql_path.is_file():
+            raise DeclarationError(
+                f"sql: {sql_path} does not exist; write the SELECT that yields one window's rows "
+                "there"
+            )
     measures = known_columns("measures", _names(doc.get("measures") or [], "measures"))
     subject = doc.get("subject_column")
     if subject is not None:
@@ -207,7 +245,69 @@ def _spec(path: Path, doc: object) -> TableSpec:
         partitions_per_run=_per_run(doc.get("partitions_per_run")),
         timeouts=_timeouts(doc.get("timeouts") or {}),
         throttle=_throttle(doc.get("throttle") or {}),
+        strategy=strategy,
+        batched_update=batched,
     )
+
+
+def _batched(value: object, known_columns) -> BatchedUpdate:
+    doc = _mapping(value, "batched_update", BATCHED_KEYS)
+    assignments = _mapping(_required(doc, "set"), "batched_update.set", _AnyKey())
+    known_columns("batched_update.set", [str(name) for name in assignments])
+    for name, expression in assignments.items():
+        if not isinstance(expression, str) or not expression.strip():
+            raise DeclarationError(
+                f"batched_update.set.{name}: {expression!r} is not a SQL expression "
+                "(e.g. net_amount + tax_amount)"
+            )
+    needs = doc.get("needs_update")
+    if needs is not None and (not isinstance(needs, str) or not needs.strip()):
+        raise DeclarationError(
+            f"batched_update.needs_update: {needs!r} is not a SQL condition (e.g. total_price IS "
+            "NULL)"
+        )
+    batch = _mapping(doc.get("batch") or {}, "batched_update.batch", BATCH_KEYS)
+    default = BatchedUpdate(set=())
+    sizes = {
+        key: _batch_size(batch, key, getattr(default, f"batch_{key}")) for key in BATCH_KEYS[:3]
+    }
+    if not sizes["min"] <= sizes["start"] <= sizes["max"]:
+        raise DeclarationError(
+            f"batched_update.batch: start {sizes['start']} is not between min {sizes['min']} "
+            f"and max {sizes['max']}"
+        )
+    triggers = str(doc.get("triggers", "keep"))
+    if triggers not in TRIGGER_MODES:
+        raise DeclarationError(
+            f"batched_update.triggers: {triggers!r} is not one of {', '.join(TRIGGER_MODES)}"
+        )
+    return BatchedUpdate(
+        set=tuple((str(name), str(expr).strip()) for name, expr in assignments.items()),
+        needs_update=needs.strip() if needs else None,
+        batch_start=sizes["start"],
+        batch_min=sizes["min"],
+        batch_max=sizes["max"],
+        target_ms=_duration(
+            batch, "target", default.target_ms, 10, 600_000, "batched_update.batch"
+        ),
+        triggers=triggers,
+    )
+
+
+class _AnyKey:
+    """Allowed keys of a mapping whose keys are names checked elsewhere."""
+
+    def __contains__(self, _: object) -> bool:
+        return True
+
+
+def _batch_size(doc: Mapping, key: str, default: int) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise DeclarationError(
+            f"batched_update.batch.{key}: {value!r} is not a whole number of rows, 1..1000000"
+        )
+    return value
 
 
 def _throttle(value: object) -> ThrottleLimits:

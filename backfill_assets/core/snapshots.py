@@ -37,26 +37,7 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
     wanted = {"audit_id", "taken_at", "write_id", *table.column_names}
     if wanted <= column_names(conn, *snapshot_relation(table)):
         return
-    statements = [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (audit_id bigint NOT NULL, "
-            "taken_at timestamptz NOT NULL DEFAULT now(), LIKE {})"
-        ).format(target, table.identifier),
-        # The write's random id beside its audit id: audit ids restart when the audit table is
-        # recreated, and a rollback must never take another write's rows for its own.
-        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS write_id uuid").format(target),
-        # Every write reads its own snapshot back (the diff) and a rollback reads one: a B-tree on
-        # the ever-growing audit id, cheap to extend. Times only grow too: BRIN, next to free to
-        # maintain. No index by subject: erasure is rare and may scan; three B-trees doubled
-        # the cost of keeping the old rows.
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (audit_id)").format(
-            sql.Identifier(f"{table.schema}__{table.name}_audit_idx"), target
-        ),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (taken_at) {}").format(
-            sql.Identifier(f"{table.schema}__{table.name}_taken_brin"), target, SUMMARIZE
-        ),
-    ]
+    statements = _in_place_statements(table) if table.in_place else _statements(table)
     with schema_changes(conn):
         for statement in statements:
             conn.execute(statement)
@@ -69,6 +50,55 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
                         target, sql.Identifier(column.name), sql.SQL(column.type)
                     )
                 )
+
+
+def _statements(table: TableSpec) -> list[sql.Composed]:
+    target = snapshot_table(table)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (audit_id bigint NOT NULL, "
+            "taken_at timestamptz NOT NULL DEFAULT now(), LIKE {})"
+        ).format(target, table.identifier),
+        # The write's random id beside its audit id: audit ids restart when the audit table is
+        # recreated, and a rollback must never take another write's rows for its own.
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS write_id uuid").format(target),
+        # Every write reads its own snapshot back (the diff) and a rollback reads one: a B-tree
+        # on the ever-growing audit id, cheap to extend. Times only grow too: BRIN, next to free
+        # to maintain. No index by subject: erasure is rare and may scan; three B-trees doubled
+        # the cost of keeping the old rows.
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (audit_id)").format(
+            sql.Identifier(f"{table.schema}__{table.name}_audit_idx"), target
+        ),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (taken_at) {}").format(
+            sql.Identifier(f"{table.schema}__{table.name}_taken_brin"), target, SUMMARIZE
+        ),
+    ]
+
+
+def _in_place_statements(table: TableSpec) -> list[sql.Composed]:
+    """The snapshot of an in-place update keeps only the declared columns (key, partition column,
+    the columns it sets) of the rows it changed, without their constraints (old values are NULL
+    where a column is being filled). One row per write and key: a row updated twice by one
+    write (a restarted pass) keeps its first, original values (``ON CONFLICT DO NOTHING``)."""
+    target = snapshot_table(table)
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type)) for c in table.columns
+    )
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (audit_id bigint NOT NULL, "
+            "taken_at timestamptz NOT NULL DEFAULT now(), write_id uuid, {})"
+        ).format(target, columns),
+        sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} (audit_id, {})").format(
+            sql.Identifier(f"{table.schema}__{table.name}_audit_key"), target, keys
+        ),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (taken_at) {}").format(
+            sql.Identifier(f"{table.schema}__{table.name}_taken_brin"), target, SUMMARIZE
+        ),
+    ]
 
 
 def kept_rows(table: TableSpec, audit_id: int, write_id: UUID | None) -> KeptRows:

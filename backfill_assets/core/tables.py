@@ -63,6 +63,54 @@ class ThrottleLimits:
     max_wait_ms: int = 30 * 60_000
 
 
+STRATEGIES = ("delete_insert", "batched_update")
+
+
+@dataclass(frozen=True)
+class BatchedUpdate:
+    """How ``strategy: batched_update`` fills columns of a live table in place
+    (``core/in_place.py``).
+
+    ``set`` maps each column to the SQL expression over the row that computes it (trusted code,
+    like a column's ``check``). Only rows for which ``needs_update`` holds are touched, and it is
+    evaluated again on each locked row, so a value the application wrote meanwhile is kept.
+    """
+
+    set: tuple[tuple[str, str], ...]
+    needs_update: str | None = None
+    """Default: any set column differs from its expression."""
+    batch_start: int = 1_000
+    batch_min: int = 100
+    batch_max: int = 50_000
+    target_ms: int = 200
+    """Batches grow or shrink so that each one's statement takes about this long."""
+    triggers: str = "keep"
+    """``keep``: the table's triggers fire for backfilled rows; ``replica``: the batches run with
+    ``session_replication_role = replica`` (ordinary triggers and foreign keys do not fire)."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.set)
+
+    def expression(self, column: str) -> str:
+        return dict(self.set)[column]
+
+    @property
+    def needs_update_sql(self) -> str:
+        if self.needs_update:
+            return f"({self.needs_update})"
+        return (
+            "("
+            + " OR ".join(f"{_quoted(name)} IS DISTINCT FROM ({expr})" for name, expr in self.set)
+            + ")"
+        )
+
+
+def _quoted(name: str) -> str:
+    """A double-quoted SQL identifier, for SQL text composed without a connection."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 @dataclass(frozen=True)
 class TableSpec:
     schema: str
@@ -70,9 +118,10 @@ class TableSpec:
     partitioning: Partitioning
     columns: tuple[Column, ...]
     unique_key: tuple[str, ...]
-    sql_path: Path
+    sql_path: Path | None
     """A SELECT yielding exactly ``columns`` (by name) for the window
-    ``%(start)s <= partition column < %(end)s``; checked when the definitions load."""
+    ``%(start)s <= partition column < %(end)s``; checked when the definitions load. None for
+    ``batched_update``, whose new values are expressions over the table's own rows."""
     description: str = ""
     upstream: tuple[str, ...] = ()
     """``schema.table`` of every table the SQL reads: the asset's dependencies."""
@@ -96,6 +145,14 @@ class TableSpec:
     """Fixed partitions per backfill run; ``None``: sized from measured cost (``run_sizing``)."""
     timeouts: Timeouts = Timeouts()
     throttle: ThrottleLimits = ThrottleLimits()
+    strategy: str = "delete_insert"
+    """How a partition is replaced: ``delete_insert`` (the table is rebuilt by the project) or
+    ``batched_update`` (a live table's columns filled in place; see ``batched_update``)."""
+    batched_update: BatchedUpdate | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.strategy == "batched_update"
 
     @property
     def identifier(self) -> sql.Identifier:
@@ -145,13 +202,39 @@ class TableSpec:
 
     @cached_property
     def query(self) -> str:
-        return self.sql_path.read_text()
+        """The SELECT yielding one window's rows as they should be.
+
+        For ``batched_update`` it reads the table itself, each set column replaced by its
+        expression: the guard and the reconciliation measure it like any other source.
+        """
+        if self.sql_path is not None:
+            return self.sql_path.read_text()
+        assert self.batched_update is not None
+        computed = dict(self.batched_update.set)
+        columns = ", ".join(
+            f"({computed[name]}) AS {_quoted(name)}" if name in computed else _quoted(name)
+            for name in self.column_names
+        )
+        column = _quoted(self.partition_column)
+        return (
+            f"SELECT {columns} FROM {_quoted(self.schema)}.{_quoted(self.name)} "
+            f"WHERE {column} >= %(start)s AND {column} < %(end)s"
+        )
+
+    @property
+    def sql_source(self) -> str:
+        """Where the table's rows come from, for messages."""
+        if self.sql_path is not None:
+            return self.sql_path.name
+        return f"batched_update.set in {self.declared_in}"
 
     @property
     def sql_hash(self) -> str:
         """Changes whenever the query or the table's shape changes: the asset's code version."""
         digest = hashlib.sha256(self.query.encode())
         digest.update(repr(self.columns).encode())
+        if self.batched_update is not None:
+            digest.update(repr(self.batched_update.needs_update_sql).encode())
         return digest.hexdigest()[:12]
 
     def create_statements(self) -> list[sql.Composed]:
@@ -184,8 +267,8 @@ def ensure_table(conn: psycopg.Connection, table: TableSpec) -> None:
     (and ``CREATE SCHEMA`` a privilege check) before it finds the object there, so running it at
     every run would queue the run behind readers of the table on a live database.
     """
-    if _has_partition_index(conn, table):
-        return
+    if table.in_place or _has_partition_index(conn, table):
+        return  # a table updated in place is the application's: never created here
     with schema_changes(conn):
         for statement in table.create_statements():
             conn.execute(statement)

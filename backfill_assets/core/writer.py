@@ -39,15 +39,26 @@ class WriteResult:
     rows_deleted: int
     rows_inserted: int
     duration_s: float
+    rows_updated: int = 0
+    """Rows changed in place (``core/in_place.py``), in ``batches`` transactions."""
+    batches: int = 0
+
+    @property
+    def rows_written(self) -> int:
+        return self.rows_inserted + self.rows_updated
 
     @property
     def rows_per_second(self) -> float:
-        return self.rows_inserted / self.duration_s if self.duration_s > 0 else 0.0
+        return self.rows_written / self.duration_s if self.duration_s > 0 else 0.0
 
     def as_metadata(self) -> dict[str, float | int]:
+        counts = (
+            {"rows_updated": self.rows_updated, "batches": self.batches}
+            if self.batches
+            else {"rows_deleted": self.rows_deleted, "rows_inserted": self.rows_inserted}
+        )
         return {
-            "rows_deleted": self.rows_deleted,
-            "rows_inserted": self.rows_inserted,
+            **counts,
             "duration_s": round(self.duration_s, 3),
             "rows_per_second": round(self.rows_per_second, 1),
         }

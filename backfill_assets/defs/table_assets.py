@@ -27,6 +27,7 @@ from backfill_assets.core.contract import (
     check_target,
 )
 from backfill_assets.core.control import wait_while_paused
+from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import (
     PartitionOutcome,
@@ -90,7 +91,8 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             "table": table.qualified_name,
             "partition_column": table.partition_column,
             "partitions": table.partitioning.describe(),
-            "sql": str(table.sql_path.name),
+            "sql": table.sql_source,
+            "strategy": table.strategy,
             "partitions_per_run": partitions_per_run,
         },
     )
@@ -135,7 +137,15 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             progress = Progress(context.log.info, table.qualified_name, len(windows))
             log = context.log.warning
             throttle = Throttle(conn, table, log)
-            stopped, paused_s = None, 0.0
+            stopped, paused = None, [0.0]
+
+            def hold_back() -> None:
+                """The pause switch and the throttle: before each partition, and before each
+                batch of an in-place update."""
+                throttle.before_partition()
+                # Read last: a pause given during the throttle's wait holds this write.
+                paused[0] += wait_while_paused(conn, run.backfill_id, log)
+
             for window in windows:
                 if not guarded[window.key][0].passed:
                     continue
@@ -143,19 +153,35 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     stopped = "the database connection was lost"  # the rest would fail alike
                     break
                 try:
-                    paused_s += wait_while_paused(conn, run.backfill_id, log)
-                    throttle.before_partition()
+                    hold_back()
                 except ThrottleTimeout as exc:
                     stopped = str(exc)
                     break
-                outcome = write_verified(
-                    conn, audit, run, table, window, params, guarded[window.key], log
-                )
+                if table.in_place:
+                    outcome = write_in_place(
+                        conn,
+                        audit,
+                        run,
+                        table,
+                        window,
+                        params,
+                        guarded[window.key],
+                        context.log.info,
+                        between_batches=hold_back,
+                    )
+                else:
+                    outcome = write_verified(
+                        conn, audit, run, table, window, params, guarded[window.key], log
+                    )
                 outcomes.append(outcome)
                 if outcome.succeeded:
-                    progress.wrote(window.key, outcome.write.rows_inserted)
+                    progress.wrote(window.key, outcome.write.rows_written)
                 else:
                     context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
+                if outcome.halt:
+                    stopped = outcome.error
+                    break
+            paused_s = paused[0]
             if paused_s or throttle.paused_s:
                 context.log.info(
                     f"{table.qualified_name}: held back {throttle.paused_s:.0f}s by the throttle "

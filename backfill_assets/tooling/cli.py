@@ -190,7 +190,10 @@ def _tables(_: argparse.Namespace) -> int:
     for table in registry:
         print(f"{table.qualified_name}  ({table.declared_in})")
         print(f"  partitions: {table.partitioning.describe()} on {table.partition_column}")
-        print(f"  sql: {table.sql_path}")
+        if table.in_place:
+            print(f"  strategy: batched_update, sets {', '.join(table.batched_update.columns)}")
+        else:
+            print(f"  sql: {table.sql_path}")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
         status = check_table(conn, table) if conn else f"not checked: {unreachable}"

@@ -1,0 +1,192 @@
+"""``strategy: batched_update``: a live table's new column filled in place, batch by batch.
+
+The table is the demo shop's own ``app.orders``, given a nullable ``total_price`` as a schema
+change would add it (``tests/in_place_tables/orders_total.yaml``; batches of 10 rows, so a day of
+40 orders takes several). Real runs on the real PostgreSQL; the application is another session.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, materialize
+from support import audit_rows, latest_check, wait_for
+
+from backfill_assets.core import control
+from backfill_assets.core.audit import ensure_audit_table
+from backfill_assets.core.registry import load_registry
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.defs.dbt import dbt_resource
+from backfill_assets.defs.table_assets import table_asset
+
+TABLES = Path(__file__).parent / "in_place_tables"
+ORDERS = load_registry([TABLES]).table("app.orders")
+ORDERS_KEY = AssetKey(["app", "orders"])
+orders = table_asset(ORDERS)
+DAYS = ["2024-04-01", "2024-04-02", "2024-04-03"]
+WRITER = Path(__file__).with_name("in_place_writer.py")
+
+
+@pytest.fixture
+def live(conn):
+    """``app.orders`` as a schema change leaves it: a new nullable column to fill."""
+    conn.execute("ALTER TABLE app.orders ADD COLUMN total_price numeric(12, 2)")
+    ensure_audit_table(conn)
+    return conn
+
+
+def variant(directory: Path, extra: str = "", replace: tuple[str, str] = ("", "")) -> TableSpec:
+    """The test declaration with ``extra`` YAML appended and ``replace`` applied, in its own
+    table folder."""
+    text = (TABLES / "orders_total.yaml").read_text()
+    assert replace[0] in text
+    (directory / "orders_total.yaml").write_text(text.replace(*replace) + extra + "\n")
+    return load_registry([directory]).table("app.orders")
+
+
+def fill(postgres, instance, first: str, last: str | None = None, tags=None, asset=orders):
+    return materialize(
+        [asset],
+        resources={"postgres": postgres, "dbt": dbt_resource},
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": first,
+            "dagster/asset_partition_range_end": last or first,
+            **(tags or {}),
+        },
+        raise_on_error=False,
+    )
+
+
+def day_rows(conn, day: str) -> dict[int, tuple]:
+    """order_id -> (total_price, net + tax, xmin) of the day's orders."""
+    return {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT order_id, total_price, net_amount + tax_amount, xmin::text::bigint "
+            "FROM app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1",
+            [day, day],
+        )
+    }
+
+
+def committed_batches(conn, day: str) -> int:
+    """Batches of the day's unfinished in-place write committed so far (its cursor)."""
+    if not conn.execute("SELECT to_regclass('backfill_control.cursors')").fetchone()[0]:
+        return 0
+    row = conn.execute(
+        "SELECT batches FROM backfill_control.cursors WHERE partition_key = %s", [day]
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def test_batched_update_fills_every_row_of_the_range_with_its_expression_and_passes_its_checks(
+    live, postgres, instance
+):
+    result = fill(postgres, instance, DAYS[0], DAYS[-1])
+
+    assert result.success
+    for day in DAYS:
+        rows = day_rows(live, day)
+        assert rows and all(total == expected for total, expected, _ in rows.values())
+        for check in ("rows_match_source", "required_columns_not_null", "measures_reconcile"):
+            record = latest_check(instance, check, day, ORDERS_KEY)
+            assert record.status.value == "SUCCEEDED", (check, day)
+    untouched = live.execute(
+        "SELECT count(*) FROM app.orders WHERE total_price IS NOT NULL AND NOT "
+        "(ordered_at >= %s::date AND ordered_at < %s::date + 1)",
+        [DAYS[0], DAYS[-1]],
+    ).fetchone()[0]
+    assert untouched == 0, "rows outside the range are not touched"
+    audits = audit_rows(live, strategy="batched_update")
+    assert [a["partition_key"] for a in audits] == DAYS
+    assert all(a["status"] == "succeeded" for a in audits)
+    assert [a["rows_updated"] for a in audits] == [len(day_rows(live, d)) for d in DAYS]
+    assert all(a["rows_deleted"] == 0 and a["rows_inserted"] == 0 for a in audits)
+    materialization = instance.get_latest_materialization_event(ORDERS_KEY)
+    metadata = materialization.asset_materialization.metadata
+    assert metadata["batches"].value >= 4, "40 rows in batches of 10 or so"
+
+
+def test_batched_update_never_overwrites_a_value_the_application_writes_during_the_run(
+    live, postgres, instance, tmp_path
+):
+    backfill = "inplace-app"
+    day = DAYS[0]
+    keys = sorted(day_rows(live, day))
+    # The run waits 1.5 s between batches: after its first, the pause switch holds it at that
+    # batch boundary, and the application writes its own total_price for rows not reached yet.
+    slow = table_asset(variant(tmp_path, "throttle: {pause: 1500ms}"))
+    results = []
+    run = threading.Thread(
+        target=lambda: results.append(
+            fill(postgres, instance, day, tags={"dagster/backfill": backfill}, asset=slow)
+        )
+    )
+    run.start()
+    wait_for(lambda: committed_batches(live, day), 60, "the first batch never committed")
+    control.pause(live, backfill, by="tester")
+    time.sleep(3)
+    assert committed_batches(live, day) == 1, "paused at the batch boundary"
+    assert run.is_alive(), "the run waits; it does not fail"
+    done_before = {k for k, (total, _, _) in day_rows(live, day).items() if total is not None}
+    app_written = [k for k in keys if k not in done_before][-5:]
+    live.execute(
+        "UPDATE app.orders SET total_price = 777.77 WHERE order_id = ANY(%s)", [app_written]
+    )
+    control.resume(live, backfill)
+    run.join(timeout=120)
+
+    assert results[0].success
+    rows = day_rows(live, day)
+    assert all(rows[k][0] == Decimal("777.77") for k in app_written), "the application's values are kept"
+    others = [k for k in keys if k not in app_written]
+    assert all(rows[k][0] == rows[k][1] for k in others)
+    kept = live.execute("SELECT order_id FROM backfill_snapshots.app__orders").fetchall()
+    assert {k for (k,) in kept} == set(others), "the snapshot holds exactly the rows it changed"
+    (audit,) = audit_rows(live, strategy="batched_update")
+    assert audit["rows_updated"] == len(others) and audit["snapshot_rows"] == len(others)
+
+
+def test_a_killed_in_place_write_resumes_after_its_last_committed_batch(
+    live, postgres, instance, data_url, tmp_path
+):
+    day = DAYS[1]
+    variant(tmp_path, replace=("max: 1000", "max: 10"))  # batches of 10: four for the day
+    writer = subprocess.Popen(
+        [sys.executable, str(WRITER), data_url, str(tmp_path), day],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(2):
+        line = writer.stdout.readline()
+        assert line.startswith("batch"), line + writer.stderr.read()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    batches, rows_done = live.execute(
+        "SELECT batches, rows_updated FROM backfill_control.cursors WHERE partition_key = %s",
+        [day],
+    ).fetchone()
+    before = day_rows(live, day)
+    done = {k: xmin for k, (total, _, xmin) in before.items() if total is not None}
+    assert 0 < len(done) == rows_done < len(before), "killed mid-way, its batches committed"
+
+    result = fill(postgres, instance, day)
+
+    assert result.success
+    after = day_rows(live, day)
+    assert all(total == expected for total, expected, _ in after.values())
+    assert all(after[k][2] == xmin for k, xmin in done.items()), "no committed batch redone"
+    (audit,) = audit_rows(live, strategy="batched_update", status="succeeded")
+    assert audit["rows_updated"] == len(before), "one write, counting the batches before the kill"
+    metadata = instance.get_latest_materialization_event(ORDERS_KEY).asset_materialization.metadata
+    assert metadata["resumed_after_batches"].value == batches
+    assert not live.execute("SELECT count(*) FROM backfill_control.cursors").fetchone()[0]
