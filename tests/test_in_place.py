@@ -15,16 +15,18 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
 import pytest
 from dagster import AssetKey, materialize
-from support import audit_rows, latest_check, wait_for
+from support import audit_rows, latest_check, other_session, wait_for
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
-from backfill_assets.core.registry import load_registry
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV, load_registry
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.dbt import dbt_resource
 from backfill_assets.defs.table_assets import table_asset
+from backfill_assets.tooling import cli
 
 TABLES = Path(__file__).parent / "in_place_tables"
 ORDERS = load_registry([TABLES]).table("app.orders")
@@ -146,7 +148,9 @@ def test_batched_update_never_overwrites_a_value_the_application_writes_during_t
 
     assert results[0].success
     rows = day_rows(live, day)
-    assert all(rows[k][0] == Decimal("777.77") for k in app_written), "the application's values are kept"
+    assert all(rows[k][0] == Decimal("777.77") for k in app_written), (
+        "the application's values are kept"
+    )
     others = [k for k in keys if k not in app_written]
     assert all(rows[k][0] == rows[k][1] for k in others)
     kept = live.execute("SELECT order_id FROM backfill_snapshots.app__orders").fetchall()
@@ -190,3 +194,129 @@ def test_a_killed_in_place_write_resumes_after_its_last_committed_batch(
     metadata = instance.get_latest_materialization_event(ORDERS_KEY).asset_materialization.metadata
     assert metadata["resumed_after_batches"].value == batches
     assert not live.execute("SELECT count(*) FROM backfill_control.cursors").fetchone()[0]
+
+
+def test_an_expression_yielding_null_for_a_required_column_is_refused_before_any_batch(
+    live, postgres, instance, tmp_path
+):
+    day = DAYS[0]
+    broken = table_asset(
+        variant(tmp_path, replace=("net_amount + tax_amount", "net_amount + tax_amount + NULL"))
+    )
+    result = fill(postgres, instance, day, asset=broken)
+
+    assert not result.success
+    assert all(total is None for total, _, _ in day_rows(live, day).values()), "nothing updated"
+    guard = latest_check(instance, "source_guard", day, ORDERS_KEY)
+    message = guard.event.asset_check_evaluation.metadata["message"].value
+    assert "would get a NULL in total_price" in message and "Nothing was updated" in message
+    (audit,) = audit_rows(live, strategy="batched_update")
+    assert audit["status"] == "guard_failed"
+
+
+def test_a_row_the_application_holds_locked_is_skipped_then_filled_once_released(
+    live, postgres, instance, data_url
+):
+    day = DAYS[2]
+    held = min(day_rows(live, day))
+    # The application holds one row of the day for 2 s: the first pass skips it (SKIP LOCKED),
+    # the second waits for it within the 500 ms lock timeout and retries until it is released.
+    app = other_session(
+        data_url, f"BEGIN; SELECT * FROM app.orders WHERE order_id = {held} FOR UPDATE", 2
+    )
+    started = time.monotonic()
+    result = fill(postgres, instance, day)
+    app.join()
+
+    assert result.success
+    assert time.monotonic() - started >= 1.5, "it waited for the row, not around it"
+    rows = day_rows(live, day)
+    assert all(total == expected for total, expected, _ in rows.values())
+    logs = [r.user_message for r in instance.all_logs(result.run_id)]
+    assert any("a lock was not granted within 500 ms" in line for line in logs)
+
+
+def test_a_rollback_restores_the_old_values_of_an_in_place_write_and_can_be_undone(
+    live, postgres, instance, dagster_env, monkeypatch
+):
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
+    day = DAYS[0]
+    app_row = min(day_rows(live, day))
+    live.execute("UPDATE app.orders SET total_price = 1.00 WHERE order_id = %s", [app_row])
+    assert fill(postgres, instance, day).success
+
+    assert cli.main(["rollback", "--table", "app.orders", "--partition", day]) == 0
+    rows = day_rows(live, day)
+    assert rows[app_row][0] == Decimal("1.00"), "a value it did not write is not touched"
+    assert all(total is None for k, (total, _, _) in rows.items() if k != app_row)
+
+    assert cli.main(["rollback", "--table", "app.orders", "--partition", day]) == 0
+    rows = day_rows(live, day)
+    assert all(total == expected for k, (total, expected, _) in rows.items() if k != app_row)
+    assert [(a["strategy"], a["rows_updated"]) for a in audit_rows(live)] == [
+        ("batched_update", len(rows) - 1),
+        ("rollback", len(rows) - 1),
+        ("rollback", len(rows) - 1),
+    ]
+
+
+def test_finish_column_makes_the_filled_column_not_null_and_refuses_while_nulls_remain(
+    live, postgres, instance, dagster_env, monkeypatch, capsys
+):
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
+    assert fill(postgres, instance, DAYS[0]).success
+
+    assert cli.main(["finish-column", "app.orders", "total_price"]) == 2
+    error = capsys.readouterr().err
+    assert "still hold NULL in total_price" in error and "Nothing was changed" in error
+    assert "--select app/orders --from 2024-01-01" in error
+    assert not_null(live) is False
+    assert not live.execute(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'app.orders'::regclass "
+        "AND contype = 'c'"
+    ).fetchone()[0], "no constraint left behind"
+
+    # The rest of history, as earlier backfills would have left it.
+    live.execute(
+        "UPDATE app.orders SET total_price = net_amount + tax_amount WHERE total_price IS NULL"
+    )
+    assert cli.main(["finish-column", "app.orders", "total_price"]) == 0
+    assert "is NOT NULL now" in capsys.readouterr().out
+    assert not_null(live) is True
+    assert cli.main(["finish-column", "app.orders", "total_price"]) == 0
+    assert "already NOT NULL" in capsys.readouterr().out
+
+
+def not_null(conn) -> bool:
+    return conn.execute(
+        "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'app.orders'::regclass "
+        "AND attname = 'total_price'"
+    ).fetchone()[0]
+
+
+def test_finish_column_never_queues_the_application_longer_than_the_lock_timeout(
+    live, dagster_env, monkeypatch, data_url
+):
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
+    live.execute("UPDATE app.orders SET total_price = net_amount + tax_amount")
+    # A long report holds ACCESS SHARE for 2 s: every ALTER must wait for it. Meanwhile the
+    # application keeps reading; a DDL statement queued without a lock timeout would make each
+    # of its reads wait the whole 2 s behind it.
+    report = other_session(data_url, "BEGIN; SELECT count(*) FROM app.orders", 2)
+    finished = []
+    ddl = threading.Thread(
+        target=lambda: finished.append(cli.main(["finish-column", "app.orders", "total_price"]))
+    )
+    ddl.start()
+    slowest = 0.0
+    with psycopg.connect(data_url, autocommit=True) as app:
+        while report.is_alive():
+            started = time.monotonic()
+            app.execute("SELECT total_price FROM app.orders WHERE order_id = 1").fetchone()
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+    ddl.join(timeout=60)
+
+    assert finished == [0], "it retried until the report ended"
+    assert not_null(live) is True
+    assert slowest < 1.0, f"the application waited {slowest:.2f}s (lock timeout 500 ms)"

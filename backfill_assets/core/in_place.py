@@ -365,7 +365,9 @@ def update_partition(
         while cursor.pass_number <= 2:
             if cursor.batches > resumed_after:
                 between_batches()
-            with_lock_retries(lambda: run_batch(conn, table, window, cursor), table, window, log)
+            with_lock_retries(
+                lambda: run_batch(conn, table, window, cursor), table, window.key, log
+            )
             if log is not None and time.monotonic() - logged >= PROGRESS_EVERY_S:
                 logged = time.monotonic()
                 elapsed = time.perf_counter() - started

@@ -96,7 +96,7 @@ def _record(audit: AuditTrail, run: RunInfo, table: TableSpec, window, **fields)
         asset_key=table.asset_name,
         table=table.qualified_name,
         partition=window.key,
-        strategy=STRATEGY,
+        strategy=table.strategy,
         sql_hash=table.sql_hash,
         **fields,
     )
@@ -185,7 +185,7 @@ def write_verified(
                 conn, table, window, keep_previous=kept, before_commit=verify_and_record
             ),
             table,
-            window,
+            window.key,
             log,
         )
     except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:

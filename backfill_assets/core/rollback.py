@@ -22,7 +22,7 @@ from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import replace_partition, with_lock_retries
+from backfill_assets.core.writer import lock_partition, replace_partition, with_lock_retries
 
 STRATEGY = "rollback"
 
@@ -59,8 +59,10 @@ def snapshots_of_backfill(
     rows = conn.execute(
         sql.SQL(
             "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
-            "snapshot_rows, write_id FROM {} WHERE backfill_id = %s AND strategy = 'delete_insert' "
-            "AND status = 'succeeded' ORDER BY table_name, partition_key, id"
+            "snapshot_rows, write_id FROM {} WHERE backfill_id = %s "
+            "AND strategy IN ('delete_insert', 'batched_update') AND (status = 'succeeded' OR "
+            "(strategy = 'batched_update' AND snapshot_rows IS NOT NULL)) "
+            "ORDER BY table_name, partition_key, id"
         ).format(AUDIT_TABLE),
         [backfill_id],
     ).fetchall()
@@ -80,8 +82,9 @@ def snapshot_of_partition(
     row = conn.execute(
         sql.SQL(
             "SELECT id, table_name, partition_key, snapshot_rows, write_id FROM {} "
-            "WHERE table_name = %s "
-            "AND partition_key = %s AND status = 'succeeded' ORDER BY id DESC LIMIT 1"
+            "WHERE table_name = %s AND partition_key = %s AND (status = 'succeeded' OR "
+            "(strategy = 'batched_update' AND snapshot_rows IS NOT NULL)) "
+            "ORDER BY id DESC LIMIT 1"
         ).format(AUDIT_TABLE),
         [table.qualified_name, partition_key],
     ).fetchone()
@@ -197,9 +200,7 @@ def restore(
     try:
         # A lock not granted within the table's timeout: the whole rollback is tried again.
         first = refs[0].table
-        results = with_lock_retries(
-            restore_all, first, first.partitioning.window(refs[0].partition_key), log
-        )
+        results = with_lock_retries(restore_all, first, refs[0].partition_key, log)
     except (psycopg.Error, AuditUnavailable) as exc:
         for ref in refs:
             record(ref, status="failed", error=f"rollback not applied: {exc}".strip())
@@ -215,6 +216,8 @@ def restore(
 def _restore_one(
     conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
 ) -> RollbackResult:
+    if ref.table.in_place:
+        return _restore_columns(conn, ref, audit_id, write_id, record)
     window = ref.table.partitioning.window(ref.partition_key)
     kept_rows = snapshots.kept_rows(ref.table, audit_id, write_id)
     kept: dict[str, object] = {}
@@ -253,4 +256,89 @@ def _restore_one(
         checksum_before=kept["before"],
         checksum_after=kept["after"],
         snapshot_rows=result.rows_deleted,
+    )
+
+
+def _restore_columns(
+    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
+) -> RollbackResult:
+    """Undo an in-place update: put back the old values of the columns it set, by key.
+
+    The values replaced now are kept under the rollback's own ids first, so the rollback can be
+    undone like any write. Rows the application deleted since are simply not restored.
+    """
+    table, spec = ref.table, ref.table.batched_update
+    assert spec is not None
+    window = table.partitioning.window(ref.partition_key)
+    kept = snapshots.snapshot_table(table)
+    keys = [*table.unique_key]
+    taken = [*keys, table.partition_column, *spec.columns]
+    join = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
+    )
+    of_write = sql.SQL(
+        "s.audit_id = %(snapshot_id)s AND s.write_id IS NOT DISTINCT FROM %(write_id)s::uuid"
+    )
+    bound = {
+        **window.as_params(),
+        "snapshot_id": ref.audit_id,
+        "write_id": ref.write_id,
+        "new_id": audit_id,
+        "new_write": write_id,
+    }
+    with conn.cursor() as cur:
+        lock_partition(cur, table, window)
+        cur.execute(
+            "SELECT set_config('lock_timeout', %s, true), "
+            "set_config('statement_timeout', %s, true)",
+            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
+        )
+        before = fingerprint_of(conn, table, table.identifier, window)
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {kept} (audit_id, write_id, {columns}) "
+                "SELECT %(new_id)s, %(new_write)s, {current} FROM {table} AS t JOIN {kept} AS s "
+                "ON {join} WHERE {of_write}"
+            ).format(
+                kept=kept,
+                columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
+                current=sql.SQL(", ").join(sql.Identifier("t", c) for c in taken),
+                table=table.identifier,
+                join=join,
+                of_write=of_write,
+            ),
+            bound,
+        )
+        replaced = cur.rowcount
+        cur.execute(
+            sql.SQL(
+                "UPDATE {table} AS t SET {assignments} FROM {kept} AS s WHERE {join} AND {of_write}"
+            ).format(
+                table=table.identifier,
+                assignments=sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(c), sql.Identifier("s", c))
+                    for c in spec.columns
+                ),
+                kept=kept,
+                join=join,
+                of_write=of_write,
+            ),
+            bound,
+        )
+        restored = cur.rowcount
+    after = fingerprint_of(conn, table, table.identifier, window)
+    record(
+        ref,
+        conn=conn,
+        status="succeeded",
+        rows_deleted=0,
+        rows_inserted=0,
+        rows_updated=restored,
+        rows_after=after.rows,
+        checksum_before=before.checksum,
+        checksum_after=after.checksum,
+        snapshot_rows=replaced,
+    )
+    return RollbackResult(
+        ref, audit_id, 0, restored, before.checksum, after.checksum, snapshot_rows=replaced
     )

@@ -204,13 +204,14 @@ def _result(window: PartitionWindow, deleted: int, inserted: int, started: float
 def with_lock_retries(
     write: Callable[[], T],
     table: TableSpec,
-    window: PartitionWindow,
+    what: str,
     log: Callable[[str], object] | None,
 ) -> T:
     """Run ``write``; when it gives up on a lock (the table's ``lock_timeout``), wait and try
     again, with exponential back-off and jitter, up to the table's ``lock_retries`` times.
 
     Each attempt is a whole transaction: the failed one rolled back, nothing of it remains.
+    ``what`` names the work in the log (a partition key, a step).
     """
     timeouts = table.timeouts
     for attempt in range(timeouts.lock_retries + 1):
@@ -223,7 +224,7 @@ def with_lock_retries(
             delay = ceiling / 2 + random.uniform(0, ceiling / 2)
             if log is not None:
                 log(
-                    f"{table.qualified_name} {window.key}: a lock was not granted within "
+                    f"{table.qualified_name} {what}: a lock was not granted within "
                     f"{timeouts.lock_ms} ms (another session holds it); retry "
                     f"{attempt + 1}/{timeouts.lock_retries} in {delay:.1f} s"
                 )

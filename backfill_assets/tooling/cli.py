@@ -366,6 +366,19 @@ def _pause(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish_column(args: argparse.Namespace) -> int:
+    from backfill_assets.core.not_null import finish_column
+
+    table = load_registry().table(args.table)
+    prepare()
+    with connect(settings.data_url()) as conn:
+        done = finish_column(
+            conn, table, args.column, lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    print(done)
+    return 0
+
+
 def _pause_scope(args: argparse.Namespace) -> str:
     from backfill_assets.core import control
 
@@ -545,6 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pause":
             switch.add_argument("--reason", help="why, shown to whoever looks at the runs")
         switch.set_defaults(func=_pause)
+
+    finish = commands.add_parser(
+        "finish-column",
+        help="make a column filled by batched_update NOT NULL without a long lock",
+    )
+    finish.add_argument("table", help="schema.table, as declared")
+    finish.add_argument("column")
+    finish.set_defaults(func=_finish_column)
 
     retry = commands.add_parser(
         "retry", help="launch what an ended backfill did not materialize (failed or never run)"
