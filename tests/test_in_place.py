@@ -320,3 +320,24 @@ def test_finish_column_never_queues_the_application_longer_than_the_lock_timeout
     assert finished == [0], "it retried until the report ended"
     assert not_null(live) is True
     assert slowest < 1.0, f"the application waited {slowest:.2f}s (lock timeout 500 ms)"
+
+
+def test_triggers_fire_for_backfilled_rows_unless_the_declaration_says_replica(
+    live, postgres, instance, tmp_path
+):
+    live.execute(
+        "CREATE TABLE app.order_changes (order_id bigint); "
+        "CREATE FUNCTION app.log_change() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN INSERT INTO app.order_changes VALUES (NEW.order_id); RETURN NEW; END$$; "
+        "CREATE TRIGGER orders_changed AFTER UPDATE ON app.orders "
+        "FOR EACH ROW EXECUTE FUNCTION app.log_change()"
+    )
+    changes = "SELECT count(*) FROM app.order_changes"
+
+    assert fill(postgres, instance, DAYS[0]).success
+    assert live.execute(changes).fetchone()[0] == len(day_rows(live, DAYS[0])), "kept: fired"
+
+    quiet = table_asset(variant(tmp_path, replace=("batch: {", "triggers: replica\n  batch: {")))
+    assert fill(postgres, instance, DAYS[1], asset=quiet).success
+    assert live.execute(changes).fetchone()[0] == len(day_rows(live, DAYS[0])), "replica: not"
+    assert all(t == e for t, e, _ in day_rows(live, DAYS[1]).values())

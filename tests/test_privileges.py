@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 from psycopg import sql
@@ -18,6 +19,7 @@ from support import database_checksum, materialize_days
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import running_daemon
@@ -170,3 +172,20 @@ def test_a_run_without_temporary_fails_before_writing_and_names_the_grant(
     assert "Nothing was written" in message
     assert database_checksum(conn) == before
     assert json.dumps(urls)  # the URLs hold no password to leak
+
+
+def test_a_table_updated_in_place_needs_update_on_it_and_the_error_gives_the_grant(
+    least_privileged, conn, monkeypatch, capsys
+):
+    in_place = Path(__file__).parent / "in_place_tables"
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{in_place}")
+    conn.execute("ALTER TABLE app.orders ADD COLUMN total_price numeric(12, 2)")
+    least_privileged()
+
+    assert cli.main(["pause", "--all"]) == 2
+    err = capsys.readouterr().err
+    assert 'GRANT UPDATE ON "app"."orders" TO "backfill_least";' in err
+    assert "GRANT SELECT" not in err, "SELECT is granted already"
+
+    conn.execute(f"GRANT UPDATE ON app.orders TO {ROLE}")
+    assert cli.main(["pause", "--all"]) == 0

@@ -123,3 +123,48 @@ def test_two_declarations_of_one_table_are_refused(tmp_path):
 def test_asking_for_an_undeclared_table_lists_the_declared_ones():
     with pytest.raises(ValueError, match=r"declared tables are: analytics\.fct_orders"):
         load_registry([DEFAULT_TABLES_DIR]).table("analytics.nope")
+
+
+IN_PLACE = Path(__file__).parent / "in_place_tables" / "orders_total.yaml"
+
+
+def _in_place(tmp_path: Path, replace: tuple[str, str]) -> Path:
+    folder = tmp_path / "in_place"
+    folder.mkdir()
+    text = IN_PLACE.read_text()
+    assert replace[0] in text
+    (folder / "orders_total.yaml").write_text(text.replace(*replace))
+    return folder
+
+
+def test_an_in_place_declaration_reads_its_expressions_and_batch_limits():
+    table = load_registry([IN_PLACE.parent]).table("app.orders")
+
+    assert table.in_place and table.sql_path is None
+    spec = table.batched_update
+    assert spec.set == (("total_price", "net_amount + tax_amount"),)
+    assert (spec.batch_start, spec.batch_min, spec.batch_max, spec.target_ms) == (10, 5, 1000, 50)
+    assert spec.triggers == "keep"
+    assert '(net_amount + tax_amount) AS "total_price"' in table.query
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        (("strategy: batched_update", "strategy: upsert"), "strategy: 'upsert' is not one of"),
+        (("set: {total_price:", "set: {total:"), "batched_update.set: total not among the columns"),
+        (("set: {total_price:", "set: {order_id:"), "order_id is the unique key or the partition"),
+        (("batch: {start: 10,", "batch: {start: 1,"), "start 1 is not between min 5 and max 1000"),
+        (("target: 50ms", "target: soon"), "batched_update.batch.target: 'soon' is not a duration"),
+        (
+            ("batch: {", "triggers: fire\n  batch: {"),
+            "triggers: 'fire' is not one of keep, replica",
+        ),
+        (("batched_update:\n", "sql: orders.sql\nbatched_update:\n"), "has no SQL file"),
+        (("strategy: batched_update\n", ""), "batched_update: only for strategy: batched_update"),
+    ],
+)
+def test_a_mistake_in_an_in_place_declaration_names_the_field(tmp_path, replace, message):
+    with pytest.raises(DeclarationError) as error:
+        load_registry([_in_place(tmp_path, replace)])
+    assert message in str(error.value)

@@ -272,6 +272,8 @@ def run_batch(
         )
         if spec.triggers == "replica":
             cur.execute("SET LOCAL session_replication_role = replica")
+        if spec.defer_constraints:
+            cur.execute("SET CONSTRAINTS ALL DEFERRED")
         started = time.perf_counter()
         taken, updated, left_null, last_key = cur.execute(statement, params).fetchone()
         duration = time.perf_counter() - started

@@ -28,12 +28,16 @@ def _grant(conn: psycopg.Connection, privileges: list[str], on: sql.Composable, 
     )
 
 
-def missing_data_grants(conn: psycopg.Connection, sources: Iterable[str] = ()) -> list[str]:
+def missing_data_grants(
+    conn: psycopg.Connection, sources: Iterable[str] = (), updated: Iterable[str] = ()
+) -> list[str]:
     """GRANTs the role lacks in the data database: CREATE (the schemas it builds, audit and
-    snapshots) and TEMPORARY on the database, USAGE on each source's schema, SELECT on it.
+    snapshots) and TEMPORARY on the database, USAGE on each source's schema, SELECT on it, and
+    SELECT and UPDATE on each table updated in place (``strategy: batched_update``).
 
     A source that does not exist yet is left to the contract check, which names it.
     """
+    writes = set(updated)
     role, database, create, temporary = conn.execute(
         "SELECT current_user, current_database(), "
         "has_database_privilege(current_database(), 'CREATE'), "
@@ -45,23 +49,28 @@ def missing_data_grants(conn: psycopg.Connection, sources: Iterable[str] = ()) -
         grants.append(
             _grant(conn, lacking, sql.SQL("DATABASE {}").format(sql.Identifier(database)), role)
         )
-    for source in sorted(set(sources)):
+    for source in sorted(set(sources) | writes):
         schema, _, name = source.partition(".")
         found = conn.execute(
             "SELECT has_schema_privilege(n.oid, 'USAGE'), (SELECT has_table_privilege(c.oid, "
-            "'SELECT') FROM pg_class AS c WHERE c.relnamespace = n.oid AND c.relname = %s) "
+            "'SELECT') FROM pg_class AS c WHERE c.relnamespace = n.oid AND c.relname = %s), "
+            "(SELECT has_table_privilege(c.oid, 'UPDATE') FROM pg_class AS c "
+            "WHERE c.relnamespace = n.oid AND c.relname = %s) "
             "FROM pg_namespace AS n WHERE n.nspname = %s",
-            [name, schema],
+            [name, name, schema],
         ).fetchone()
         if found is None:
             continue
-        usage, select = found
+        usage, select, update = found
         if not usage:
             grants.append(
                 _grant(conn, ["USAGE"], sql.SQL("SCHEMA {}").format(sql.Identifier(schema)), role)
             )
-        if select is False:
-            grants.append(_grant(conn, ["SELECT"], sql.Identifier(schema, name), role))
+        lacking = [p for p, held in (("SELECT", select), ("UPDATE", update)) if held is False]
+        if source not in writes:
+            lacking = [p for p in lacking if p == "SELECT"]
+        if lacking:
+            grants.append(_grant(conn, lacking, sql.Identifier(schema, name), role))
     return grants
 
 
@@ -99,8 +108,10 @@ def privilege_error(conn: psycopg.Connection, grants: list[str], variable: str) 
     )
 
 
-def require_data_grants(conn: psycopg.Connection, sources: Iterable[str], variable: str) -> None:
-    grants = missing_data_grants(conn, sources)
+def require_data_grants(
+    conn: psycopg.Connection, sources: Iterable[str], variable: str, updated: Iterable[str] = ()
+) -> None:
+    grants = missing_data_grants(conn, sources, updated)
     if grants:
         raise privilege_error(conn, grants, variable)
 

@@ -39,7 +39,7 @@ KEYS = {
     "strategy": "delete_insert (default: the project rebuilds the table) | batched_update "
     "(fill columns of a live table in place)",
     "batched_update": "set {column: expression}, needs_update, batch {start, min, max, target}, "
-    "triggers (keep | replica)",
+    "triggers (keep | replica), defer_constraints",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
     "partitions": "column, every (day | month), start, optional end (exclusive)",
@@ -55,7 +55,7 @@ KEYS = {
     "max_replica_lag, max_wait: when writes hold back",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
-BATCHED_KEYS = ("set", "needs_update", "batch", "triggers")
+BATCHED_KEYS = ("set", "needs_update", "batch", "triggers", "defer_constraints")
 BATCH_KEYS = ("start", "min", "max", "target")
 TRIGGER_MODES = ("keep", "replica")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
@@ -291,6 +291,7 @@ def _batched(value: object, known_columns) -> BatchedUpdate:
             batch, "target", default.target_ms, 10, 600_000, "batched_update.batch"
         ),
         triggers=triggers,
+        defer_constraints=_flag(doc, "defer_constraints", False),
     )
 
 

@@ -87,6 +87,9 @@ class BatchedUpdate:
     triggers: str = "keep"
     """``keep``: the table's triggers fire for backfilled rows; ``replica``: the batches run with
     ``session_replication_role = replica`` (ordinary triggers and foreign keys do not fire)."""
+    defer_constraints: bool = False
+    """Run each batch with ``SET CONSTRAINTS ALL DEFERRED``: deferrable constraints are checked
+    at the batch's commit rather than per row."""
 
     @property
     def columns(self) -> tuple[str, ...]:

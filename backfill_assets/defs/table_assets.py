@@ -112,7 +112,12 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
         ):
             try:
-                require_data_grants(conn, table.upstream, settings.DATA_URL_ENV)
+                require_data_grants(
+                    conn,
+                    table.upstream,
+                    settings.DATA_URL_ENV,
+                    [table.qualified_name] if table.in_place else [],
+                )
                 check_contract(conn, table)
                 check_target(conn, table)
             except (PrivilegeError, ContractError, SourceNotReady) as exc:

@@ -33,7 +33,8 @@ def prepare(*, create_databases: bool | None = None) -> dict[str, str]:
     )
     ensure_database(dagster_url, create=create, variable=dagster_variable)
     with connect(data_url) as conn:
-        require_data_grants(conn, _declared_sources(), settings.DATA_URL_ENV)
+        sources, updated = _declared_sources()
+        require_data_grants(conn, sources, settings.DATA_URL_ENV, updated)
     with connect(dagster_url, variable=dagster_variable) as conn:
         require_dagster_grants(conn, dagster_variable)
     os.environ.update(env)
@@ -41,12 +42,14 @@ def prepare(*, create_databases: bool | None = None) -> dict[str, str]:
     return env
 
 
-def _declared_sources() -> list[str]:
-    """The source tables the declarations read (none when a declaration is broken: the commands
-    that load them say what is wrong)."""
+def _declared_sources() -> tuple[list[str], list[str]]:
+    """The source tables the declarations read, and the tables they update in place (none when
+    a declaration is broken: the commands that load them say what is wrong)."""
     from backfill_assets.core.registry import load_registry
 
     try:
-        return [source for table in load_registry() for source in table.upstream]
+        registry = load_registry()
     except ValueError:
-        return []
+        return [], []
+    sources = [source for table in registry for source in table.upstream]
+    return sources, [table.qualified_name for table in registry if table.in_place]
