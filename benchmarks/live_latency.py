@@ -13,12 +13,15 @@ Phases:
   delete_insert  the project's strategy: ``analytics.fct_orders`` for the year, a partition per
                  transaction, under its timeouts and throttle (what a run does per day);
   delete_insert_paced  the same with ``throttle: {pause: 50ms}`` between partitions;
+  batched_update the project's in-place strategy on the live table itself: ``app.orders``'
+                 new ``bench_total`` filled for the year, a day at a time in key-ordered batches
+                 sized to 50 ms statements (``core/in_place.py``);
+  batched_update_paced  the same with ``throttle: {pause: 20ms}`` between batches;
   naive_update   one ``UPDATE app.orders SET total = ...`` over the year (the live table itself);
   classic_loop   the copy-pasted fix for that: a PL/pgSQL loop updating 10,000 rows, COMMIT,
                  ``pg_sleep(0.2)``, until none is left.
 
-The in-place strategies of issue 15 (batched_update, partition_swap) are not built yet; they
-will be phases here.
+partition_swap (issue 15) is not built yet; it will be a phase here.
 
 Usage: python benchmarks/live_latency.py [--orders-per-day 2000] [--rate 200] [--clients 4]
                                          [--window 60]
@@ -43,8 +46,10 @@ from psycopg.conninfo import conninfo_to_dict
 from backfill_assets.core import settings
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.database import connect
+from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import run_guards, write_verified
+from backfill_assets.core.registry import load_registry
 from backfill_assets.core.snapshots import ensure_snapshot_table
 from backfill_assets.core.tables import TableSpec, ThrottleLimits, ensure_table
 from backfill_assets.core.throttle import Throttle
@@ -149,6 +154,60 @@ def delete_insert(url: str, table: TableSpec = TABLE) -> int:
 def paced(url: str) -> int:
     """The same, throttled: 50 ms between partitions (``throttle: {pause: 50ms}``)."""
     return delete_insert(url, dataclasses.replace(TABLE, throttle=ThrottleLimits(pause_ms=50)))
+
+
+IN_PLACE = """
+table: app.orders
+strategy: batched_update
+partitions: {column: ordered_at, every: day, start: 2024-01-01, end: 2025-01-01}
+columns:
+  order_id: bigint not null
+  ordered_at: timestamptz not null
+  net_amount: numeric(12,2) not null
+  tax_amount: numeric(12,2) not null
+  bench_total: numeric(12,2) not null
+unique_key: order_id
+measures: [bench_total]
+batched_update:
+  set: {bench_total: net_amount + tax_amount}
+  needs_update: bench_total IS NULL
+  batch: {start: 1000, min: 100, max: 20000, target: 50ms}
+"""
+
+
+def in_place_table(extra: str = "") -> TableSpec:
+    """The declaration a user would write for the in-place fill, read by the registry."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_in_place_"))
+    (folder / "orders.yaml").write_text(IN_PLACE + extra)
+    return load_registry([folder]).table("app.orders")
+
+
+def batched_update(url: str, table: TableSpec | None = None) -> int:
+    """The year of ``app.orders.bench_total`` as runs fill it in place, a day at a time."""
+    table = table or in_place_table()
+    windows = table.partitioning.windows(
+        table.partitioning.keys_between("2024-01-01", "2024-12-31")
+    )
+    params = params_for(table, {"backfill_assets/launched_by": "bench"})
+    run = RunInfo("bench-live", "bench-live", "bench", {})
+    rows = 0
+    with connect(url) as conn, AuditTrail(url) as audit:
+        ensure_snapshot_table(conn, table)
+        guarded = run_guards(conn, table, windows, params)
+        throttle = Throttle(conn, table, print)
+        for window in windows:
+            throttle.before_partition()
+            outcome = write_in_place(
+                conn, audit, run, table, window, params, guarded[window.key],
+                between_batches=throttle.before_partition,
+            )  # fmt: skip
+            assert outcome.succeeded, outcome.error
+            rows += outcome.write.rows_updated
+    return rows
+
+
+def batched_paced(url: str) -> int:
+    return batched_update(url, in_place_table("throttle: {pause: 20ms}\n"))
 
 
 def naive_update(url: str) -> int:
@@ -293,12 +352,14 @@ def main() -> None:
         ("baseline", None),
         ("delete_insert", delete_insert),
         ("delete_insert_paced", paced),
+        ("batched_update", batched_update),
+        ("batched_update_paced", batched_paced),
         ("naive_update", naive_update),
         ("classic_loop", classic_loop),
     ):
         print(f"phase {name} ...", flush=True)
         phases.append(run_phase(url, name, backfill, app, args))
-        if name in ("naive_update", "classic_loop"):
+        if name in ("batched_update", "batched_update_paced", "naive_update", "classic_loop"):
             reset(url)
         with connect(url) as conn:
             conn.execute("CHECKPOINT")  # each phase starts from the same clean state
