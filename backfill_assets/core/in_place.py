@@ -25,6 +25,7 @@ a whole partition for as long as it runs. Instead, per partition:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -283,7 +284,7 @@ def run_batch(
                 f"({', '.join(c for c in spec.columns if c in table.required_columns)})"
             )
         result = BatchResult(taken, updated, left_null, last_key, duration)
-        _advance(cursor, table, result)
+        moved = _advanced(cursor, table, result)
         cur.execute(
             sql.SQL(
                 "UPDATE {} SET pass = %s, after_key = %s, batches = %s, rows_updated = %s, "
@@ -291,23 +292,27 @@ def run_batch(
                 "WHERE table_name = %s AND partition_key = %s"
             ).format(CURSORS),
             [
-                cursor.pass_number,
-                json.dumps(cursor.after, default=str) if cursor.after is not None else None,
-                cursor.batches,
-                cursor.rows_updated,
-                cursor.batch_size,
+                moved.pass_number,
+                json.dumps(moved.after, default=str) if moved.after is not None else None,
+                moved.batches,
+                moved.rows_updated,
+                moved.batch_size,
                 table.qualified_name,
                 window.key,
             ],
         )
+    # Committed: only now does the cursor in memory move (a retried batch starts where the
+    # database's cursor is).
+    cursor.__dict__.update(moved.__dict__)
     return result
 
 
-def _advance(cursor: Cursor, table: TableSpec, batch: BatchResult) -> None:
-    """Move the cursor past ``batch``; a short batch ends its pass (the first pass hands over to
-    the second, which starts again at the partition's first key). Resize for the next batch."""
+def _advanced(current: Cursor, table: TableSpec, batch: BatchResult) -> Cursor:
+    """The cursor past ``batch``; a short batch ends its pass (the first pass hands over to the
+    second, which starts again at the partition's first key), resized for the next batch."""
     spec = table.batched_update
     assert spec is not None
+    cursor = dataclasses.replace(current)
     cursor.batches += 1
     cursor.rows_updated += batch.updated
     if batch.taken < cursor.batch_size:
@@ -320,6 +325,7 @@ def _advance(cursor: Cursor, table: TableSpec, batch: BatchResult) -> None:
         cursor.batch_size = int(
             min(spec.batch_max, max(spec.batch_min, round(cursor.batch_size * factor)))
         )
+    return cursor
 
 
 @dataclass(frozen=True)
