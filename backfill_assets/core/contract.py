@@ -160,6 +160,8 @@ def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
     """An existing target table must have every declared column (a declaration that gained a
     column needs the table altered first); raises ``ContractError`` saying how."""
     existing = column_names(conn, table.schema, table.name)
+    if existing:
+        _check_partitioned(conn, table)
     missing = [c for c in table.columns if existing and c.name not in existing]
     if missing:
         alters = "; ".join(
@@ -169,6 +171,26 @@ def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
             f"table {table.qualified_name} exists without the declared column(s) "
             f"{', '.join(c.name for c in missing)} (declared in {table.declared_in}); add them "
             f"({alters}) or drop the table to have it created anew"
+        )
+
+
+def _check_partitioned(conn: psycopg.Connection, table: TableSpec) -> None:
+    """A ``partition_swap`` target must be natively partitioned, and only such a target."""
+    kind = conn.execute(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
+        [table.identifier.as_string(conn)],
+    ).fetchone()
+    partitioned = kind is not None and kind[0] == "p"
+    if table.swapped and not partitioned:
+        raise ContractError(
+            f"table {table.qualified_name} exists and is not partitioned, but its declaration "
+            f"({table.declared_in}) says strategy: partition_swap. Rename or drop the table to "
+            "have it created partitioned (then backfill it), or keep strategy: delete_insert"
+        )
+    if partitioned and not table.swapped:
+        raise ContractError(
+            f"table {table.qualified_name} is natively partitioned; declare it with strategy: "
+            f"partition_swap in {table.declared_in}"
         )
 
 

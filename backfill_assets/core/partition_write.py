@@ -141,7 +141,7 @@ def write_verified(
     found: dict[str, Verification] = {}
 
     def verify_and_record(connection: psycopg.Connection, write: WriteResult) -> None:
-        verification = verify(connection, table, window, stats, params, kept)
+        verification = verify(connection, table, window, stats, params, kept.relation(table))
         found["verification"] = verification
         if verification.failed_blocking:
             raise VerificationFailed(verification)

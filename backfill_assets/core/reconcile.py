@@ -28,7 +28,6 @@ from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import KeptRows
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,14 @@ def verify(
     window: PartitionWindow,
     source: SourceStats,
     params: BackfillParams,
-    previous: KeptRows,
+    previous: sql.Composable,
+    current: sql.Composable | None = None,
 ) -> Verification:
     """Evaluate every after-write check on the uncommitted partition, in one statement.
 
-    ``previous`` holds the rows the DELETE removed. Each side is read once (materialized CTEs);
+    ``previous`` is a relation shaped like the table holding the partition's old rows (the rows
+    the DELETE removed, or the partition a swap replaces); ``current`` the one holding the new
+    rows (default: the table). Each side is read once (materialized CTEs);
     fingerprints, measure sums, NULL counts, duplicated keys and the keyed diff are all computed
     from those two reads, with no sort (the checksum is order-independent).
     """
@@ -121,7 +123,7 @@ def verify(
             row_hash=row_hash,
             carried=carried,
             required=sql.SQL(""),
-            rel=sql.SQL("{} AS t WHERE {}").format(previous.relation(table), table.window_filter()),
+            rel=sql.SQL("{} AS t WHERE {}").format(previous, table.window_filter()),
         ),
         new=side.format(
             key=key,
@@ -129,7 +131,9 @@ def verify(
             row_hash=row_hash,
             carried=carried,
             required=required,
-            rel=sql.SQL("{} WHERE {}").format(table.identifier, table.window_filter()),
+            rel=sql.SQL("{} AS t WHERE {}").format(
+                current or table.identifier, table.window_filter()
+            ),
         ),
         checksum=checksum_of(sql.SQL("h")),
         sums=sums,

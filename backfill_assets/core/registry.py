@@ -37,7 +37,7 @@ KEYS = {
     "table": "schema.name of the table to build (required)",
     "description": "what a row is, for the UI",
     "strategy": "delete_insert (default: the project rebuilds the table) | batched_update "
-    "(fill columns of a live table in place)",
+    "(fill columns of a live table in place) | partition_swap (natively partitioned)",
     "batched_update": "set {column: expression}, needs_update, batch {start, min, max, target}, "
     "triggers (keep | replica), defer_constraints",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
@@ -204,6 +204,13 @@ def _spec(path: Path, doc: object) -> TableSpec:
                 "column, which batches walk and filter on; they cannot be set"
             )
     else:
+        if strategy == "partition_swap" and column not in [
+            c.name for c in columns if not c.nullable
+        ]:
+            raise DeclarationError(
+                f"partitions.column: {column} must be declared not null for partition_swap "
+                "(a natively partitioned table has no partition for NULL)"
+            )
         if doc.get("batched_update") is not None:
             raise DeclarationError(
                 "batched_update: only for strategy: batched_update (add that key, or remove "

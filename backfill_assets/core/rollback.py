@@ -21,6 +21,7 @@ from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
+from backfill_assets.core.swap import child_name, swap_in
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import lock_partition, replace_partition, with_lock_retries
 
@@ -60,7 +61,7 @@ def snapshots_of_backfill(
         sql.SQL(
             "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
             "snapshot_rows, write_id FROM {} WHERE backfill_id = %s "
-            "AND strategy IN ('delete_insert', 'batched_update') AND (status = 'succeeded' OR "
+            "AND strategy <> 'rollback' AND (status = 'succeeded' OR "
             "(strategy = 'batched_update' AND snapshot_rows IS NOT NULL)) "
             "ORDER BY table_name, partition_key, id"
         ).format(AUDIT_TABLE),
@@ -137,6 +138,9 @@ def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
     """The snapshot is there and is only this write's: every row under the write's ids lies
     inside the partition's window, and there are no more of them than the audit row says the
     write kept (fewer is expected after an erasure purged a person's rows)."""
+    if ref.table.swapped:
+        _check_swapped(conn, ref)
+        return
     window = ref.table.partitioning.window(ref.partition_key)
     tagged, inside = conn.execute(
         sql.SQL("SELECT count(*), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
@@ -218,6 +222,8 @@ def _restore_one(
 ) -> RollbackResult:
     if ref.table.in_place:
         return _restore_columns(conn, ref, audit_id, write_id, record)
+    if ref.table.swapped:
+        return _swap_back(conn, ref, audit_id, write_id, record)
     window = ref.table.partitioning.window(ref.partition_key)
     kept_rows = snapshots.kept_rows(ref.table, audit_id, write_id)
     kept: dict[str, object] = {}
@@ -341,4 +347,95 @@ def _restore_columns(
     )
     return RollbackResult(
         ref, audit_id, 0, restored, before.checksum, after.checksum, snapshot_rows=replaced
+    )
+
+
+def _check_swapped(conn: psycopg.Connection, ref: SnapshotRef) -> None:
+    """The partition a swap replaced is still kept, with the rows its audit row counted."""
+    name = f"write {ref.audit_id} ({ref.table.qualified_name} {ref.partition_key})"
+    kept = snapshots.swapped_name(ref.table, ref.write_id) if ref.write_id else None
+    if kept is None or kept not in snapshots.swapped_snapshots(conn, ref.table):
+        raise RollbackError(
+            f"the partition replaced by {name} is no longer kept (expired after "
+            f"{ref.table.snapshot_retention_days} days, or snapshots were off)"
+        )
+    rows = conn.execute(
+        sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(snapshots.SCHEMA, kept))
+    ).fetchone()[0]
+    if rows > ref.snapshot_rows:
+        raise RollbackError(
+            f"the kept partition of {name} holds {rows} rows, its audit row says "
+            f"{ref.snapshot_rows}; nothing was restored"
+        )
+
+
+def _swap_back(
+    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
+) -> RollbackResult:
+    """Undo a swap by swapping the kept partition back in; the partition it replaces is kept
+    in turn (under the rollback's own id), so the rollback can be undone too."""
+    table = ref.table
+    window = table.partitioning.window(ref.partition_key)
+    kept = snapshots.swapped_name(table, ref.write_id)
+    child = sql.Identifier(table.schema, child_name(table, window))
+    with conn.cursor() as cur:
+        lock_partition(cur, table, window)
+        cur.execute(
+            "SELECT set_config('lock_timeout', %s, true), "
+            "set_config('statement_timeout', %s, true)",
+            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
+        )
+    before = fingerprint_of(conn, table, table.identifier, window)
+    restored = fingerprint_of(conn, table, sql.Identifier(snapshots.SCHEMA, kept), window)
+    # The kept table goes back to the table's schema under a staging name, then the swap.
+    staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
+    conn.execute(
+        sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+            sql.Identifier(snapshots.SCHEMA, kept), sql.Identifier(table.schema)
+        )
+    )
+    conn.execute(
+        sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+            sql.Identifier(table.schema, kept), sql.Identifier(staging_name)
+        )
+    )
+    had_child = bool(
+        conn.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(%s)",
+            [child.as_string(conn)],
+        ).fetchone()[0]
+    )
+    after: dict[str, object] = {}
+
+    def checksums_and_audit() -> None:
+        after["print"] = fingerprint_of(conn, table, table.identifier, window)
+        record(
+            ref,
+            conn=conn,
+            status="succeeded",
+            rows_deleted=before.rows,
+            rows_inserted=restored.rows,
+            rows_after=after["print"].rows,
+            checksum_before=before.checksum,
+            checksum_after=after["print"].checksum,
+            snapshot_rows=before.rows,
+        )
+
+    swap_in(
+        conn,
+        table,
+        window,
+        staging_name,
+        snapshots.swapped_name(table, write_id),
+        had_child,
+        checksums_and_audit,
+    )
+    return RollbackResult(
+        ref,
+        audit_id,
+        before.rows,
+        restored.rows,
+        checksum_before=before.checksum,
+        checksum_after=after["print"].checksum,
+        snapshot_rows=before.rows,
     )

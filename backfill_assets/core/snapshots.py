@@ -13,6 +13,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.database import column_names, relation_exists, schema_changes
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows
@@ -33,6 +34,14 @@ def snapshot_table(table: TableSpec) -> sql.Identifier:
 def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
     """Create the table's snapshot table, or add the columns it lacks; no DDL (and so no lock
     behind other runs' writes into it) when it is current."""
+    if table.swapped:
+        # A swap keeps each replaced partition as a table of its own, moved here (core/swap.py).
+        if not relation_exists_schema(conn, SCHEMA):
+            with schema_changes(conn):
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA))
+                )
+        return
     target = snapshot_table(table)
     wanted = {"audit_id", "taken_at", "write_id", *table.column_names}
     if wanted <= column_names(conn, *snapshot_relation(table)):
@@ -126,8 +135,36 @@ def restore_source(table: TableSpec) -> sql.Composed:
     )
 
 
+def relation_exists_schema(conn: psycopg.Connection, schema: str) -> bool:
+    return bool(
+        conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [schema]).fetchone()[0]
+    )
+
+
+def swapped_name(table: TableSpec, write_id: UUID) -> str:
+    """A partition replaced by a swap, kept under the random id of the write that replaced it."""
+    return f"{_swapped_prefix(table)}{write_id.hex[:12]}"
+
+
+def _swapped_prefix(table: TableSpec) -> str:
+    return f"{table.schema[:20]}__{table.name[:24]}__w"
+
+
+def swapped_snapshots(conn: psycopg.Connection, table: TableSpec) -> list[str]:
+    """Names of the kept partitions of a ``partition_swap`` table, in ``backfill_snapshots``."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind = 'r' AND starts_with(c.relname, %s) "
+        "ORDER BY c.relname",
+        [SCHEMA, _swapped_prefix(table)],
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
 def expire(conn: psycopg.Connection, table: TableSpec, retention_days: int | None = None) -> int:
     days = table.snapshot_retention_days if retention_days is None else retention_days
+    if table.swapped:
+        return _expire_swapped(conn, table, days)
     query = sql.SQL("DELETE FROM {} WHERE taken_at < now() - make_interval(days => %s)").format(
         snapshot_table(table)
     )
@@ -141,6 +178,17 @@ def erase_subject(conn: psycopg.Connection, tables: list[TableSpec], subject: ob
         for table in tables:
             if table.subject_column is None:
                 continue
+            if table.swapped:
+                erased[table.qualified_name] = sum(
+                    conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                            sql.Identifier(SCHEMA, name), sql.Identifier(table.subject_column)
+                        ),
+                        [subject],
+                    ).rowcount
+                    for name in swapped_snapshots(conn, table)
+                )
+                continue
             if not relation_exists(conn, *snapshot_relation(table)):
                 erased[table.qualified_name] = 0
                 continue
@@ -149,3 +197,27 @@ def erase_subject(conn: psycopg.Connection, tables: list[TableSpec], subject: ob
             )
             erased[table.qualified_name] = conn.execute(query, [subject]).rowcount
     return erased
+
+
+def _expire_swapped(conn: psycopg.Connection, table: TableSpec, days: int) -> int:
+    """Drop the kept partitions whose write ended more than ``days`` ago; returns their rows.
+
+    A kept partition is named after its write's random id (``swap.snapshot_name``); the audit
+    row with that id says when the write ended.
+    """
+    old = conn.execute(
+        sql.SQL(
+            "SELECT write_id FROM {} WHERE table_name = %s AND write_id IS NOT NULL AND "
+            "ended_at < now() - make_interval(days => %s)"
+        ).format(AUDIT_TABLE),
+        [table.qualified_name, days],
+    ).fetchall()
+    kept = set(swapped_snapshots(conn, table))
+    dropped = 0
+    for (write_id,) in old:
+        name = swapped_name(table, write_id)
+        if name in kept:
+            target = sql.Identifier(SCHEMA, name)
+            dropped += conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()[0]
+            conn.execute(sql.SQL("DROP TABLE {}").format(target))
+    return dropped

@@ -63,7 +63,7 @@ class ThrottleLimits:
     max_wait_ms: int = 30 * 60_000
 
 
-STRATEGIES = ("delete_insert", "batched_update")
+STRATEGIES = ("delete_insert", "batched_update", "partition_swap")
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,19 @@ class TableSpec:
     timeouts: Timeouts = Timeouts()
     throttle: ThrottleLimits = ThrottleLimits()
     strategy: str = "delete_insert"
-    """How a partition is replaced: ``delete_insert`` (the table is rebuilt by the project) or
-    ``batched_update`` (a live table's columns filled in place; see ``batched_update``)."""
+    """How a partition is replaced: ``delete_insert`` (the table is rebuilt by the project),
+    ``batched_update`` (a live table's columns filled in place; see ``batched_update``) or
+    ``partition_swap`` (a natively partitioned table; each partition built aside, swapped in)."""
     batched_update: BatchedUpdate | None = None
 
     @property
     def in_place(self) -> bool:
         return self.strategy == "batched_update"
+
+    @property
+    def swapped(self) -> bool:
+        """Natively partitioned: a partition is rebuilt aside and swapped in (``core/swap.py``)."""
+        return self.strategy == "partition_swap"
 
     @property
     def identifier(self) -> sql.Identifier:
@@ -251,8 +257,12 @@ class TableSpec:
             column_defs.append(sql.SQL(" ").join(parts))
         return [
             sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-                self.identifier, sql.SQL(", ").join(column_defs)
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}){}").format(
+                self.identifier,
+                sql.SQL(", ").join(column_defs),
+                sql.SQL(" PARTITION BY RANGE ({})").format(sql.Identifier(self.partition_column))
+                if self.swapped
+                else sql.SQL(""),
             ),
             # The partition column is what every DELETE and every check filters on.
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(

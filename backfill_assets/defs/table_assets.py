@@ -40,6 +40,7 @@ from backfill_assets.core.progress import Progress
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.snapshots import ensure_snapshot_table
+from backfill_assets.core.swap import swap_partition
 from backfill_assets.core.tables import TableSpec, ensure_table
 from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
@@ -173,6 +174,10 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                         guarded[window.key],
                         context.log.info,
                         between_batches=hold_back,
+                    )
+                elif table.swapped:
+                    outcome = swap_partition(
+                        conn, audit, run, table, window, params, guarded[window.key], log
                     )
                 else:
                     outcome = write_verified(

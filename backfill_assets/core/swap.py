@@ -1,0 +1,276 @@
+"""Partition swap: rebuild a partition aside, verify it there, swap it in with DETACH/ATTACH.
+
+``strategy: partition_swap`` is for a target the project builds as a natively partitioned
+table (``PARTITION BY RANGE`` on the partition column, one child table per partition, named
+``<table>__p<YYYYMMDD>``). Per partition, in one transaction:
+
+1. The new rows go into a staging table shaped like the parent (``LIKE ... INCLUDING DEFAULTS
+   INCLUDING CONSTRAINTS``), with a CHECK that proves the partition's bounds and the parent's
+   indexes: ATTACH then needs neither a scan nor an index build.
+2. The same one-statement verification as ``delete_insert`` compares the staging table with the
+   current child; a blocking failure rolls everything back (the staging table vanishes).
+3. The swap, in a savepoint under the table's lock timeout: DETACH the current child, move it to
+   ``backfill_snapshots`` (it *is* the snapshot: nothing is copied), rename the staging table to
+   the child's name, ATTACH it, insert the audit row. DETACH takes ACCESS EXCLUSIVE on the parent
+   until the commit a few milliseconds later; a lock not granted within the timeout rolls back to
+   the savepoint and is retried with back-off, so readers queue behind it at most that long.
+
+No DELETE: no dead tuples, no vacuum debt, and the old rows are kept by a rename.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core import snapshots
+from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
+from backfill_assets.core.guards import SourceStats
+from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.params import BackfillParams
+from backfill_assets.core.partition_write import (
+    PartitionOutcome,
+    VerificationFailed,
+    _explained,
+    _record,
+)
+from backfill_assets.core.partitioning import PartitionWindow
+from backfill_assets.core.reconcile import Verification, verify
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.writer import WriteResult, lock_partition, with_lock_retries
+
+STRATEGY = "partition_swap"
+_INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON ONLY \S+ ")
+
+
+def child_name(table: TableSpec, window: PartitionWindow) -> str:
+    return f"{table.name[:48]}__p{window.start:%Y%m%d}"
+
+
+def attached_child(conn: psycopg.Connection, table: TableSpec, window: PartitionWindow) -> bool:
+    return bool(
+        conn.execute(
+            "SELECT count(*) FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = to_regclass(%s) AND c.relname = %s",
+            [table.identifier.as_string(conn), child_name(table, window)],
+        ).fetchone()[0]
+    )
+
+
+def is_partitioned(conn: psycopg.Connection, table: TableSpec) -> bool | None:
+    """True for a partitioned table, False for a plain one, None if it does not exist."""
+    row = conn.execute(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
+        [table.identifier.as_string(conn)],
+    ).fetchone()
+    return None if row is None else row[0] == "p"
+
+
+def _bounds(window: PartitionWindow) -> tuple[sql.Literal, sql.Literal]:
+    """DDL takes no bound parameters: the window's dates as literals (``'2024-04-01'::date``)."""
+    return sql.Literal(window.start), sql.Literal(window.end)
+
+
+def _build_staging(
+    conn: psycopg.Connection, table: TableSpec, window: PartitionWindow, staging: sql.Identifier
+) -> int:
+    """Create and fill the staging table, with the bounds CHECK and the parent's indexes."""
+    start, end = _bounds(window)
+    column = sql.Identifier(table.partition_column)
+    conn.execute(
+        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+            staging, table.identifier
+        )
+    )
+    inserted = conn.execute(
+        sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM ({query}) AS src").format(
+            staging, cols=table.column_list(), query=table.source_query
+        ),
+        window.as_params(),
+    ).rowcount
+    # Implies the partition constraint, so ATTACH does not scan the rows again under its lock.
+    conn.execute(
+        sql.SQL(
+            "ALTER TABLE {} ADD CHECK ({col} IS NOT NULL AND {col} >= {} AND {col} < {})"
+        ).format(staging, start, end, col=column)
+    )
+    definitions = conn.execute(
+        "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = to_regclass(%s)",
+        [table.identifier.as_string(conn)],
+    ).fetchall()
+    for (definition,) in definitions:
+        # "CREATE INDEX name ON ONLY parent USING btree (col)" -> the same on the staging table;
+        # ATTACH adopts a matching index instead of building one.
+        rest = _INDEX.sub("", definition)
+        unique = "UNIQUE " if definition.startswith("CREATE UNIQUE") else ""
+        conn.execute(sql.SQL("CREATE " + unique + "INDEX ON {} " + rest).format(staging))
+    return inserted
+
+
+def swap_in(
+    conn: psycopg.Connection,
+    table: TableSpec,
+    window: PartitionWindow,
+    staging_name: str,
+    snapshot: str | None,
+    had_child: bool,
+    before_commit: Callable[[], None],
+) -> None:
+    """DETACH the current child (kept as ``snapshot``, or dropped), ATTACH the staging table in
+    its place; in a savepoint, so a lock timeout undoes only this part."""
+    child = sql.Identifier(table.schema, child_name(table, window))
+    start, end = _bounds(window)
+    with conn.transaction():
+        if had_child:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(table.identifier, child)
+            )
+            if snapshot is None:
+                conn.execute(sql.SQL("DROP TABLE {}").format(child))
+            else:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                        child, sql.Identifier(snapshots.SCHEMA)
+                    )
+                )
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                        sql.Identifier(snapshots.SCHEMA, child_name(table, window)),
+                        sql.Identifier(snapshot),
+                    )
+                )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                sql.Identifier(table.schema, staging_name),
+                sql.Identifier(child_name(table, window)),
+            )
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                table.identifier, child, start, end
+            )
+        )
+        before_commit()
+
+
+def swap_partition(
+    conn: psycopg.Connection,
+    audit: AuditTrail,
+    run: RunInfo,
+    table: TableSpec,
+    window: PartitionWindow,
+    params: BackfillParams,
+    guarded: tuple[CheckOutcome, SourceStats],
+    log: Callable[[str], None] | None = None,
+) -> PartitionOutcome:
+    """Replace one partition by swapping in a rebuilt, verified child; audited like a write."""
+    guard_outcome, stats = guarded
+    started_at, started = datetime.now(UTC), time.perf_counter()
+    rows_before = guard_outcome.metadata.get("target_rows_before")
+    audit_id, write_id = audit.reserve_id(conn), uuid4()
+    staging_name = f"{table.name[:40]}__s{window.start:%Y%m%d}_{write_id.hex[:8]}"
+    staging = sql.Identifier(table.schema, staging_name)
+    snapshot = snapshots.swapped_name(table, write_id) if params.snapshots else None
+    found: dict[str, object] = {}
+
+    def write() -> WriteResult:
+        with conn.transaction(), conn.cursor() as cur:
+            lock_partition(cur, table, window)
+            cur.execute(
+                "SELECT set_config('lock_timeout', %s, true), "
+                "set_config('statement_timeout', %s, true)",
+                [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
+            )
+            inserted = _build_staging(conn, table, window, staging)
+            had_child = attached_child(conn, table, window)
+            old = (
+                sql.Identifier(table.schema, child_name(table, window))
+                if had_child
+                else sql.SQL("(SELECT {} FROM {} WHERE false)").format(
+                    table.column_list(), table.identifier
+                )
+            )
+            verification = verify(conn, table, window, stats, params, old, staging)
+            found["verification"] = verification
+            if verification.failed_blocking:
+                raise VerificationFailed(verification)
+            deleted = verification.before.rows
+
+            def record() -> None:
+                _record(
+                    audit,
+                    run,
+                    table,
+                    window,
+                    conn=conn,
+                    audit_id=audit_id,
+                    write_id=write_id,
+                    status="succeeded",
+                    started_at=started_at,
+                    rows_before=rows_before,
+                    rows_deleted=deleted,
+                    rows_inserted=inserted,
+                    rows_after=verification.after.rows,
+                    checksum_before=verification.before.checksum,
+                    checksum_after=verification.after.checksum,
+                    snapshot_rows=deleted if snapshot else None,
+                )
+
+            with_lock_retries(
+                lambda: swap_in(conn, table, window, staging_name, snapshot, had_child, record),
+                table,
+                window.key,
+                log,
+            )
+        return WriteResult(window.key, deleted, inserted, time.perf_counter() - started)
+
+    try:
+        result = write()
+    except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
+        error = _explained(exc, table)
+        _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error)
+        return PartitionOutcome(
+            window,
+            "failed",
+            guard_outcome,
+            verification=found.get("verification"),  # type: ignore[arg-type]
+            audit_id=audit_id,
+            error=error,
+        )
+    except BaseException as exc:
+        _record_failure(
+            audit, run, table, window, audit_id, started_at, rows_before, found,
+            f"write not applied: {exc!r}",
+        )  # fmt: skip
+        raise
+    return PartitionOutcome(
+        window,
+        "succeeded",
+        guard_outcome,
+        write=result,
+        verification=found["verification"],  # type: ignore[arg-type]
+        snapshot_rows=result.rows_deleted if snapshot else None,
+        audit_id=audit_id,
+    )
+
+
+def _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error):
+    verification: Verification | None = found.get("verification")  # type: ignore[assignment]
+    _record(
+        audit,
+        run,
+        table,
+        window,
+        audit_id=audit_id,
+        status="failed",
+        started_at=started_at,
+        rows_before=rows_before,
+        checksum_before=verification.before.checksum if verification else None,
+        error=error,
+    )
