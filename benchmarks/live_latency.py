@@ -21,7 +21,9 @@ Phases:
   classic_loop   the copy-pasted fix for that: a PL/pgSQL loop updating 10,000 rows, COMMIT,
                  ``pg_sleep(0.2)``, until none is left.
 
-partition_swap (issue 15) is not built yet; it will be a phase here.
+  partition_swap  ``analytics.fct_orders`` as a natively partitioned twin, each day built in a
+                 staging table, verified and swapped in with DETACH/ATTACH (``core/swap.py``);
+  partition_swap_monthly  the same with a partition per month (large partitions).
 
 Usage: python benchmarks/live_latency.py [--orders-per-day 2000] [--rate 200] [--clients 4]
                                          [--window 60]
@@ -49,8 +51,9 @@ from backfill_assets.core.database import connect
 from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import run_guards, write_verified
-from backfill_assets.core.registry import load_registry
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.snapshots import ensure_snapshot_table
+from backfill_assets.core.swap import swap_partition
 from backfill_assets.core.tables import TableSpec, ThrottleLimits, ensure_table
 from backfill_assets.core.throttle import Throttle
 from backfill_assets.tooling import embedded
@@ -210,6 +213,42 @@ def batched_paced(url: str) -> int:
     return batched_update(url, in_place_table("throttle: {pause: 20ms}\n"))
 
 
+def swap_table(every: str) -> TableSpec:
+    """``fct_orders``' declaration as a natively partitioned twin written by partition_swap."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_swap_"))
+    text = (DEFAULT_TABLES_DIR / "fct_orders.yaml").read_text()
+    text = text.replace("table: analytics.fct_orders", f"table: bench.fct_orders_by_{every}")
+    text = text.replace("  every: day", f"  every: {every}")
+    (folder / "swap.yaml").write_text(
+        f"{text}strategy: partition_swap\nsql: {DEFAULT_TABLES_DIR / 'fct_orders.sql'}\n"
+    )
+    return load_registry([folder]).table(f"bench.fct_orders_by_{every}")
+
+
+def partition_swap(url: str, every: str = "day") -> int:
+    """The year, a partition per transaction, each swapped in for the one it replaces (``main``
+    writes the year once before the phases: a backfill rewrites partitions that exist)."""
+    table = swap_table(every)
+    last = "2024-12-01" if every == "month" else "2024-12-31"
+    windows = table.partitioning.windows(table.partitioning.keys_between("2024-01-01", last))
+    params = params_for(table, {"backfill_assets/launched_by": "bench"})
+    run = RunInfo("bench-live", "bench-live", "bench", {})
+    rows = 0
+    with connect(url) as conn, AuditTrail(url) as audit:
+        ensure_table(conn, table)
+        ensure_snapshot_table(conn, table)
+        guarded = run_guards(conn, table, windows, params)
+        for window in windows:
+            outcome = swap_partition(conn, audit, run, table, window, params, guarded[window.key])
+            assert outcome.succeeded, outcome.error
+            rows += outcome.write.rows_inserted
+    return rows
+
+
+def partition_swap_monthly(url: str) -> int:
+    return partition_swap(url, "month")
+
+
 def naive_update(url: str) -> int:
     with connect(url) as conn:
         return conn.execute(NAIVE_UPDATE, {"start": YEAR[0], "end": YEAR[1]}).rowcount
@@ -347,11 +386,15 @@ def main() -> None:
         f"of the year: {raw_rows:,} rows in {raw_s:.2f}s ({raw_rows / raw_s:,.0f} rows/s)"
     )
 
+    partition_swap(url, "day")  # the partitions exist before their backfill
+    partition_swap(url, "month")
     phases = []
     for name, backfill in (
         ("baseline", None),
         ("delete_insert", delete_insert),
         ("delete_insert_paced", paced),
+        ("partition_swap", partition_swap),
+        ("partition_swap_monthly", partition_swap_monthly),
         ("batched_update", batched_update),
         ("batched_update_paced", batched_paced),
         ("naive_update", naive_update),

@@ -19,6 +19,7 @@ from support import (
     latest_check,
     materialize_days,
     other_session,
+    step_failure_message,
 )
 
 from backfill_assets.core.fingerprint import partition_fingerprint
@@ -175,3 +176,15 @@ def test_a_swap_is_rolled_back_by_swapping_the_kept_partition_back_and_can_be_un
     assert children(conn) == ["fct_orders_swap__p20240401"]
     rollbacks = audit_rows(conn, strategy="rollback")
     assert [r["status"] for r in rollbacks] == ["succeeded", "succeeded"]
+
+
+def test_a_plain_table_declared_partition_swap_is_refused_with_what_to_do(postgres, instance, conn):
+    conn.execute(
+        "CREATE SCHEMA analytics; CREATE TABLE analytics.fct_orders_swap (order_id bigint)"
+    )
+
+    result = materialize_days(postgres, instance, DAYS[0], assets=[swapped])
+
+    assert not result.success
+    message = step_failure_message(result)
+    assert "exists and is not partitioned" in message and "Nothing was written" in message

@@ -168,3 +168,13 @@ def test_a_mistake_in_an_in_place_declaration_names_the_field(tmp_path, replace,
     with pytest.raises(DeclarationError) as error:
         load_registry([_in_place(tmp_path, replace)])
     assert message in str(error.value)
+
+
+def test_partition_swap_needs_a_not_null_partition_column(tmp_path):
+    swap = Path(__file__).parent / "swap_tables" / "fct_orders_swap.yaml"
+    folder = tmp_path / "swap"
+    folder.mkdir()
+    text = swap.read_text().replace("order_day: date not null", "order_day: date")
+    (folder / "fct_orders_swap.yaml").write_text(text)
+    with pytest.raises(DeclarationError, match="order_day must be declared not null for partit"):
+        load_registry([folder])

@@ -347,7 +347,9 @@ def summarize_backfill(instance: DagsterInstance, backfill_id: str) -> BackfillS
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 materialization = event.step_materialization_data.materialization
                 materialized.add(materialization.partition)
-                inserted = materialization.metadata.get("rows_inserted")
+                inserted = materialization.metadata.get(
+                    "rows_inserted", materialization.metadata.get("rows_updated")
+                )
                 rows += int(inserted.value) if inserted is not None else 0
             else:
                 evaluation = event.asset_check_evaluation_data

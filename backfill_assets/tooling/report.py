@@ -215,7 +215,10 @@ class BackfillWatcher:
             event = record.event_log_entry.dagster_event
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 materialization = event.step_materialization_data.materialization
-                inserted = materialization.metadata.get("rows_inserted")
+                # Rows a partition's write produced: inserted, or updated in place.
+                inserted = materialization.metadata.get(
+                    "rows_inserted", materialization.metadata.get("rows_updated")
+                )
                 key = (materialization.asset_key.to_user_string(), materialization.partition)
                 materialized[key] = int(inserted.value) if inserted is not None else 0
             else:
