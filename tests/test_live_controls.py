@@ -16,9 +16,11 @@ from support import (
     FCT_ORDERS,
     audit_rows,
     dbt_models,
+    fct_orders,
     fingerprints,
     materialize_days,
     other_session,
+    step_failure_message,
     wait_for,
 )
 
@@ -188,3 +190,22 @@ def test_a_paused_backfill_builds_no_mart_until_resumed(postgres, instance, conn
     warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 30]
     assert any(f"backfill {BACKFILL} paused by tester" in w for w in warnings), warnings
     assert any("resumed after a pause of" in w for w in warnings)
+
+
+def test_the_dbt_marts_give_up_on_a_lock_after_the_lock_timeout_instead_of_queueing(
+    postgres, instance, conn, data_url
+):
+    day = DAYS[0]
+    assert materialize_days(postgres, instance, day, assets=[fct_orders, dbt_models]).success
+    # Another session holds the mart's table exclusively for longer than the test will wait.
+    holder = other_session(data_url, "BEGIN; LOCK TABLE analytics.daily_revenue", 25)
+    started = time.monotonic()
+
+    result = materialize_days(postgres, instance, day, assets=[fct_orders, dbt_models])
+    elapsed = time.monotonic() - started
+    holder.join()
+
+    assert not result.success
+    assert elapsed < 20, f"dbt waited {elapsed:.0f}s for the lock (lock timeout 5 s)"
+    logs = "\n".join(str(r.user_message) for r in instance.all_logs(result.run_id))
+    assert "lock timeout" in logs + step_failure_message(result)

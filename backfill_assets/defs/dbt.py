@@ -22,6 +22,7 @@ from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.core.tables import Timeouts
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
@@ -87,7 +88,11 @@ def models_by_partitioning(
 def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[None]:
     """Point dbt's profile at the ``postgres`` resource's database, and give it the first
     partitions of the registry's tables (the ones the definitions were built from), for one call."""
-    values = {**connection_parts(postgres.resolved_url()).as_dbt_env(), **dbt_env(registry)}
+    values = {
+        **connection_parts(postgres.resolved_url()).as_dbt_env(),
+        **dbt_env(registry),
+        "PGOPTIONS": _timeout_options(registry),
+    }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
@@ -98,6 +103,18 @@ def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _timeout_options(registry: Registry) -> str:
+    """libpq's PGOPTIONS for dbt's sessions: its statements run under the declared tables'
+    timeouts (the shortest lock timeout, the longest statement timeout), so a mart's DELETE or
+    INSERT never queues behind a lock longer than a table's own write would; kept after any
+    options already in the environment."""
+    tables = list(registry) or []
+    lock_ms = min((t.timeouts.lock_ms for t in tables), default=Timeouts().lock_ms)
+    statement_ms = max((t.timeouts.statement_ms for t in tables), default=Timeouts().statement_ms)
+    ours = f"-c lock_timeout={lock_ms}ms -c statement_timeout={statement_ms}ms"
+    return " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), ours]))
 
 
 def dbt_model_assets(
