@@ -188,3 +188,32 @@ def test_a_plain_table_declared_partition_swap_is_refused_with_what_to_do(postgr
     assert not result.success
     message = step_failure_message(result)
     assert "exists and is not partitioned" in message and "Nothing was written" in message
+
+
+def test_the_demos_partitioned_table_equals_its_query_after_each_swap(postgres, instance, conn):
+    table = load_registry([DEFAULT_TABLES_DIR]).table("analytics.order_status_daily")
+    asset = table_asset(table)
+    recompute = (
+        "SELECT order_day, country, status, orders, net_amount FROM analytics.order_status_daily "
+        f"EXCEPT ALL SELECT * FROM ({table.query.strip()}) AS q"
+    )
+    window = {"start": "2024-04-01", "end": "2024-04-03"}
+
+    assert materialize_days(postgres, instance, "2024-04-01", "2024-04-02", assets=[asset]).success
+    conn.execute("UPDATE app.orders SET status = 'returned' WHERE order_id % 5 = 0")
+    assert materialize_days(postgres, instance, "2024-04-01", "2024-04-02", assets=[asset]).success
+
+    assert conn.execute(recompute, window).fetchall() == []
+    counts = conn.execute(
+        "SELECT count(*), sum(orders) FROM analytics.order_status_daily"
+    ).fetchone()
+    expected = conn.execute(
+        f"SELECT count(*), sum(orders) FROM ({table.query.strip()}) AS q", window
+    ).fetchone()
+    assert counts == expected
+    assert (
+        conn.execute(
+            "SELECT relkind FROM pg_class WHERE oid = 'analytics.order_status_daily'::regclass"
+        ).fetchone()[0]
+        == "p"
+    )
