@@ -49,10 +49,10 @@ from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import (
     PartitionDiff,
     Verification,
-    _change,
-    _measures,
-    _not_null,
-    _unique,
+    change_outcome,
+    measures_outcome,
+    not_null_outcome,
+    unique_outcome,
 )
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.throttle import ThrottleTimeout
@@ -606,14 +606,14 @@ def verify_in_place(
             message=f"{still} rows of the partition still need the update (written or locked "
             "by the application through both passes); run the partition again",
         ),
-        "unique_key_is_unique": _unique(table, duplicated, int(rows_with_duplicates)),
-        "required_columns_not_null": _not_null(table, list(null_counts)),
-        "measures_reconcile": _measures(
+        "unique_key_is_unique": unique_outcome(table, duplicated, int(rows_with_duplicates)),
+        "required_columns_not_null": not_null_outcome(table, list(null_counts)),
+        "measures_reconcile": measures_outcome(
             table,
             SourceStats(snapshot_rows, 0, computed_sums),
             PartitionDiff(0, 0, 0, before_sums, updated_sums),
         ),
-        "change_within_threshold": _change(table, before_print, diff, params),
+        "change_within_threshold": change_outcome(table, before_print, diff, params),
     }
     outcomes["change_within_threshold"].metadata["rows_filled"] = filled
     return Verification(outcomes, before_print, after_print, diff), snapshot_rows

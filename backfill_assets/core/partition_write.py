@@ -90,7 +90,7 @@ def run_guards(
     return guard_all(conn, table, windows, params)
 
 
-def _record(audit: AuditTrail, run: RunInfo, table: TableSpec, window, **fields) -> int | None:
+def record_write(audit: AuditTrail, run: RunInfo, table: TableSpec, window, **fields) -> int | None:
     return audit.record(
         run,
         asset_key=table.asset_name,
@@ -105,7 +105,7 @@ def _record(audit: AuditTrail, run: RunInfo, table: TableSpec, window, **fields)
 def record_refusal(
     audit: AuditTrail, run: RunInfo, table: TableSpec, window, outcome
 ) -> int | None:
-    return _record(
+    return record_write(
         audit,
         run,
         table,
@@ -145,7 +145,7 @@ def write_verified(
         found["verification"] = verification
         if verification.failed_blocking:
             raise VerificationFailed(verification)
-        _record(
+        record_write(
             audit,
             run,
             table,
@@ -166,7 +166,7 @@ def write_verified(
 
     def record_failure(error: str) -> None:
         verification = found.get("verification")
-        _record(
+        record_write(
             audit,
             run,
             table,
@@ -189,7 +189,7 @@ def write_verified(
             log,
         )
     except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
-        error = _explained(exc, table)
+        error = explained(exc, table)
         record_failure(error)
         return PartitionOutcome(
             window,
@@ -214,7 +214,7 @@ def write_verified(
     )
 
 
-def _explained(exc: BaseException, table: TableSpec) -> str:
+def explained(exc: BaseException, table: TableSpec) -> str:
     """The error of a failed write, with what to change for the table's own limits."""
     error = str(exc).strip()
     where = f"timeouts in {table.declared_in}" if table.declared_in else "the table's timeouts"

@@ -173,15 +173,15 @@ def verify(
                 else ""
             ),
         ),
-        "unique_key_is_unique": _unique(table, duplicated_keys, int(rows_with_duplicates)),
-        "required_columns_not_null": _not_null(table, null_counts),
-        "measures_reconcile": _measures(table, source, diff),
-        "change_within_threshold": _change(table, before, diff, params),
+        "unique_key_is_unique": unique_outcome(table, duplicated_keys, int(rows_with_duplicates)),
+        "required_columns_not_null": not_null_outcome(table, null_counts),
+        "measures_reconcile": measures_outcome(table, source, diff),
+        "change_within_threshold": change_outcome(table, before, diff, params),
     }
     return Verification(outcomes=outcomes, before=before, after=after, diff=diff)
 
 
-def _unique(table: TableSpec, duplicated_keys: int, rows: int) -> CheckOutcome:
+def unique_outcome(table: TableSpec, duplicated_keys: int, rows: int) -> CheckOutcome:
     return CheckOutcome(
         duplicated_keys == 0,
         {
@@ -193,7 +193,7 @@ def _unique(table: TableSpec, duplicated_keys: int, rows: int) -> CheckOutcome:
     )
 
 
-def _not_null(table: TableSpec, counts: list[int]) -> CheckOutcome:
+def not_null_outcome(table: TableSpec, counts: list[int]) -> CheckOutcome:
     if not table.required_columns:
         return CheckOutcome(True, {"required_columns": ""})
     nulls = dict(zip(table.required_columns, counts, strict=True))
@@ -205,7 +205,7 @@ def _not_null(table: TableSpec, counts: list[int]) -> CheckOutcome:
     )
 
 
-def _measures(table: TableSpec, source: SourceStats, diff: PartitionDiff) -> CheckOutcome:
+def measures_outcome(table: TableSpec, source: SourceStats, diff: PartitionDiff) -> CheckOutcome:
     tolerance = Decimal(str(table.sum_tolerance))
     gaps = {m: abs(diff.sums_after[m] - source.sums[m]) for m in table.measures}
     off = {m: gap for m, gap in gaps.items() if gap > tolerance}
@@ -220,7 +220,9 @@ def _measures(table: TableSpec, source: SourceStats, diff: PartitionDiff) -> Che
     )
 
 
-def _change(table: TableSpec, before: Fingerprint, diff: PartitionDiff, params) -> CheckOutcome:
+def change_outcome(
+    table: TableSpec, before: Fingerprint, diff: PartitionDiff, params
+) -> CheckOutcome:
     metadata: dict[str, object] = {
         **diff.as_metadata(),
         "rows_before": before.rows,

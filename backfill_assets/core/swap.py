@@ -37,8 +37,8 @@ from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partition_write import (
     PartitionOutcome,
     VerificationFailed,
-    _explained,
-    _record,
+    explained,
+    record_write,
 )
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
@@ -203,7 +203,7 @@ def swap_partition(
             deleted = verification.before.rows
 
             def record() -> None:
-                _record(
+                record_write(
                     audit,
                     run,
                     table,
@@ -233,7 +233,7 @@ def swap_partition(
     try:
         result = write()
     except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
-        error = _explained(exc, table)
+        error = explained(exc, table)
         _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error)
         return PartitionOutcome(
             window,
@@ -262,7 +262,7 @@ def swap_partition(
 
 def _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error):
     verification: Verification | None = found.get("verification")  # type: ignore[assignment]
-    _record(
+    record_write(
         audit,
         run,
         table,
