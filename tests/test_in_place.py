@@ -147,6 +147,8 @@ def test_batched_update_never_overwrites_a_value_the_application_writes_during_t
     run.join(timeout=120)
 
     assert results[0].success
+    metadata = instance.get_latest_materialization_event(ORDERS_KEY).asset_materialization.metadata
+    assert metadata["held_back_s"].value >= 3, "the pause and the 1.5 s pauses, per partition"
     rows = day_rows(live, day)
     assert all(rows[k][0] == Decimal("777.77") for k in app_written), (
         "the application's values are kept"

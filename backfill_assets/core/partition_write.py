@@ -52,6 +52,8 @@ class PartitionOutcome:
     """The run's remaining partitions should not be attempted (the throttle gave up)."""
     resumed_after: int = 0
     """Batches of an interrupted in-place write this one resumed after."""
+    held_back_s: float = 0.0
+    """Seconds the write waited inside itself for a pause or the throttle (between batches)."""
 
     @property
     def succeeded(self) -> bool:
@@ -77,6 +79,8 @@ class PartitionOutcome:
             metadata["snapshot_rows"] = self.snapshot_rows
         if self.resumed_after:
             metadata["resumed_after_batches"] = self.resumed_after
+        if self.held_back_s:
+            metadata["held_back_s"] = round(self.held_back_s, 1)
         return metadata
 
 

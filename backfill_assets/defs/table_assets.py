@@ -5,6 +5,7 @@ how to replace it. A run may cover several partitions (see ``core/run_sizing.py`
 still commits in its own transaction and reports its own metadata and check results.
 """
 
+import dataclasses
 from collections.abc import Iterator
 
 from dagster import (
@@ -163,6 +164,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 except ThrottleTimeout as exc:
                     stopped = str(exc)
                     break
+                held_before = paused[0] + throttle.paused_s
                 if table.in_place:
                     outcome = write_in_place(
                         conn,
@@ -183,6 +185,9 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     outcome = write_verified(
                         conn, audit, run, table, window, params, guarded[window.key], log
                     )
+                held = paused[0] + throttle.paused_s - held_before
+                if held:  # pauses and back-off between an in-place write's batches
+                    outcome = dataclasses.replace(outcome, held_back_s=held)
                 outcomes.append(outcome)
                 if outcome.succeeded:
                     progress.wrote(window.key, outcome.write.rows_written)
