@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from dagster import AssetKey, materialize
-from support import audit_rows, latest_check, other_session, wait_for
+from support import audit_rows, latest_check, other_session, step_failure_message, wait_for
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
@@ -238,7 +238,7 @@ def test_a_row_the_application_holds_locked_is_skipped_then_filled_once_released
     assert any("a lock was not granted within 500 ms" in line for line in logs)
 
 
-def test_a_rollback_restores_the_old_values_of_an_in_place_write_and_can_be_undone(
+def test_a_rollback_restores_only_values_the_in_place_write_left_and_can_be_undone(
     live, postgres, instance, dagster_env, monkeypatch
 ):
     monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
@@ -246,19 +246,24 @@ def test_a_rollback_restores_the_old_values_of_an_in_place_write_and_can_be_undo
     app_row = min(day_rows(live, day))
     live.execute("UPDATE app.orders SET total_price = 1.00 WHERE order_id = %s", [app_row])
     assert fill(postgres, instance, day).success
+    # After the fill, the application changes one of the rows the fill wrote.
+    changed = max(day_rows(live, day))
+    live.execute("UPDATE app.orders SET total_price = 2.00 WHERE order_id = %s", [changed])
+    apps = {app_row: Decimal("1.00"), changed: Decimal("2.00")}
 
     assert cli.main(["rollback", "--table", "app.orders", "--partition", day]) == 0
     rows = day_rows(live, day)
-    assert rows[app_row][0] == Decimal("1.00"), "a value it did not write is not touched"
-    assert all(total is None for k, (total, _, _) in rows.items() if k != app_row)
+    assert {k: rows[k][0] for k in apps} == apps, "values it did not write are not touched"
+    assert all(total is None for k, (total, _, _) in rows.items() if k not in apps)
 
     assert cli.main(["rollback", "--table", "app.orders", "--partition", day]) == 0
     rows = day_rows(live, day)
-    assert all(total == expected for k, (total, expected, _) in rows.items() if k != app_row)
+    assert {k: rows[k][0] for k in apps} == apps
+    assert all(total == expected for k, (total, expected, _) in rows.items() if k not in apps)
     assert [(a["strategy"], a["rows_updated"]) for a in audit_rows(live)] == [
         ("batched_update", len(rows) - 1),
-        ("rollback", len(rows) - 1),
-        ("rollback", len(rows) - 1),
+        ("rollback", len(rows) - 2),
+        ("rollback", len(rows) - 2),
     ]
 
 
@@ -343,3 +348,17 @@ def test_triggers_fire_for_backfilled_rows_unless_the_declaration_says_replica(
     assert fill(postgres, instance, DAYS[1], asset=quiet).success
     assert live.execute(changes).fetchone()[0] == len(day_rows(live, DAYS[0])), "replica: not"
     assert all(t == e for t, e, _ in day_rows(live, DAYS[1]).values())
+
+
+def test_a_declared_type_unlike_the_tables_own_is_refused_before_anything_is_written(
+    live, postgres, instance, tmp_path
+):
+    wrong = table_asset(variant(tmp_path, replace=("order_id: bigint", "order_id: integer")))
+
+    result = fill(postgres, instance, DAYS[0], asset=wrong)
+
+    assert not result.success
+    message = step_failure_message(result)
+    assert "gives order_id the type 'integer', the table has bigint" in message
+    assert "Nothing was written" in message
+    assert all(total is None for total, _, _ in day_rows(live, DAYS[0]).values())

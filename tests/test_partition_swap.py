@@ -217,3 +217,17 @@ def test_the_demos_partitioned_table_equals_its_query_after_each_swap(postgres, 
         ).fetchone()[0]
         == "p"
     )
+
+
+def test_rolling_back_a_partitions_first_swap_leaves_it_empty_and_can_be_undone(
+    postgres, instance, conn, dagster_env, monkeypatch
+):
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
+    assert materialize_days(postgres, instance, DAYS[0], assets=[swapped]).success
+    written = swapped_prints(conn, DAYS[:1])
+
+    table = ["--table", "analytics.fct_orders_swap", "--partition", DAYS[0]]
+    assert cli.main(["rollback", *table]) == 0
+    assert swapped_prints(conn, DAYS[:1])[DAYS[0]].rows == 0
+    assert cli.main(["rollback", *table]) == 0
+    assert swapped_prints(conn, DAYS[:1]) == written

@@ -133,6 +133,25 @@ def check_in_place(conn: psycopg.Connection, table: TableSpec) -> None:
             f"COLUMN {missing[0]} {table.columns[table.column_names.index(missing[0])].type} "
             "(nullable: batched_update fills it, `backfill-assets finish-column` makes it NOT NULL)"
         )
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+        "to_regtype(d.declared) = a.atttypid FROM pg_attribute AS a "
+        "JOIN unnest(%s::text[], %s::text[]) AS d (name, declared) ON d.name = a.attname "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+        [
+            list(table.column_names),
+            [c.type for c in table.columns],
+            table.identifier.as_string(conn),
+        ],
+    ).fetchall()
+    differ = [(name, actual) for name, actual, same in rows if not same]
+    if differ:
+        declared = {c.name: c.type for c in table.columns}
+        raise ContractError(
+            f"table {table.qualified_name}: the declaration ({table.declared_in}) gives "
+            + ", ".join(f"{n} the type {declared[n]!r}, the table has {a}" for n, a in differ)
+            + "; declare the table's own types (batched_update keeps old values in them)"
+        )
     assert table.batched_update is not None
     condition = sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 0").format(
         table.identifier, sql.SQL(table.batched_update.needs_update_sql)

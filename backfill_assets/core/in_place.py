@@ -208,10 +208,11 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
         "), updated AS ("
         "  UPDATE {table} AS t SET {assignments} FROM batch"
         "  WHERE ({t_keys}) = ({batch_keys}) AND {needs}"
-        "  RETURNING {t_keys}, ({left_null}) AS left_null"
+        "  RETURNING {t_keys}, ({left_null}) AS left_null, {written}"
         "), kept AS ("
-        "  INSERT INTO {snapshot} (audit_id, write_id, {kept_columns})"
-        "  SELECT %(audit_id)s, %(write_id)s, {batch_columns} FROM batch JOIN updated"
+        "  INSERT INTO {snapshot} (audit_id, write_id, {kept_columns}, {written_names})"
+        "  SELECT %(audit_id)s, %(write_id)s, {batch_columns}, {updated_written}"
+        "  FROM batch JOIN updated"
         "  ON ({updated_keys}) = ({batch_keys})"
         "  ON CONFLICT (audit_id, {keys}) DO NOTHING"
         ") SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM updated),"
@@ -238,6 +239,18 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
         left_null=left_null,
         snapshot=snapshots.snapshot_table(table),
         kept_columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
+        written=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(
+                sql.Identifier("t", c), sql.Identifier(snapshots.written_column(c))
+            )
+            for c in spec.columns
+        ),
+        written_names=sql.SQL(", ").join(
+            sql.Identifier(snapshots.written_column(c)) for c in spec.columns
+        ),
+        updated_written=sql.SQL(", ").join(
+            sql.Identifier("updated", snapshots.written_column(c)) for c in spec.columns
+        ),
         batch_columns=sql.SQL(", ").join(sql.Identifier("batch", p) for p in prefixed),
     )
 
@@ -330,10 +343,10 @@ def _advanced(current: Cursor, table: TableSpec, batch: BatchResult) -> Cursor:
 
 @dataclass(frozen=True)
 class InPlaceOutcome:
-    """What ``update_partition`` did; ``verification`` is None when it stopped before the end."""
+    """What ``update_partition`` did (a write stopped before its end raises instead)."""
 
     write: WriteResult
-    verification: Verification | None
+    verification: Verification
     snapshot_rows: int
     resumed_after: int
     """Batches a previous, killed write had committed (0 for a fresh write)."""

@@ -21,7 +21,7 @@ from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
-from backfill_assets.core.swap import child_name, swap_in
+from backfill_assets.core.swap import build_staging, child_name, swap_in
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import lock_partition, replace_partition, with_lock_retries
 
@@ -270,8 +270,10 @@ def _restore_columns(
 ) -> RollbackResult:
     """Undo an in-place update: put back the old values of the columns it set, by key.
 
-    The values replaced now are kept under the rollback's own ids first, so the rollback can be
-    undone like any write. Rows the application deleted since are simply not restored.
+    Only rows that still hold the values the write gave them are restored: a value the
+    application wrote since is kept (and so is a row it deleted). The values replaced now are
+    kept under the rollback's own ids first, with the values restored as the ones it wrote, so
+    the rollback can be undone like any write.
     """
     table, spec = ref.table, ref.table.batched_update
     assert spec is not None
@@ -283,7 +285,13 @@ def _restore_columns(
         sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
     )
     of_write = sql.SQL(
-        "s.audit_id = %(snapshot_id)s AND s.write_id IS NOT DISTINCT FROM %(write_id)s::uuid"
+        "s.audit_id = %(snapshot_id)s AND s.write_id IS NOT DISTINCT FROM %(write_id)s::uuid "
+        "AND ROW({current}) IS NOT DISTINCT FROM ROW({written})"
+    ).format(
+        current=sql.SQL(", ").join(sql.Identifier("t", c) for c in spec.columns),
+        written=sql.SQL(", ").join(
+            sql.Identifier("s", snapshots.written_column(c)) for c in spec.columns
+        ),
     )
     bound = {
         **window.as_params(),
@@ -302,13 +310,17 @@ def _restore_columns(
         before = fingerprint_of(conn, table, table.identifier, window)
         cur.execute(
             sql.SQL(
-                "INSERT INTO {kept} (audit_id, write_id, {columns}) "
-                "SELECT %(new_id)s, %(new_write)s, {current} FROM {table} AS t JOIN {kept} AS s "
-                "ON {join} WHERE {of_write}"
+                "INSERT INTO {kept} (audit_id, write_id, {columns}, {written}) "
+                "SELECT %(new_id)s, %(new_write)s, {current}, {restoring} FROM {table} AS t "
+                "JOIN {kept} AS s ON {join} WHERE {of_write}"
             ).format(
                 kept=kept,
                 columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
+                written=sql.SQL(", ").join(
+                    sql.Identifier(snapshots.written_column(c)) for c in spec.columns
+                ),
                 current=sql.SQL(", ").join(sql.Identifier("t", c) for c in taken),
+                restoring=sql.SQL(", ").join(sql.Identifier("s", c) for c in spec.columns),
                 table=table.identifier,
                 join=join,
                 of_write=of_write,
@@ -354,6 +366,8 @@ def _check_swapped(conn: psycopg.Connection, ref: SnapshotRef) -> None:
     """The partition a swap replaced is still kept, with the rows its audit row counted."""
     name = f"write {ref.audit_id} ({ref.table.qualified_name} {ref.partition_key})"
     kept = snapshots.swapped_name(ref.table, ref.write_id) if ref.write_id else None
+    if ref.snapshot_rows == 0:
+        return  # the partition's first write: rolling it back leaves the partition empty
     if kept is None or kept not in snapshots.swapped_snapshots(conn, ref.table):
         raise RollbackError(
             f"the partition replaced by {name} is no longer kept (expired after "
@@ -386,19 +400,24 @@ def _swap_back(
             [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
         )
     before = fingerprint_of(conn, table, table.identifier, window)
-    restored = fingerprint_of(conn, table, sql.Identifier(snapshots.SCHEMA, kept), window)
-    # The kept table goes back to the table's schema under a staging name, then the swap.
     staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
-    conn.execute(
-        sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
-            sql.Identifier(snapshots.SCHEMA, kept), sql.Identifier(table.schema)
+    staging = sql.Identifier(table.schema, staging_name)
+    if kept in snapshots.swapped_snapshots(conn, table):
+        # The kept table goes back to the table's schema under a staging name, then the swap.
+        conn.execute(
+            sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                sql.Identifier(snapshots.SCHEMA, kept), sql.Identifier(table.schema)
+            )
         )
-    )
-    conn.execute(
-        sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-            sql.Identifier(table.schema, kept), sql.Identifier(staging_name)
+        conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                sql.Identifier(table.schema, kept), sql.Identifier(staging_name)
+            )
         )
-    )
+    else:
+        # The partition's first write replaced nothing: its rollback leaves it empty.
+        build_staging(conn, table, window, staging, fill=False)
+    restored = fingerprint_of(conn, table, staging, window)
     had_child = bool(
         conn.execute(
             "SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(%s)",

@@ -43,20 +43,25 @@ def ensure_snapshot_table(conn: psycopg.Connection, table: TableSpec) -> None:
                 )
         return
     target = snapshot_table(table)
-    wanted = {"audit_id", "taken_at", "write_id", *table.column_names}
+    columns = (
+        _in_place_columns(conn, table)
+        if table.in_place
+        else {c.name: c.type for c in table.columns}
+    )
+    wanted = {"audit_id", "taken_at", "write_id", *columns}
     if wanted <= column_names(conn, *snapshot_relation(table)):
         return
-    statements = _in_place_statements(table) if table.in_place else _statements(table)
+    statements = _in_place_statements(conn, table) if table.in_place else _statements(table)
     with schema_changes(conn):
         for statement in statements:
             conn.execute(statement)
         # A column added to the table after its first snapshot (see contract.check_target).
         kept = column_names(conn, *snapshot_relation(table))
-        for column in table.columns:
-            if column.name not in kept:
+        for name, kind in columns.items():
+            if name not in kept:
                 conn.execute(
                     sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                        target, sql.Identifier(column.name), sql.SQL(column.type)
+                        target, sql.Identifier(name), sql.SQL(kind)
                     )
                 )
 
@@ -85,14 +90,42 @@ def _statements(table: TableSpec) -> list[sql.Composed]:
     ]
 
 
-def _in_place_statements(table: TableSpec) -> list[sql.Composed]:
+def written_column(column: str) -> str:
+    """The snapshot column holding the value an in-place write gave ``column``: a rollback
+    restores a row only while it still holds that value (the application may have written since)."""
+    return f"{column}__written"
+
+
+def _live_types(conn: psycopg.Connection, table: TableSpec) -> dict[str, str]:
+    """The table's own column types (with their modifiers), as PostgreSQL prints them."""
+    rows = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+        [table.identifier.as_string(conn)],
+    ).fetchall()
+    return dict(rows)
+
+
+def _in_place_columns(conn: psycopg.Connection, table: TableSpec) -> dict[str, str]:
+    """Snapshot columns of an in-place table and their types, taken from the table itself."""
+    assert table.batched_update is not None
+    types = _live_types(conn, table)
+    columns = {c.name: types.get(c.name, c.type) for c in table.columns}
+    for name in table.batched_update.columns:
+        columns[written_column(name)] = columns[name]
+    return columns
+
+
+def _in_place_statements(conn: psycopg.Connection, table: TableSpec) -> list[sql.Composed]:
     """The snapshot of an in-place update keeps only the declared columns (key, partition column,
-    the columns it sets) of the rows it changed, without their constraints (old values are NULL
-    where a column is being filled). One row per write and key: a row updated twice by one
-    write (a restarted pass) keeps its first, original values (``ON CONFLICT DO NOTHING``)."""
+    the columns it sets) of the rows it changed, and the values it wrote, typed as in the table
+    and without its constraints (old values are NULL where a column is being filled). One row per
+    write and key: a row updated twice by one write (a restarted pass) keeps its first, original
+    values (``ON CONFLICT DO NOTHING``)."""
     target = snapshot_table(table)
     columns = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type)) for c in table.columns
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
+        for name, kind in _in_place_columns(conn, table).items()
     )
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
     return [

@@ -77,10 +77,16 @@ def _bounds(window: PartitionWindow) -> tuple[sql.Literal, sql.Literal]:
     return sql.Literal(window.start), sql.Literal(window.end)
 
 
-def _build_staging(
-    conn: psycopg.Connection, table: TableSpec, window: PartitionWindow, staging: sql.Identifier
+def build_staging(
+    conn: psycopg.Connection,
+    table: TableSpec,
+    window: PartitionWindow,
+    staging: sql.Identifier,
+    *,
+    fill: bool = True,
 ) -> int:
-    """Create and fill the staging table, with the bounds CHECK and the parent's indexes."""
+    """Create the staging table and fill it with the window's rows (``fill``; else it stays
+    empty), then add the bounds CHECK and the parent's indexes; returns the rows inserted."""
     start, end = _bounds(window)
     column = sql.Identifier(table.partition_column)
     conn.execute(
@@ -88,12 +94,14 @@ def _build_staging(
             staging, table.identifier
         )
     )
-    inserted = conn.execute(
-        sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM ({query}) AS src").format(
-            staging, cols=table.column_list(), query=table.source_query
-        ),
-        window.as_params(),
-    ).rowcount
+    inserted = 0
+    if fill:
+        inserted = conn.execute(
+            sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM ({query}) AS src").format(
+                staging, cols=table.column_list(), query=table.source_query
+            ),
+            window.as_params(),
+        ).rowcount
     # Implies the partition constraint, so ATTACH does not scan the rows again under its lock.
     conn.execute(
         sql.SQL(
@@ -187,7 +195,7 @@ def swap_partition(
                 "set_config('statement_timeout', %s, true)",
                 [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
             )
-            inserted = _build_staging(conn, table, window, staging)
+            inserted = build_staging(conn, table, window, staging)
             had_child = attached_child(conn, table, window)
             old = (
                 sql.Identifier(table.schema, child_name(table, window))
