@@ -272,11 +272,19 @@ def test_finish_column_makes_the_filled_column_not_null_and_refuses_while_nulls_
 ):
     monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
     assert fill(postgres, instance, DAYS[0]).success
+    live.execute(  # an order from before the declared partitions
+        "INSERT INTO app.orders SELECT order_id + 10000000, customer_id, "
+        "'2023-12-31 12:00+00', arrived_at, status, net_amount, tax_amount, sales_channel "
+        "FROM app.orders ORDER BY order_id LIMIT 1"
+    )
 
     assert cli.main(["finish-column", "app.orders", "total_price"]) == 2
     error = capsys.readouterr().err
     assert "still hold NULL in total_price" in error and "Nothing was changed" in error
-    assert "--select app/orders --from 2024-01-01" in error
+    assert "--select app/orders --from 2024-01-01 --to 2024-12-31" in error
+    assert "1 of them lie outside the declared partitions" in error
+    assert cli.main(["finish-column", "app.orders", "net_amount"]) == 2
+    assert "'net_amount' is not a column app.orders fills in place" in capsys.readouterr().err
     assert not_null(live) is False
     assert not live.execute(
         "SELECT count(*) FROM pg_constraint WHERE conrelid = 'app.orders'::regclass "

@@ -178,7 +178,10 @@ def test_a_swap_is_rolled_back_by_swapping_the_kept_partition_back_and_can_be_un
     assert [r["status"] for r in rollbacks] == ["succeeded", "succeeded"]
 
 
-def test_a_plain_table_declared_partition_swap_is_refused_with_what_to_do(postgres, instance, conn):
+def test_a_plain_table_declared_partition_swap_is_refused_with_what_to_do(
+    postgres, instance, conn, dagster_env, monkeypatch, capsys
+):
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{TABLES}")
     conn.execute(
         "CREATE SCHEMA analytics; CREATE TABLE analytics.fct_orders_swap (order_id bigint)"
     )
@@ -188,6 +191,9 @@ def test_a_plain_table_declared_partition_swap_is_refused_with_what_to_do(postgr
     assert not result.success
     message = step_failure_message(result)
     assert "exists and is not partitioned" in message and "Nothing was written" in message
+    span = ["--from", DAYS[0], "--to", DAYS[0]]
+    assert cli.main(["plan", "--select", "analytics/fct_orders_swap", *span]) == 2
+    assert "exists and is not partitioned" in capsys.readouterr().err, "the plan says so too"
 
 
 def test_the_demos_partitioned_table_equals_its_query_after_each_swap(postgres, instance, conn):
@@ -231,3 +237,27 @@ def test_rolling_back_a_partitions_first_swap_leaves_it_empty_and_can_be_undone(
     assert swapped_prints(conn, DAYS[:1])[DAYS[0]].rows == 0
     assert cli.main(["rollback", *table]) == 0
     assert swapped_prints(conn, DAYS[:1]) == written
+
+
+def test_sql_yielding_rows_of_another_partition_is_refused_saying_so(
+    postgres, instance, conn, tmp_path
+):
+    query = (DEFAULT_TABLES_DIR / "fct_orders.sql").read_text().strip()
+    leaky = query.replace(
+        "(o.ordered_at AT TIME ZONE 'UTC')::date AS order_day",
+        "(o.ordered_at AT TIME ZONE 'UTC')::date + 1 AS order_day",
+    )
+    assert leaky != query
+    (tmp_path / "fct_orders_swap.sql").write_text(leaky)
+    (tmp_path / "fct_orders_swap.yaml").write_text(
+        (TABLES / "fct_orders_swap.yaml")
+        .read_text()
+        .replace("sql: ../../tables/fct_orders.sql\n", "")
+    )
+    asset = table_asset(load_registry([tmp_path]).table("analytics.fct_orders_swap"))
+
+    result = materialize_days(postgres, instance, DAYS[0], assets=[asset])
+
+    assert not result.success
+    assert "yields rows outside the partition 2024-04-01" in step_failure_message(result)
+    assert children(conn) == []

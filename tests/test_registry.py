@@ -162,6 +162,7 @@ def test_an_in_place_declaration_reads_its_expressions_and_batch_limits():
         ),
         (("batched_update:\n", "sql: orders.sql\nbatched_update:\n"), "has no SQL file"),
         (("strategy: batched_update\n", ""), "batched_update: only for strategy: batched_update"),
+        (("tax_amount}", "coalesce(tax_amount, 0)}"), "quote an expression holding commas"),
     ],
 )
 def test_a_mistake_in_an_in_place_declaration_names_the_field(tmp_path, replace, message):

@@ -36,10 +36,16 @@ def finish_column(
     log: Callable[[str], object] | None = None,
 ) -> str:
     """Make ``column`` of ``table`` NOT NULL in the four steps above; returns what was done."""
-    if column not in table.column_names:
+    filled = table.batched_update.columns if table.batched_update else ()
+    if column not in filled:
         raise NotNullError(
-            f"{column!r} is not a declared column of {table.qualified_name} (declared: "
-            f"{', '.join(table.column_names)})"
+            f"{column!r} is not a column {table.qualified_name} fills in place"
+            + (
+                f" (its batched_update sets {', '.join(filled)})"
+                if filled
+                else " (it is not declared with strategy: batched_update)"
+            )
+            + "; finish-column makes such a column NOT NULL once every row has its value"
         )
     row = conn.execute(
         "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s "
@@ -112,10 +118,23 @@ def _still_null(conn: psycopg.Connection, table: TableSpec, column: str) -> str:
     ).fetchall()
     total = sum(n for _, n in counts)
     shown = ", ".join(f"{p} ({n})" for p, n in counts[:5]) + (", ..." if len(counts) > 5 else "")
-    first, last = counts[0][0], counts[-1][0]
+    declared = table.partitioning
+    inside = [p for p, _ in counts if declared.contains(p)]
+    outside = sum(n for p, n in counts if not declared.contains(p))
+    advice = []
+    if inside:
+        advice.append(
+            f"backfill them first (backfill-assets launch --select {table.asset_name} --from "
+            f"{inside[0]} --to {inside[-1]})"
+        )
+    if outside:
+        advice.append(
+            f"{outside} of them lie outside the declared partitions ({declared.describe()}): "
+            f"widen partitions in {table.declared_in}, or set them otherwise"
+        )
     return (
         f"{total} rows of {table.qualified_name} still hold NULL in {column}, in "
-        f"{len(counts)} partition(s): {shown}. Nothing was changed. Backfill them first "
-        f"(backfill-assets launch --select {table.asset_name} --from {first} --to {last}), "
-        "then run this again"
+        f"{len(counts)} partition(s): {shown}. Nothing was changed. "
+        + "; ".join(advice).capitalize()
+        + ", then run this again"
     )

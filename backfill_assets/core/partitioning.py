@@ -134,6 +134,11 @@ class Partitioning:
             )
         return PartitionWindow(key=key, start=start, end=_next(start, self.granularity))
 
+    def contains(self, start: date) -> bool:
+        """Whether a partition starting on ``start`` is one of this range's."""
+        last = self.last_start()
+        return last is not None and self.start <= start <= last
+
     def windows(self, keys: Sequence[str]) -> list[PartitionWindow]:
         """Windows for ``keys``, all validated before the first one is returned."""
         return [self.window(key) for key in keys]

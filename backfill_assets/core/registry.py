@@ -260,6 +260,13 @@ def _spec(path: Path, doc: object) -> TableSpec:
 def _batched(value: object, known_columns) -> BatchedUpdate:
     doc = _mapping(value, "batched_update", BATCHED_KEYS)
     assignments = _mapping(_required(doc, "set"), "batched_update.set", _AnyKey())
+    odd = [str(name) for name in assignments if not _NAME.match(str(name))]
+    if odd:
+        raise DeclarationError(
+            f"batched_update.set: {odd[0]!r} is not a column name. In a one-line mapping a comma "
+            "separates entries: quote an expression holding commas, e.g. set: {total: "
+            '"amount + coalesce(fee, 0)"}, or write one column per line'
+        )
     known_columns("batched_update.set", [str(name) for name in assignments])
     for name, expression in assignments.items():
         if not isinstance(expression, str) or not expression.strip():

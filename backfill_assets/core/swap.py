@@ -49,6 +49,10 @@ STRATEGY = "partition_swap"
 _INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON ONLY \S+ ")
 
 
+class RowsOutsideWindow(Exception):
+    """The table's SQL yields rows that belong to another partition; nothing was swapped."""
+
+
 def child_name(table: TableSpec, window: PartitionWindow) -> str:
     return f"{table.name[:48]}__p{window.start:%Y%m%d}"
 
@@ -103,11 +107,19 @@ def build_staging(
             window.as_params(),
         ).rowcount
     # Implies the partition constraint, so ATTACH does not scan the rows again under its lock.
-    conn.execute(
-        sql.SQL(
-            "ALTER TABLE {} ADD CHECK ({col} IS NOT NULL AND {col} >= {} AND {col} < {})"
-        ).format(staging, start, end, col=column)
-    )
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {} ADD CHECK ({col} IS NOT NULL AND {col} >= {} AND {col} < {})"
+                ).format(staging, start, end, col=column)
+            )
+    except psycopg.errors.CheckViolation:
+        raise RowsOutsideWindow(
+            f"{table.sql_source} yields rows outside the partition {window.key} (its "
+            f"{table.partition_column} must lie in {window.start}..{window.end}, end excluded): "
+            f"filter on %(start)s <= {table.partition_column} < %(end)s"
+        ) from None
     definitions = conn.execute(
         "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = to_regclass(%s)",
         [table.identifier.as_string(conn)],
@@ -240,7 +252,7 @@ def swap_partition(
 
     try:
         result = write()
-    except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
+    except (VerificationFailed, AuditUnavailable, RowsOutsideWindow, psycopg.Error) as exc:
         error = explained(exc, table)
         _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error)
         return PartitionOutcome(

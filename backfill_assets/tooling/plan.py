@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 import psycopg
 from dagster import AssetKey, DagsterInstance, Definitions
 
+from backfill_assets.core.contract import (
+    ContractError,
+    SourceNotReady,
+    check_contract,
+    check_target,
+)
 from backfill_assets.core.database import relation_exists
 from backfill_assets.core.guards import source_stats_all, target_rows_all
 from backfill_assets.core.registry import Registry
@@ -143,6 +149,11 @@ def plan(
         table = by_path.get(tuple(key.path))
         if table is None:
             continue
+        try:  # the run would stop here first: so does the plan
+            check_contract(conn, table)
+            check_target(conn, table)
+        except SourceNotReady as exc:
+            raise ContractError(f"{table.qualified_name} cannot be backfilled yet: {exc}") from None
         windows = table.partitioning.windows(list(partitions))
         per_partition = history.get(table.qualified_name)
         policy = graph.get(key).backfill_policy
