@@ -194,6 +194,8 @@ def _tables(_: argparse.Namespace) -> int:
             print(f"  strategy: batched_update, sets {', '.join(table.batched_update.columns)}")
         else:
             print(f"  sql: {table.sql_path}")
+        if table.swapped:
+            print("  strategy: partition_swap (natively partitioned, partitions swapped in)")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
         status = check_table(conn, table) if conn else f"not checked: {unreachable}"
