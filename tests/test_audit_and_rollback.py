@@ -445,3 +445,23 @@ def test_a_snapshot_that_does_not_match_its_audit_row_is_refused_and_changes_not
     assert "does not match its audit row" in str(result.all_events)
     assert fingerprints(conn, [day, other]) == before
     assert [r["status"] for r in audit_rows(conn, strategy="rollback")] == []
+
+
+def test_the_reason_given_at_launch_is_kept_in_every_audit_row_and_shown(
+    postgres, instance, conn, dagster_env, capsys
+):
+    why = "TAX-1234: wrong rates in Q2"
+    tags = {"backfill_assets/reason": why, "dagster/backfill": "whyb"}
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1], tags=tags).success
+    assert cli.main(["rollback", "--backfill", "whyb", "--reason", "TAX-1234 reverted"]) == 0
+
+    rows = audit_rows(conn)
+    assert [(r["strategy"], r["reason"]) for r in rows] == [
+        ("delete_insert", why),
+        ("delete_insert", why),
+        ("rollback", "TAX-1234 reverted"),
+        ("rollback", "TAX-1234 reverted"),
+    ]
+    capsys.readouterr()
+    assert cli.main(["audit", "--backfill", "whyb"]) == 0
+    assert "TAX-1234: wrong rates in Q2" in capsys.readouterr().out

@@ -55,6 +55,9 @@ def test_launch_creates_an_asset_backfill_that_the_daemon_completes_and_status_r
     assert cli.main(["status", backfill_id]) == 0
 
 
+ONE_DAY = ["--select", "analytics/fct_orders", "--from", DAYS[0], "--to", DAYS[0]]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -74,8 +77,21 @@ def test_launch_creates_an_asset_backfill_that_the_daemon_completes_and_status_r
             ["--select", "analytics/fct_orders", "--from", "", "--to", ""],
             "unknown partition key ''",
         ),
+        (
+            [*ONE_DAY, "--reason", "x" * 501],
+            "backfill_assets/reason is 501 characters long; keep it to 500",
+        ),
     ],
-    ids=["unknown", "source", "malformed", "reversed", "out-of-range", "bad-tags", "empty"],
+    ids=[
+        "unknown",
+        "source",
+        "malformed",
+        "reversed",
+        "out-of-range",
+        "bad-tags",
+        "empty",
+        "long-reason",
+    ],
 )
 def test_bad_input_to_launch_is_one_line_and_launches_nothing(dagster_env, capsys, args, message):
     assert cli.main(["launch", *args]) == 2

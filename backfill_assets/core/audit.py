@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS backfill_audit.backfill_runs (
 ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS write_id uuid;
 -- Rows an in-place update (strategy batched_update) changed; it deletes and inserts none.
 ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS rows_updated bigint;
+-- Why the backfill ran, as given at launch (tag backfill_assets/reason).
+ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS reason text;
 CREATE INDEX IF NOT EXISTS backfill_runs_backfill_idx ON backfill_audit.backfill_runs (backfill_id);
 CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
     ON backfill_audit.backfill_runs (table_name, partition_key);
@@ -89,7 +91,7 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
     """
     current = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = "
-        "to_regclass('backfill_audit.backfill_runs') AND attname = 'rows_updated' "
+        "to_regclass('backfill_audit.backfill_runs') AND attname = 'reason' "
         "AND NOT attisdropped"
     ).fetchone()[0]
     if current:
@@ -169,6 +171,8 @@ class RunInfo:
     backfill_id: str | None
     launched_by: str
     parameters: dict[str, object]
+    reason: str | None = None
+    """Why (``backfill_assets/reason``), stored in every audit row of the run."""
 
 
 class AuditTrail:
@@ -227,6 +231,7 @@ class AuditTrail:
             "code_version": code_version(),
             "sql_hash": sql_hash,
             "launched_by": run.launched_by,
+            "reason": run.reason,
             "parameters": json.dumps(run.parameters, default=str),
             "started_at": started_at,
             "status": status,
@@ -281,6 +286,7 @@ REPORT_COLUMNS = (
     "snapshot_rows",
     "restored_from",
     "launched_by",
+    "reason",
     "started_at",
     "error",
 )

@@ -19,7 +19,10 @@ MAX_SHRINK = PREFIX + "max_shrink"
 DIFF_WARN = PREFIX + "diff_warn"
 SNAPSHOTS = PREFIX + "snapshots"
 LAUNCHED_BY = PREFIX + "launched_by"
-KNOWN_TAGS = (ALLOW_SHRINK, MAX_SHRINK, DIFF_WARN, SNAPSHOTS, LAUNCHED_BY)
+REASON = PREFIX + "reason"
+"""Why the backfill runs (a sentence, a ticket): stored with every audit row it leaves."""
+KNOWN_TAGS = (ALLOW_SHRINK, MAX_SHRINK, DIFF_WARN, SNAPSHOTS, LAUNCHED_BY, REASON)
+MAX_REASON = 500
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -36,6 +39,7 @@ class BackfillParams:
     diff_warn: float
     snapshots: bool
     launched_by: str
+    reason: str | None = None
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -53,7 +57,19 @@ def params_for(table: TableSpec, tags: Mapping[str, str]) -> BackfillParams:
         diff_warn=_fraction(tags, DIFF_WARN, table.diff_warn),
         snapshots=_flag(tags, SNAPSHOTS, table.snapshots),
         launched_by=launched_by(tags),
+        reason=reason(tags),
     )
+
+
+def reason(tags: Mapping[str, str]) -> str | None:
+    """The ``backfill_assets/reason`` tag, stripped; at most ``MAX_REASON`` characters."""
+    text = (tags.get(REASON) or "").strip()
+    if len(text) > MAX_REASON:
+        raise ParameterError(
+            f"{REASON} is {len(text)} characters long; keep it to {MAX_REASON} (a sentence and a "
+            "ticket id; link to the details)"
+        )
+    return text or None
 
 
 def launched_by(tags: Mapping[str, str]) -> str:

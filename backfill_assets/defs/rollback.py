@@ -17,7 +17,7 @@ from dagster import (
 
 from backfill_assets.core import rollback
 from backfill_assets.core.audit import AuditTrail, RunInfo
-from backfill_assets.core.params import launched_by
+from backfill_assets.core.params import launched_by, reason
 from backfill_assets.core.registry import Registry
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.defs.table_assets import asset_key
@@ -64,6 +64,7 @@ def _restore(
         backfill_id=config.backfill_id or None,
         launched_by=launched_by(context.run.tags),
         parameters=config.model_dump(),
+        reason=reason(context.run.tags),
     )
     with (
         postgres.connect() as conn,

@@ -108,6 +108,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             backfill_id=context.run.tags.get(BACKFILL_ID_TAG),
             launched_by=params.launched_by,
             parameters={**params.as_json(), "partitions_in_run": len(windows)},
+            reason=params.reason,
         )
         with (
             postgres.connect() as conn,

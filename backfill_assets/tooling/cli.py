@@ -87,6 +87,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
     from backfill_assets.core import rollback
     from backfill_assets.core.audit import AuditTrail, RunInfo
+    from backfill_assets.core.params import REASON, reason
 
     if bool(args.backfill) == bool(args.partition):
         print("give either --backfill ID or --partition YYYY-MM-DD", file=sys.stderr)
@@ -94,9 +95,16 @@ def _rollback(args: argparse.Namespace) -> int:
     registry = load_registry()
     if args.partition:
         registry.table(args.table).partitioning.window(args.partition)
+    why = reason({REASON: args.reason or ""})  # refused before anything is touched
     prepare()
     url = settings.data_url()
-    run = RunInfo(None, args.backfill, getpass.getuser(), {"command": "backfill-assets rollback"})
+    run = RunInfo(
+        None,
+        args.backfill,
+        getpass.getuser(),
+        {"command": "backfill-assets rollback"},
+        reason=why,
+    )
     with connect(url) as conn, AuditTrail(url) as audit:
         refs = rollback.snapshots_to_restore(
             conn,
@@ -210,7 +218,7 @@ def _launch(args: argparse.Namespace) -> int:
     """Record an asset backfill, as the UI's "Materialize selected" does; the daemon runs it."""
     import json
 
-    from backfill_assets.core.params import LAUNCHED_BY, launched_by
+    from backfill_assets.core.params import LAUNCHED_BY, REASON, launched_by, reason
     from backfill_assets.tooling.launch import (
         asset_selection,
         launch_asset_backfill,
@@ -233,6 +241,9 @@ def _launch(args: argparse.Namespace) -> int:
     keys = asset_selection(definitions, args.select, downstream=args.downstream)
     tags = {k: str(v) for k, v in tags.items()}
     tags[LAUNCHED_BY] = launched_by(tags)  # the explicit tag, else the OS user
+    if args.reason is not None:
+        tags[REASON] = args.reason
+    reason(tags)  # refused here, before anything is launched
     with DagsterInstance.get() as instance:
         server = _webserver(args)
         if server:
@@ -488,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     undo = commands.add_parser("rollback", help="restore partitions from their snapshots")
     undo.add_argument("--backfill", help="undo every partition this backfill wrote")
+    undo.add_argument("--reason", help="why: kept in the rollback's audit rows")
     undo.add_argument("--partition", help="undo the latest write of one partition (YYYY-MM-DD)")
     undo.add_argument(
         "--table", help="schema.table of --partition (needed when several tables are declared)"
@@ -524,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_arguments(launch)
     launch.add_argument("--tags", help="JSON object of run tags, e.g. backfill_assets/* parameters")
     launch.add_argument("--wait", action="store_true", help="follow it until it ends")
+    launch.add_argument(
+        "--reason", help="why (a sentence, a ticket id): kept in every audit row it leaves"
+    )
     launch.add_argument(
         "--json", action="store_true", help="print its id (with --wait: its report) as JSON"
     )
