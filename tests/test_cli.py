@@ -196,3 +196,9 @@ def test_a_refused_login_to_dagsters_storage_names_its_variable(dagster_env, mon
     error = capsys.readouterr().err
     assert 'role "nobody_here" does not exist' in error, error
     assert f"({settings.DAGSTER_URL_ENV})" in error and "Check the user, password" in error
+
+
+def test_db_psql_runs_psql_on_the_data_database(dagster_env, conn, capfd):
+    assert cli.main(["db", "psql", "-At", "-c", "SELECT count(*) > 0 FROM app.orders"]) == 0
+    assert capfd.readouterr().out.strip() == "t"
+    assert cli.main(["db", "psql", "-c", "SELECT * FROM app.nope"]) != 0

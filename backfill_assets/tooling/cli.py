@@ -11,6 +11,7 @@ import argparse
 import getpass
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,6 +40,11 @@ def _db(args: argparse.Namespace) -> int:
         print(settings.redact(settings.data_url()))
     elif args.action == "stop":
         print("stopped" if embedded.stop(pgdata) else f"not running ({pgdata})")
+    elif args.action == "psql":
+        prepare()
+        return subprocess.run(
+            [embedded.psql_path(), settings.data_url(), *args.psql_args]
+        ).returncode
     elif args.action == "status":
         running = embedded.is_running(pgdata)
         print(f"embedded PostgreSQL in {pgdata}: {'running' if running else 'stopped'}")
@@ -473,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="name", required=True)
 
     db = commands.add_parser("db", help="manage the embedded PostgreSQL cluster")
-    db.add_argument("action", choices=["start", "stop", "status", "url"])
+    db.add_argument("action", choices=["start", "stop", "status", "url", "psql"])
+    db.add_argument(
+        "psql_args", nargs=argparse.REMAINDER, help="psql: its arguments, e.g. -c 'SELECT 1'"
+    )
     db.add_argument("--show-password", action="store_true", help="print `url` with its password")
     db.set_defaults(func=_db)
 

