@@ -63,7 +63,9 @@ CURSORS = sql.Identifier(CONTROL_SCHEMA, "cursors")
 KEY = "backfill_k_"
 OLD = "backfill_old_"
 """Prefixes of the batch's own columns, so that the user's expressions, written over the table's
-column names, never meet an ambiguous name where the batch is joined to the table."""
+column names, never meet an ambiguous name where the batch is joined to the table. Wherever the
+table is aliased, the alias is its own name: an expression's subquery can name the row's
+columns as ``orders.customer_id`` in every statement."""
 PROGRESS_EVERY_S = 5.0
 
 CURSORS_DDL = """
@@ -195,35 +197,39 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
     ]
     required = [c for c in spec.columns if c in table.required_columns]
     left_null = (
-        sql.SQL(" OR ").join(sql.SQL("t.{} IS NULL").format(sql.Identifier(c)) for c in required)
+        sql.SQL(" OR ").join(
+            sql.SQL("{} IS NULL").format(sql.Identifier(table.name, c)) for c in required
+        )
         if required
         else sql.SQL("false")
     )
     return sql.SQL(
-        "WITH batch AS ("
+        "WITH backfill_batch AS ("
         "  SELECT {taken} FROM {table}"
         "  WHERE {window} AND {needs}"
         "    AND (%(after)s::jsonb IS NULL OR ({keys}) > ({after}))"
         "  ORDER BY {keys} LIMIT %(size)s FOR UPDATE{skip}"
-        "), updated AS ("
-        "  UPDATE {table} AS t SET {assignments} FROM batch"
+        "), backfill_updated AS ("
+        "  UPDATE {table} AS {alias} SET {assignments} FROM backfill_batch"
         "  WHERE ({t_keys}) = ({batch_keys}) AND {needs}"
         "  RETURNING {t_keys}, ({left_null}) AS left_null, {written}"
-        "), kept AS ("
+        "), backfill_kept AS ("
         "  INSERT INTO {snapshot} (audit_id, write_id, {kept_columns}, {written_names})"
         "  SELECT %(audit_id)s, %(write_id)s, {batch_columns}, {updated_written}"
-        "  FROM batch JOIN updated"
+        "  FROM backfill_batch JOIN backfill_updated"
         "  ON ({updated_keys}) = ({batch_keys})"
         "  ON CONFLICT (audit_id, {keys}) DO NOTHING"
-        ") SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM updated),"
-        "  (SELECT count(*) FROM updated WHERE left_null),"
-        "  (SELECT jsonb_build_array({batch_keys}) FROM batch ORDER BY {batch_keys} DESC LIMIT 1)"
+        ") SELECT (SELECT count(*) FROM backfill_batch), (SELECT count(*) FROM backfill_updated),"
+        "  (SELECT count(*) FROM backfill_updated WHERE left_null),"
+        "  (SELECT jsonb_build_array({batch_keys}) FROM backfill_batch"
+        "   ORDER BY {batch_keys} DESC LIMIT 1)"
     ).format(
         taken=sql.SQL(", ").join(
             sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(p))
             for c, p in zip(taken, prefixed, strict=True)
         ),
         table=table.identifier,
+        alias=sql.Identifier(table.name),
         window=table.window_filter(),
         needs=needs,
         keys=_keys(table),
@@ -233,15 +239,19 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
             sql.SQL("{} = ({})").format(sql.Identifier(c), sql.SQL(spec.expression(c)))
             for c in spec.columns
         ),
-        t_keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in table.unique_key),
-        batch_keys=sql.SQL(", ").join(sql.Identifier("batch", KEY + k) for k in table.unique_key),
-        updated_keys=sql.SQL(", ").join(sql.Identifier("updated", k) for k in table.unique_key),
+        t_keys=sql.SQL(", ").join(sql.Identifier(table.name, k) for k in table.unique_key),
+        batch_keys=sql.SQL(", ").join(
+            sql.Identifier("backfill_batch", KEY + k) for k in table.unique_key
+        ),
+        updated_keys=sql.SQL(", ").join(
+            sql.Identifier("backfill_updated", k) for k in table.unique_key
+        ),
         left_null=left_null,
         snapshot=snapshots.snapshot_table(table),
         kept_columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
         written=sql.SQL(", ").join(
             sql.SQL("{} AS {}").format(
-                sql.Identifier("t", c), sql.Identifier(snapshots.written_column(c))
+                sql.Identifier(table.name, c), sql.Identifier(snapshots.written_column(c))
             )
             for c in spec.columns
         ),
@@ -249,9 +259,9 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
             sql.Identifier(snapshots.written_column(c)) for c in spec.columns
         ),
         updated_written=sql.SQL(", ").join(
-            sql.Identifier("updated", snapshots.written_column(c)) for c in spec.columns
+            sql.Identifier("backfill_updated", snapshots.written_column(c)) for c in spec.columns
         ),
-        batch_columns=sql.SQL(", ").join(sql.Identifier("batch", p) for p in prefixed),
+        batch_columns=sql.SQL(", ").join(sql.Identifier("backfill_batch", p) for p in prefixed),
     )
 
 
@@ -493,24 +503,27 @@ def verify_in_place(
     spec = table.batched_update
     assert spec is not None
     kept = snapshots.snapshot_table(table)
-    first_key = sql.Identifier("s", KEY + table.unique_key[0])
+    first_key = sql.Identifier("backfill_old", KEY + table.unique_key[0])
     present = sql.SQL("{} IS NOT NULL").format(first_key)
 
     def before(column: str) -> sql.Composable:
         if column not in spec.columns:
-            return sql.Identifier("t", column)
+            return sql.Identifier(table.name, column)
         return sql.SQL("CASE WHEN {} THEN {} ELSE {} END").format(
-            present, sql.Identifier("s", OLD + column), sql.Identifier("t", column)
+            present,
+            sql.Identifier("backfill_old", OLD + column),
+            sql.Identifier(table.name, column),
         )
 
     old_known = sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT NULL").format(sql.Identifier("s", OLD + c)) for c in spec.columns
+        sql.SQL("{} IS NOT NULL").format(sql.Identifier("backfill_old", OLD + c))
+        for c in spec.columns
     )
     changed = sql.SQL("{} AND {} AND ROW({}) IS DISTINCT FROM ROW({})").format(
         present,
         old_known,
-        sql.SQL(", ").join(sql.Identifier("s", OLD + c) for c in spec.columns),
-        sql.SQL(", ").join(sql.Identifier("t", c) for c in spec.columns),
+        sql.SQL(", ").join(sql.Identifier("backfill_old", OLD + c) for c in spec.columns),
+        sql.SQL(", ").join(sql.Identifier(table.name, c) for c in spec.columns),
     )
     computed = dict(spec.set)
 
@@ -522,7 +535,7 @@ def verify_in_place(
         checksum_of(
             ROW_HASH.format(
                 row_text=sql.SQL("ROW({})::text").format(
-                    sql.SQL(", ").join(sql.Identifier("t", c) for c in table.column_names)
+                    sql.SQL(", ").join(sql.Identifier(table.name, c) for c in table.column_names)
                 )
             )
         ),
@@ -542,20 +555,20 @@ def verify_in_place(
     # application wrote itself are its own truth); over changed rows, before and after.
     for m in table.measures:
         aggregates += [
-            sql.SQL("sum({})").format(sql.Identifier("t", m)),
+            sql.SQL("sum({})").format(sql.Identifier(table.name, m)),
             sql.SQL("sum({})").format(before(m)),
             sql.SQL("sum({}) FILTER (WHERE {})").format(source(m), present),
-            sql.SQL("sum({}) FILTER (WHERE {})").format(sql.Identifier("t", m), present),
+            sql.SQL("sum({}) FILTER (WHERE {})").format(sql.Identifier(table.name, m), present),
             sql.SQL("sum({}) FILTER (WHERE {})").format(before(m), changed),
-            sql.SQL("sum({}) FILTER (WHERE {})").format(sql.Identifier("t", m), changed),
+            sql.SQL("sum({}) FILTER (WHERE {})").format(sql.Identifier(table.name, m), changed),
         ]
     aggregates += [
-        sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier("t", c))
+        sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(table.name, c))
         for c in table.required_columns
     ]
     query = sql.SQL(
-        "WITH s AS MATERIALIZED (SELECT {s_columns} FROM {kept} WHERE audit_id = %(audit_id)s "
-        "AND write_id = %(write_id)s) "
+        "WITH backfill_old AS MATERIALIZED (SELECT {s_columns} FROM {kept} "
+        "WHERE audit_id = %(audit_id)s AND write_id = %(write_id)s) "
         "SELECT {aggregates}, "
         "(SELECT count(*) FROM {kept} WHERE audit_id = %(audit_id)s "
         " AND write_id = %(write_id)s), "
@@ -563,7 +576,7 @@ def verify_in_place(
         " HAVING count(*) > 1) AS d), "
         "(SELECT coalesce(sum(c), 0) FROM (SELECT count(*) AS c FROM {table} WHERE {window} "
         " GROUP BY {keys} HAVING count(*) > 1) AS d) "
-        "FROM {table} AS t LEFT JOIN s ON ({t_keys}) = ({s_keys}) WHERE {window}"
+        "FROM {table} AS {alias} LEFT JOIN backfill_old ON ({t_keys}) = ({s_keys}) WHERE {window}"
     ).format(
         s_columns=sql.SQL(", ").join(
             [
@@ -578,10 +591,13 @@ def verify_in_place(
         kept=kept,
         aggregates=sql.SQL(", ").join(aggregates),
         table=table.identifier,
+        alias=sql.Identifier(table.name),
         window=table.window_filter(),
         keys=_keys(table),
-        t_keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in table.unique_key),
-        s_keys=sql.SQL(", ").join(sql.Identifier("s", KEY + k) for k in table.unique_key),
+        t_keys=sql.SQL(", ").join(sql.Identifier(table.name, k) for k in table.unique_key),
+        s_keys=sql.SQL(", ").join(
+            sql.Identifier("backfill_old", KEY + k) for k in table.unique_key
+        ),
     )
     values = list(
         conn.execute(
