@@ -3,6 +3,7 @@ as a user follows them: the same commands, the same declarations."""
 
 from __future__ import annotations
 
+import pytest
 from dagster import DagsterInstance
 from support import FCT_ORDERS, audit_rows, failed_run_report, fingerprints, latest_check
 
@@ -102,3 +103,63 @@ def test_a_tax_bug_is_fixed_at_the_source_then_exactly_its_three_months_are_rebu
         shifted = latest_check(instance, "change_within_threshold", "2024-05-15")
         assert shifted.event.asset_check_evaluation.severity.value == "WARN"
         assert not shifted.event.asset_check_evaluation.passed, "analysts hear numbers shifted"
+
+
+def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
+    conn, dagster_env, tmp_path, capsys
+):
+    week = ["--from", "2024-09-08", "--to", "2024-09-14"]
+    # The first load ran before some orders reached the database (arrived_at days later).
+    conn.execute(
+        "CREATE TABLE app.not_yet_arrived AS SELECT * FROM app.orders "
+        "WHERE arrived_at > ordered_at + interval '1 day'"
+    )
+    conn.execute(
+        "DELETE FROM app.orders WHERE order_id IN (SELECT order_id FROM app.not_yet_arrived)"
+    )
+    late_days = [
+        str(day)
+        for (day,) in conn.execute(
+            "SELECT DISTINCT (ordered_at AT TIME ZONE 'UTC')::date FROM app.not_yet_arrived "
+            "WHERE ordered_at >= '2024-09-08' AND ordered_at < '2024-09-15' ORDER BY 1"
+        )
+    ]
+    assert late_days == ["2024-09-10", "2024-09-11"], "the demo data's late days"
+
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        assert cli.main(["launch", "--select", "analytics/fct_orders", *week, "--wait"]) == 0
+        assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 0
+        conn.execute("INSERT INTO app.orders SELECT * FROM app.not_yet_arrived")  # they arrive
+        capsys.readouterr()
+
+        assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 1
+        out = capsys.readouterr().out
+        assert "2 of 7 written partition(s) differ from their source now" in out
+        listed = [line.split(":")[0].strip() for line in out.splitlines() if "rows written" in line]
+        assert listed == late_days
+
+        launch = ["stale", "--select", "analytics/fct_orders", *week, "--launch", "--wait"]
+        assert cli.main([*launch, "--reason", "late orders"]) == 0
+        assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 0
+        assert "0 of 7 written" in capsys.readouterr().out
+
+    refreshed = audit_rows(conn, status="succeeded", reason="late orders")
+    assert sorted(a["partition_key"] for a in refreshed) == late_days
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--select", "analytics/nope"], "unknown asset"),
+        (["--select", "analytics/daily_revenue"], "is not a declared table"),
+        (["--select", "analytics/fct_orders", "--from", "2023-12-31"], "from 2024-01-01 to"),
+        (["--select", "analytics/fct_orders", "--reason", "x" * 501], "keep it to 500"),
+    ],
+    ids=["unknown", "dbt-model", "out-of-range", "long-reason"],
+)
+def test_bad_input_to_stale_is_one_line_and_launches_nothing(dagster_env, capsys, args, message):
+    assert cli.main(["stale", *args, "--launch"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    with DagsterInstance.get() as instance:
+        assert instance.get_backfills() == []

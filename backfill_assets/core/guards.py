@@ -37,7 +37,7 @@ WINDOW = sql.Identifier("backfill_window")
 """Alias of the VALUES list of windows in the one-statement measurements below."""
 
 
-def _windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[str, object]]:
+def windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[str, object]]:
     rows, params = [], {}
     for number, window in enumerate(windows):
         rows.append(
@@ -52,7 +52,7 @@ def _windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[
     return values, params
 
 
-def _query_per_window(table: TableSpec) -> sql.SQL:
+def query_per_window(table: TableSpec) -> sql.SQL:
     """The table's query, its window read from the row of ``WINDOW`` instead of parameters.
 
     Bound values and these columns have the same type (``date``), so each window's rows are
@@ -86,7 +86,7 @@ def source_stats_all(
                 )
             )
         )
-    values, params = _windows_values(windows)
+    values, params = windows_values(windows)
     query = sql.SQL(
         "SELECT {window}.key, stats.* FROM {values} CROSS JOIN LATERAL "
         "(SELECT {aggregates} FROM ({source}) AS src) AS stats"
@@ -96,7 +96,7 @@ def source_stats_all(
         aggregates=sql.SQL(", ").join(
             [sql.SQL("count(*)"), sql.SQL("count(*) FILTER (WHERE {})").format(key_is_null), *sums]
         ),
-        source=_query_per_window(table),
+        source=query_per_window(table),
     )
     found = {}
     for key, rows, null_keys, *totals in conn.execute(query, params).fetchall():
@@ -118,7 +118,7 @@ def target_rows_all(
     if not relation_exists(conn, table.schema, table.name):
         return {window.key: 0 for window in windows}
     column = sql.Identifier(table.partition_column)
-    values, params = _windows_values(windows)
+    values, params = windows_values(windows)
     query = sql.SQL(
         "SELECT {window}.key, (SELECT count(*) FROM {table} WHERE {column} >= {window}.window_start"
         " AND {column} < {window}.window_end) FROM {values}"

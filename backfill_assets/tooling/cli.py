@@ -275,6 +275,67 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stale(args: argparse.Namespace) -> int:
+    """Partitions whose source yields other rows now than their last write wrote; with
+    ``--launch``, a backfill of exactly those."""
+    from backfill_assets.core.params import LAUNCHED_BY, REASON, launched_by, reason
+
+    tags = {LAUNCHED_BY: launched_by({})}
+    if args.reason:
+        tags[REASON] = args.reason
+    reason(tags)
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.core.staleness import staleness
+    from backfill_assets.defs.definitions import build_definitions
+    from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill
+
+    registry = load_registry()
+    definitions = build_definitions(registry, check_sql=False)
+    (key,) = asset_selection(definitions, [args.select])
+    table = registry.by_asset_path().get(tuple(key.path))
+    if table is None:
+        raise ValueError(
+            f"{args.select} is not a declared table; stale compares a declared table's partitions "
+            f"with its SQL (declared: {', '.join(t.asset_name for t in registry)})"
+        )
+    partitioning = table.partitioning
+    first, last = args.first or partitioning.first_key(), args.last or partitioning.last_key()
+    windows = partitioning.windows(partitioning.keys_between(first, last))
+    with connect(settings.data_url()) as conn:
+        found = staleness(conn, table, windows)
+    changed = [s for s in found if s.changed]
+    never = [s.partition_key for s in found if s.never_written]
+    print(
+        f"{table.qualified_name} {first}..{last}: {len(changed)} of "
+        f"{len(found) - len(never)} written partition(s) differ from their source now"
+    )
+    for s in changed:
+        print(
+            f"  {s.partition_key}: {s.written_rows} rows written, the source yields {s.source_rows}"
+        )
+    if never:
+        print(f"  never written: {len(never)} ({never[0]}..{never[-1]}), not counted")
+    if not changed or not args.launch:
+        return 1 if changed else 0
+    keys = asset_selection(definitions, [args.select], downstream=args.downstream)
+    with DagsterInstance.get() as instance:
+        backfill_id = launch_asset_backfill(
+            instance,
+            keys,
+            changed[0].partition_key,
+            changed[-1].partition_key,
+            tags=tags,
+            definitions=definitions,
+            only=[s.partition_key for s in changed],
+        )
+        print(f"launched asset backfill {backfill_id} of those {len(changed)} partition(s)")
+        if args.wait:
+            return _follow(instance, backfill_id, wait=True, as_json=False)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     """What ``launch`` with the same arguments would do, and how long it would take; writes
     nothing."""
@@ -584,6 +645,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pause":
             switch.add_argument("--reason", help="why, shown to whoever looks at the runs")
         switch.set_defaults(func=_pause)
+
+    stale = commands.add_parser(
+        "stale",
+        help="partitions whose source changed since they were written (late data); --launch "
+        "backfills exactly those",
+    )
+    stale.add_argument(
+        "--select", required=True, help="a declared table's asset, e.g. analytics/fct_orders"
+    )
+    stale.add_argument("--from", dest="first", help="first partition (default: the first)")
+    stale.add_argument("--to", dest="last", help="last partition (default: the last)")
+    stale.add_argument("--launch", action="store_true", help="backfill the changed partitions")
+    stale.add_argument("--downstream", action="store_true", help="--launch: and what reads them")
+    stale.add_argument("--reason", help="--launch: why, kept in every audit row")
+    stale.add_argument("--wait", action="store_true", help="--launch: follow it until it ends")
+    stale.set_defaults(func=_stale)
 
     finish = commands.add_parser(
         "finish-column",

@@ -106,8 +106,10 @@ def launch_asset_backfill(
     *,
     tags: Mapping[str, str] | None = None,
     definitions: Definitions | None = None,
+    only: Sequence[str] | None = None,
 ) -> str:
-    """Record an asset backfill of ``first``..``last`` (inclusive), as the UI's "Materialize" does.
+    """Record an asset backfill of ``first``..``last`` (inclusive), as the UI's "Materialize" does;
+    with ``only``, of just those partitions of that range.
 
     Unlike a job backfill, the daemon plans an asset backfill's runs itself and honours each
     asset's ``BackfillPolicy``, so several partitions share one run. ``definitions`` defaults to
@@ -116,6 +118,8 @@ def launch_asset_backfill(
     if definitions is None:
         from backfill_assets.definitions import defs as definitions
     keys = partition_keys(definitions, asset_keys[0], first, last)
+    if only is not None:
+        keys = [key for key in keys if key in set(only)]
     graph = definitions.resolve_asset_graph()
     backfill_id = make_new_backfill_id()
     backfill = PartitionBackfill.from_asset_partitions(
@@ -127,7 +131,7 @@ def launch_asset_backfill(
         tags=dict(tags or {}),
         dynamic_partitions_store=instance,
         all_partitions=False,
-        title=f"{first}..{last}",
+        title=f"{first}..{last}" if only is None else f"{len(keys)} of {first}..{last}",
         description=None,
         run_config=None,
     )
