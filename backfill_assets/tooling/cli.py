@@ -25,6 +25,12 @@ from backfill_assets.tooling.environment import prepare
 
 def _db(args: argparse.Namespace) -> int:
     pgdata = settings.embedded_pgdata()
+    if args.action != "psql":
+        # Everything after the action is psql's (REMAINDER), so --show-password lands there too.
+        extra = [a for a in args.psql_args if a != "--show-password"]
+        if extra:
+            raise ValueError(f"db {args.action} takes no arguments, got {' '.join(extra)}")
+        args.show_password = args.show_password or "--show-password" in args.psql_args
     if args.action == "start":
         embedded_server = settings.uses_embedded_postgres()
         if embedded_server:
