@@ -56,7 +56,7 @@ from backfill_assets.core.reconcile import (
 )
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.throttle import ThrottleTimeout
-from backfill_assets.core.writer import WriteResult, with_lock_retries
+from backfill_assets.core.writer import WriteResult, apply_timeouts, with_lock_retries
 
 STRATEGY = "batched_update"
 CURSORS = sql.Identifier(CONTROL_SCHEMA, "cursors")
@@ -289,11 +289,7 @@ def run_batch(
         "write_id": cursor.write_id,
     }
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(
-            "SELECT set_config('lock_timeout', %s, true), "
-            "set_config('statement_timeout', %s, true)",
-            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-        )
+        apply_timeouts(cur, table)
         if spec.triggers == "replica":
             cur.execute("SET LOCAL session_replication_role = replica")
         if spec.defer_constraints:

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import with_lock_retries
+from backfill_assets.core.writer import apply_timeouts, with_lock_retries
 
 
 class NotNullError(ValueError):
@@ -62,11 +62,7 @@ def finish_column(
     def step(statement: sql.Composed) -> None:
         def run() -> None:
             with conn.transaction():
-                conn.execute(
-                    "SELECT set_config('lock_timeout', %s, true), "
-                    "set_config('statement_timeout', %s, true)",
-                    [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-                )
+                apply_timeouts(conn, table)
                 conn.execute(statement)
 
         with_lock_retries(run, table, f"{column} NOT NULL", log)

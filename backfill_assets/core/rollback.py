@@ -23,7 +23,12 @@ from backfill_assets.core.fingerprint import fingerprint_of
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.swap import build_staging, child_name, swap_in
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import lock_partition, replace_partition, with_lock_retries
+from backfill_assets.core.writer import (
+    apply_timeouts,
+    lock_partition,
+    replace_partition,
+    with_lock_retries,
+)
 
 STRATEGY = "rollback"
 
@@ -302,11 +307,7 @@ def _restore_columns(
     }
     with conn.cursor() as cur:
         lock_partition(cur, table, window)
-        cur.execute(
-            "SELECT set_config('lock_timeout', %s, true), "
-            "set_config('statement_timeout', %s, true)",
-            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-        )
+        apply_timeouts(cur, table)
         before = fingerprint_of(conn, table, table.identifier, window)
         cur.execute(
             sql.SQL(
@@ -394,11 +395,7 @@ def _swap_back(
     child = sql.Identifier(table.schema, child_name(table, window))
     with conn.cursor() as cur:
         lock_partition(cur, table, window)
-        cur.execute(
-            "SELECT set_config('lock_timeout', %s, true), "
-            "set_config('statement_timeout', %s, true)",
-            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-        )
+        apply_timeouts(cur, table)
     before = fingerprint_of(conn, table, table.identifier, window)
     staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)

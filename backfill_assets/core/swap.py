@@ -43,7 +43,12 @@ from backfill_assets.core.partition_write import (
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import WriteResult, lock_partition, with_lock_retries
+from backfill_assets.core.writer import (
+    WriteResult,
+    apply_timeouts,
+    lock_partition,
+    with_lock_retries,
+)
 
 STRATEGY = "partition_swap"
 _INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON ONLY \S+ ")
@@ -202,11 +207,7 @@ def swap_partition(
     def write() -> WriteResult:
         with conn.transaction(), conn.cursor() as cur:
             lock_partition(cur, table, window)
-            cur.execute(
-                "SELECT set_config('lock_timeout', %s, true), "
-                "set_config('statement_timeout', %s, true)",
-                [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-            )
+            apply_timeouts(cur, table)
             inserted = build_staging(conn, table, window, staging)
             had_child = attached_child(conn, table, window)
             old = (

@@ -131,6 +131,15 @@ class KeptRows:
         ]
 
 
+def apply_timeouts(target: psycopg.Connection | psycopg.Cursor, table: TableSpec) -> None:
+    """The table's ``lock_timeout`` and ``statement_timeout``, for the rest of the transaction
+    open on ``target`` (values bound, ``set_config(..., true)``)."""
+    target.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
+    )
+
+
 def lock_partition(cur: psycopg.Cursor, table: TableSpec, window: PartitionWindow) -> None:
     """Make this transaction the partition's only writer until it ends.
 
@@ -172,11 +181,7 @@ def replace_partition(
         lock_partition(cur, table, window)
         # After the partition lock (a backfill waits for another backfill of the same partition
         # as long as it takes), everything runs under the table's limits.
-        cur.execute(
-            "SELECT set_config('lock_timeout', %s, true), "
-            "set_config('statement_timeout', %s, true)",
-            [f"{table.timeouts.lock_ms}ms", f"{table.timeouts.statement_ms}ms"],
-        )
+        apply_timeouts(cur, table)
         if keep_previous is not None:
             for statement in keep_previous.statements(table):
                 cur.execute(statement, bound)
