@@ -176,6 +176,24 @@ def test_a_table_whose_sql_does_not_yield_its_columns_fails_loading_and_writes_n
     assert conn.execute("SELECT to_regnamespace('reporting')").fetchone() == (None,)
 
 
+def test_a_query_ending_in_a_comment_writes_its_partition(tmp_path, monkeypatch, data_url, conn):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    folder = _table_with_sql(tmp_path, lambda sql: sql.rstrip().rstrip(";") + "\n-- v2 reviewed")
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    registry = load_registry([DEFAULT_TABLES_DIR, folder])
+    build_definitions(registry)  # the contract check runs the query
+    table = registry.by_asset_path()[("reporting", "shipped_lines")]
+    ensure_table(conn, table)
+
+    result = replace_partition(conn, table, table.partitioning.window("1995-03-01"))
+
+    expected = conn.execute(
+        "SELECT count(*) FROM legacy.order_lines "
+        "WHERE ship_date >= '1995-03-01' AND ship_date < '1995-04-01'"
+    ).fetchone()[0]
+    assert result.rows_written == expected > 0
+
+
 @pytest.mark.parametrize("bad_type", ["bigit not null", "bigint not nul"])
 def test_a_column_type_postgresql_does_not_know_fails_loading(
     tmp_path, monkeypatch, data_url, conn, bad_type

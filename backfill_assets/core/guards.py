@@ -58,7 +58,7 @@ def query_per_window(table: TableSpec) -> sql.SQL:
     Bound values and these columns have the same type (``date``), so each window's rows are
     exactly those the write's INSERT will select.
     """
-    text = table.query.strip().rstrip(";")
+    text = table.query_text
     text = text.replace("%(start)s", '"backfill_window"."window_start"')
     return sql.SQL(text.replace("%(end)s", '"backfill_window"."window_end"'))
 

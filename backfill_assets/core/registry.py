@@ -118,11 +118,26 @@ def tables_dirs() -> list[Path]:
 
 
 def load_registry(dirs: list[Path] | None = None) -> Registry:
-    return _load(tuple(dirs or tables_dirs()))
+    """The declared tables, parsed once per process until a declaration or its SQL changes: an
+    edited query is a new code version, which ``stale`` and the next run must see."""
+    found = tuple(dirs or tables_dirs())
+    return _load(found, _edits(found))
+
+
+def _edits(dirs: tuple[Path, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple(
+        sorted(
+            (str(path), path.stat().st_mtime_ns)
+            for directory in dirs
+            if directory.is_dir()
+            for path in directory.rglob("*")
+            if path.suffix in {".yaml", ".yml", ".sql"} and path.is_file()
+        )
+    )
 
 
 @cache
-def _load(dirs: tuple[Path, ...]) -> Registry:
+def _load(dirs: tuple[Path, ...], _edits: tuple[tuple[str, int], ...]) -> Registry:
     tables: dict[str, tuple[TableSpec, Path]] = {}
     for directory in dirs:
         if not directory.is_dir():

@@ -193,8 +193,14 @@ class TableSpec:
         return tuple(column.name for column in self.columns if not column.nullable)
 
     @property
+    def query_text(self) -> str:
+        """The query as it is nested in other statements: without a final ``;``, and ending in a
+        new line so that a closing ``)`` is not swallowed by a last ``-- comment``."""
+        return self.query.strip().rstrip(";") + "\n"
+
+    @property
     def source_query(self) -> sql.SQL:
-        return sql.SQL(self.query.strip().rstrip(";"))
+        return sql.SQL(self.query_text)
 
     def window_filter(self) -> sql.Composed:
         """``partition_column >= %(start)s AND partition_column < %(end)s``."""

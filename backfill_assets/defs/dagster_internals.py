@@ -4,8 +4,15 @@ Dagster's minor version is pinned in pyproject.toml; the tests exercise each of 
 through real runs, so an upgrade that moves one fails here, in one place.
 """
 
+from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
+)
+from dagster._core.definitions.data_version import (
+    CachingStaleStatusResolver,
+    StaleCause,
+    StaleCauseCategory,
+    StaleStatus,
 )
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.execution.backfill import (
@@ -25,7 +32,19 @@ from dagster._core.storage.tags import (
 )
 from dagster._core.utils import make_new_backfill_id
 from dagster._serdes import ConfigurableClassData
-from dagster._time import get_current_timestamp
+from dagster._time import get_current_datetime, get_current_timestamp
+
+
+def stale_status_resolver(instance, asset_graph) -> CachingStaleStatusResolver:
+    """What the UI asks for a partition's "Unsynced" badge: Dagster's stale status resolver, as
+    of now (its constructor's arguments changed across minor versions)."""
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=asset_graph,
+    )
+    return CachingStaleStatusResolver(instance, asset_graph=asset_graph, loading_context=view)
+
 
 __all__ = [
     "BACKFILL_ID_TAG",
@@ -41,8 +60,12 @@ __all__ = [
     "ConfigurableClassData",
     "PartitionBackfill",
     "PartitionKeyFilter",
+    "StaleCause",
+    "StaleCauseCategory",
+    "StaleStatus",
     "WorkerStatus",
     "auto_reexecution_should_retry_run",
     "get_current_timestamp",
     "make_new_backfill_id",
+    "stale_status_resolver",
 ]

@@ -282,8 +282,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _stale(args: argparse.Namespace) -> int:
-    """Partitions whose source yields other rows now than their last write wrote; with
-    ``--launch``, a backfill of exactly those."""
+    """Written partitions whose source or code changed since (or whose upstream was rewritten);
+    with ``--launch``, a backfill of exactly those."""
     from backfill_assets.core.params import LAUNCHED_BY, REASON, launched_by, reason
 
     tags = {LAUNCHED_BY: launched_by({})}
@@ -293,50 +293,31 @@ def _stale(args: argparse.Namespace) -> int:
     prepare()
     from dagster import DagsterInstance
 
-    from backfill_assets.core.staleness import staleness
     from backfill_assets.defs.definitions import build_definitions
     from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill
+    from backfill_assets.tooling.stale import find_stale
 
     registry = load_registry()
     definitions = build_definitions(registry, check_sql=False)
-    (key,) = asset_selection(definitions, [args.select])
-    table = registry.by_asset_path().get(tuple(key.path))
-    if table is None:
-        raise ValueError(
-            f"{args.select} is not a declared table; stale compares a declared table's partitions "
-            f"with its SQL (declared: {', '.join(t.asset_name for t in registry)})"
-        )
-    partitioning = table.partitioning
-    first, last = args.first or partitioning.first_key(), args.last or partitioning.last_key()
-    windows = partitioning.windows(partitioning.keys_between(first, last))
-    with connect(settings.data_url()) as conn:
-        found = staleness(conn, table, windows)
-    changed = [s for s in found if s.changed]
-    never = [s.partition_key for s in found if s.never_written]
-    print(
-        f"{table.qualified_name} {first}..{last}: {len(changed)} of "
-        f"{len(found) - len(never)} written partition(s) differ from their source now"
-    )
-    for s in changed:
-        print(
-            f"  {s.partition_key}: {s.written_rows} rows written, the source yields {s.source_rows}"
-        )
-    if never:
-        print(f"  never written: {len(never)} ({never[0]}..{never[-1]}), not counted")
-    if not changed or not args.launch:
-        return 1 if changed else 0
+    # With --downstream, what reads the asset is looked at too: a mart whose own code changed is
+    # stale on days its table is not, and the launch covers every day stale in any of them.
     keys = asset_selection(definitions, [args.select], downstream=args.downstream)
     with DagsterInstance.get() as instance:
+        stale: set[str] = set()
+        for asset in keys:
+            report = find_stale(
+                instance, definitions, registry, asset, args.first, args.last, settings.data_url()
+            )
+            print("\n".join(report.lines()))
+            stale.update(s.key for s in report.stale)
+        if not stale or not args.launch:
+            return 1 if stale else 0
+        stale = sorted(stale)
         backfill_id = launch_asset_backfill(
-            instance,
-            keys,
-            changed[0].partition_key,
-            changed[-1].partition_key,
-            tags=tags,
-            definitions=definitions,
-            only=[s.partition_key for s in changed],
+            instance, keys, stale[0], stale[-1], tags=tags, definitions=definitions, only=stale
         )
-        print(f"launched asset backfill {backfill_id} of those {len(changed)} partition(s)")
+        names = ", ".join(k.to_user_string() for k in keys)
+        print(f"launched asset backfill {backfill_id} of those {len(stale)} partition(s): {names}")
         if args.wait:
             return _follow(instance, backfill_id, wait=True, as_json=False)
     return 0
@@ -654,16 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     stale = commands.add_parser(
         "stale",
-        help="partitions whose source changed since they were written (late data); --launch "
-        "backfills exactly those",
+        help="written partitions whose source or code changed since (late data, new logic); "
+        "--launch backfills exactly those",
     )
     stale.add_argument(
-        "--select", required=True, help="a declared table's asset, e.g. analytics/fct_orders"
+        "--select", required=True, help="a partitioned asset, e.g. analytics/fct_orders"
     )
     stale.add_argument("--from", dest="first", help="first partition (default: the first)")
     stale.add_argument("--to", dest="last", help="last partition (default: the last)")
     stale.add_argument("--launch", action="store_true", help="backfill the changed partitions")
-    stale.add_argument("--downstream", action="store_true", help="--launch: and what reads them")
+    stale.add_argument(
+        "--downstream", action="store_true", help="and what reads the asset (checked and launched)"
+    )
     stale.add_argument("--reason", help="--launch: why, kept in every audit row")
     stale.add_argument("--wait", action="store_true", help="--launch: follow it until it ends")
     stale.set_defaults(func=_stale)
