@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from dagster import DagsterInstance
+from psycopg.rows import dict_row
 from support import FCT_ORDERS, audit_rows, failed_run_report, fingerprints, latest_check
 
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
@@ -233,5 +234,130 @@ def test_bad_input_to_stale_is_one_line_and_launches_nothing(dagster_env, capsys
     assert cli.main(["stale", *args, "--launch"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    with DagsterInstance.get() as instance:
+        assert instance.get_backfills() == []
+
+
+def _rows(conn, relation: str, person: int, *, about: bool) -> list[tuple]:
+    """Every row of ``relation`` about the person (``about``) or about anyone else, in order."""
+    where = "customer_id = %s" if about else "customer_id IS DISTINCT FROM %s"
+    query = f"SELECT * FROM {relation} WHERE {where} ORDER BY 1, 2, 3"
+    return conn.execute(query, [person]).fetchall()
+
+
+def _snapshot_rows_about(conn, person: int) -> int:
+    tables = conn.execute(
+        "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.columns "
+        "WHERE table_schema = 'backfill_snapshots' AND column_name = 'customer_id'"
+    ).fetchall()
+    return sum(
+        conn.execute(f"SELECT count(*) FROM {t} WHERE customer_id = %s", [person]).fetchone()[0]
+        for (t,) in tables
+    )
+
+
+def test_an_erasure_leaves_no_row_of_the_person_anywhere_and_changes_no_other_row(
+    conn, dagster_env, tmp_path, capsys
+):
+    week = ["--from", "2024-05-06", "--to", "2024-05-12"]
+    fact, mart, revenue = (
+        "analytics.fct_orders",
+        "analytics.customer_daily_orders",
+        "analytics.daily_revenue",
+    )
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        launch = ["launch", "--select", "analytics/fct_orders", "--downstream", *week, "--wait"]
+        assert cli.main(launch) == 0
+        assert cli.main(launch) == 0  # written twice: the snapshots hold the first rows
+        (person,) = conn.execute(
+            f"SELECT customer_id FROM {fact} GROUP BY 1 "
+            "ORDER BY count(DISTINCT order_day) DESC, 1 LIMIT 1"
+        ).fetchone()
+        days = [
+            str(d)
+            for (d,) in conn.execute(
+                f"SELECT DISTINCT order_day FROM {fact} WHERE customer_id = %s ORDER BY 1", [person]
+            )
+        ]
+        theirs = len(_rows(conn, fact, person, about=True))
+        assert len(days) >= 2 and _snapshot_rows_about(conn, person) > 0
+        others = {r: _rows(conn, r, person, about=False) for r in (fact, mart)}
+        revenue_before = dict(
+            (str(day), count)
+            for day, count in conn.execute(f"SELECT order_day, order_count FROM {revenue}")
+        )
+        capsys.readouterr()
+
+        # While the source still holds the person, a rewrite would put them back: refused.
+        erase = ["erase", "--subject", str(person), "--reason", "GDPR-17: erasure request"]
+        assert cli.main(erase) == 2
+        assert "still yields" in capsys.readouterr().err
+        with DagsterInstance.get() as instance:
+            launched = len(instance.get_backfills())
+
+        # The application erases the person at the source; then the erasure.
+        conn.execute("DELETE FROM app.orders WHERE customer_id = %s", [person])
+        conn.execute("DELETE FROM app.customers WHERE customer_id = %s", [person])
+        assert cli.main(erase) == 0, capsys.readouterr()
+        with DagsterInstance.get() as instance:
+            assert len(instance.get_backfills()) == launched + 1
+
+    for relation in (fact, mart):
+        assert _rows(conn, relation, person, about=True) == []
+        assert _rows(conn, relation, person, about=False) == others[relation], "no other row"
+    assert _snapshot_rows_about(conn, person) == 0
+    revenue_after = dict(
+        (str(day), count)
+        for day, count in conn.execute(f"SELECT order_day, order_count FROM {revenue}")
+    )
+    changed = sorted(d for d in revenue_before if revenue_after[d] != revenue_before[d])
+    assert changed == days, "the daily totals moved on the person's days only"
+
+    rewrites = audit_rows(conn, table_name=fact, reason="GDPR-17: erasure request")
+    assert sorted(a["partition_key"] for a in rewrites) == days
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        (record,) = cur.execute("SELECT * FROM backfill_audit.erasures").fetchall()
+    assert set(record) == {
+        "id",
+        "erased_at",
+        "reason",
+        "requested_by",
+        "backfill_ids",
+        "rows_erased",
+        "relations_checked",
+        "rows_remaining",
+    }
+    assert record["rows_remaining"] == 0 and record["reason"] == "GDPR-17: erasure request"
+    assert record["rows_erased"][fact] == theirs and record["rows_erased"][mart] == len(days)
+    assert record["rows_erased"][f"snapshots of {fact}"] > 0
+    assert {fact, mart} <= set(record["relations_checked"])
+    assert cli.main(["audit", "--erasures"]) == 0
+    assert "GDPR-17: erasure request" in capsys.readouterr().out
+    words = [record["requested_by"], *record["backfill_ids"], *record["relations_checked"]]
+    assert not any(str(person) in text for text in [*words, *record["rows_erased"]]), (
+        "the record names no person"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--subject", "abc", "--reason", "GDPR-1"], "--subject 'abc' is not a bigint"),
+        (["--subject", "7", "--reason", "  "], "--reason is empty"),
+        (["--subject", "7", "--reason", "x" * 501], "keep it to 500"),
+    ],
+    ids=["wrong-type", "empty-reason", "long-reason"],
+)
+def test_bad_input_to_erase_is_one_line_and_changes_nothing(
+    conn, dagster_env, capsys, args, message
+):
+    ensure_table(conn, FCT_ORDERS)
+    replace_partition(conn, FCT_ORDERS, FCT_ORDERS.partitioning.window("2024-05-06"))
+    before = fingerprints(conn, ["2024-05-06"])
+    assert cli.main(["erase", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert fingerprints(conn, ["2024-05-06"]) == before
     with DagsterInstance.get() as instance:
         assert instance.get_backfills() == []

@@ -167,6 +167,12 @@ def _audit(args: argparse.Namespace) -> int:
             closed = close_abandoned(conn)
             print(f"closed {len(closed)} abandoned audit row(s) as failed: {closed or '-'}")
             return 0
+        if args.erasures:
+            from backfill_assets.core.erasure import recent_erasures
+
+            erasures = recent_erasures(conn, args.limit)
+            print(erasures.to_string(index=False) if not erasures.empty else "no erasures yet")
+            return 0
         frame = recent_rows(conn, backfill_id=args.backfill, limit=args.limit)
     # Counts absent from a row (a refusal deletes nothing) print empty, not as NaN floats.
     shown = frame.astype(object).where(frame.notna(), "")
@@ -191,6 +197,33 @@ def _snapshots(args: argparse.Namespace) -> int:
             erased = snapshots.erase_subject(conn, tables, args.customer_id)
             for name, count in erased.items():
                 print(f"{name}: erased {count} snapshot rows of customer {args.customer_id}")
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """One person's rows out of every table, mart and snapshot, through the daemon."""
+    from backfill_assets.core.params import LAUNCHED_BY, REASON, launched_by, reason
+
+    if not reason({REASON: args.reason}):
+        raise ValueError("--reason is empty; give the request or ticket (not the person's name)")
+    prepare()
+    from dagster import DagsterInstance
+
+    from backfill_assets.defs.definitions import build_definitions
+    from backfill_assets.tooling.erasure import erase
+
+    registry = load_registry()
+    definitions = build_definitions(registry, check_sql=False)
+    with DagsterInstance.get() as instance:
+        erase(
+            instance,
+            definitions,
+            registry,
+            settings.data_url(),
+            args.subject,
+            args.reason,
+            launched_by({LAUNCHED_BY: ""}),
+        )
     return 0
 
 
@@ -565,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="show recent rows of backfill_audit.backfill_runs")
     audit.add_argument("--backfill", help="only this backfill's rows")
+    audit.add_argument("--erasures", action="store_true", help="the erasure records instead")
     audit.add_argument("--limit", type=bounded(1, 100_000), default=20)
     audit.add_argument(
         "--close-abandoned",
@@ -586,6 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("tables", help="list the declared tables and their jobs").set_defaults(
         func=_tables
     )
+
+    erasure = commands.add_parser(
+        "erase",
+        help="erase one person from every table, mart and snapshot (a backfill, after the source)",
+    )
+    erasure.add_argument(
+        "--subject", required=True, help="the person's value in each subject_column (a customer id)"
+    )
+    erasure.add_argument(
+        "--reason", required=True, help="the request or ticket id, kept in the audit (not a name)"
+    )
+    erasure.set_defaults(func=_erase)
 
     launch = commands.add_parser(
         "launch", help="launch an asset backfill (as the UI does); the daemon executes it"

@@ -1,0 +1,234 @@
+"""Erasing one person: where their rows are, whether the source still holds them, proof that none
+remain, and a record of the erasure that holds nothing about them.
+
+An erasure is a backfill like any other: the person is erased at the source first (by the
+application, its own duty), then every partition that still holds their rows is rewritten from
+it, with the intended-shrink override, and the snapshots those rewrites and earlier ones kept are
+purged. This module is the SQL around that backfill; ``tooling.erasure`` runs it.
+
+A *subject relation* is any relation with a column naming the person: a declared table's
+``subject_column``, or a dbt model's ``meta: {subject_column: ...}``. The subject is bound as a
+parameter cast to that column's own type, so an index on it is used and a value of the wrong
+type is refused before anything is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from backfill_assets.core.audit import SCHEMA as AUDIT_SCHEMA
+from backfill_assets.core.database import relation_exists
+from backfill_assets.core.guards import WINDOW, query_per_window, windows_values
+from backfill_assets.core.snapshots import SCHEMA as SNAPSHOT_SCHEMA
+from backfill_assets.core.snapshots import snapshot_relation, swapped_snapshots
+from backfill_assets.core.tables import TableSpec
+
+ERASURES = sql.Identifier(AUDIT_SCHEMA, "erasures")
+
+
+class ErasureError(ValueError):
+    """The erasure cannot go on; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class SubjectRelation:
+    """A relation holding rows about people, and how to find one person's rows and days in it."""
+
+    schema: str
+    name: str
+    subject_column: str
+    day_column: str | None
+    """The column the relation is partitioned on (None: the relation is not partitioned)."""
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @classmethod
+    def of(cls, table: TableSpec) -> SubjectRelation:
+        assert table.subject_column is not None
+        return cls(table.schema, table.name, table.subject_column, table.partition_column)
+
+
+def column_type(conn: psycopg.Connection, relation: sql.Identifier, column: str) -> str | None:
+    """The column's type as PostgreSQL spells it, or None when the relation or column is absent."""
+    found = conn.execute(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute AS a "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
+        [relation.as_string(conn), column],
+    ).fetchone()
+    return found[0] if found else None
+
+
+def _matches(conn: psycopg.Connection, relation: SubjectRelation, subject: str) -> sql.Composed:
+    """``subject_column = %s::its type``, the value checked castable first."""
+    kind = column_type(conn, relation.identifier, relation.subject_column)
+    if kind is None:
+        raise ErasureError(
+            f"{relation.qualified_name} has no column {relation.subject_column!r}, declared as the "
+            "column naming the person; fix subject_column"
+        )
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SELECT %s::{}").format(sql.SQL(kind)), [subject])
+    except psycopg.errors.DataError:
+        raise ErasureError(
+            f"--subject {subject!r} is not a {kind} ({relation.qualified_name}."
+            f"{relation.subject_column}); give the person's value as that column holds it"
+        ) from None
+    return sql.SQL("{} = %s::{}").format(sql.Identifier(relation.subject_column), sql.SQL(kind))
+
+
+def exists(conn: psycopg.Connection, relation: SubjectRelation) -> bool:
+    return relation_exists(conn, relation.schema, relation.name)
+
+
+def subject_rows(
+    conn: psycopg.Connection, relation: SubjectRelation, subject: str, granularity: str = "day"
+) -> dict[str, int]:
+    """Rows about the subject per partition key (``day`` or ``month`` starts), or under ``""``
+    for an unpartitioned relation; empty when the relation does not exist."""
+    if not exists(conn, relation):
+        return {}
+    where = _matches(conn, relation, subject)
+    if relation.day_column is None:
+        count = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation.identifier, where),
+            [subject],
+        ).fetchone()[0]
+        return {"": count} if count else {}
+    query = sql.SQL(
+        "SELECT date_trunc(%s, {day})::date::text, count(*) FROM {relation} WHERE {where} "
+        "GROUP BY 1 ORDER BY 1"
+    ).format(day=sql.Identifier(relation.day_column), relation=relation.identifier, where=where)
+    return dict(conn.execute(query, [granularity, subject]).fetchall())
+
+
+def source_still_yields(
+    conn: psycopg.Connection, table: TableSpec, keys: list[str], subject: str
+) -> dict[str, int]:
+    """Rows about the subject that the table's query yields now, per partition (those with any):
+    a rewrite would put them back, so the erasure waits for the source."""
+    if not keys:
+        return {}
+    kind = column_type(conn, table.identifier, table.subject_column) or "text"
+    values, params = windows_values(table.partitioning.windows(keys))
+    query = sql.SQL(
+        "SELECT {window}.key, found.rows FROM {values} CROSS JOIN LATERAL "
+        "(SELECT count(*) AS rows FROM ({source}) AS src "
+        "WHERE src.{subject} = %(subject)s::{kind}) AS found WHERE found.rows > 0 ORDER BY 1"
+    ).format(
+        window=WINDOW,
+        values=values,
+        source=query_per_window(table),
+        subject=sql.Identifier(table.subject_column),
+        kind=sql.SQL(kind),
+    )
+    return dict(conn.execute(query, {**params, "subject": subject}).fetchall())
+
+
+def snapshot_relations(conn: psycopg.Connection, table: TableSpec) -> list[SubjectRelation]:
+    """The snapshot tables that may hold the table's old rows (a swapped table keeps one per
+    write), as subject relations."""
+    assert table.subject_column is not None
+    if table.swapped:
+        names = swapped_snapshots(conn, table)
+    else:
+        schema, name = snapshot_relation(table)
+        names = [name] if relation_exists(conn, schema, name) else []
+    return [SubjectRelation(SNAPSHOT_SCHEMA, n, table.subject_column, None) for n in names]
+
+
+def remaining(
+    conn: psycopg.Connection, relations: list[SubjectRelation], subject: str
+) -> dict[str, int]:
+    """Rows about the subject left in each relation (those with any)."""
+    left = {}
+    for relation in relations:
+        rows = sum(subject_rows(conn, relation, subject).values())
+        if rows:
+            left[relation.qualified_name] = rows
+    return left
+
+
+@dataclass
+class ErasureRecord:
+    """What the audit keeps of an erasure: why, who, which backfills, how many rows went from
+    where, and that none remain. Nothing in it identifies the person."""
+
+    reason: str
+    requested_by: str
+    backfill_ids: list[str] = field(default_factory=list)
+    rows_erased: dict[str, int] = field(default_factory=dict)
+    """Per relation (tables, marts, snapshots), the rows about the person that were removed."""
+    relations_checked: list[str] = field(default_factory=list)
+
+
+def ensure_erasures_table(conn: psycopg.Connection) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(AUDIT_SCHEMA)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " id bigserial PRIMARY KEY,"
+            " erased_at timestamptz NOT NULL DEFAULT now(),"
+            " reason text NOT NULL,"
+            " requested_by text NOT NULL,"
+            " backfill_ids text[] NOT NULL,"
+            " rows_erased jsonb NOT NULL,"
+            " relations_checked text[] NOT NULL,"
+            " rows_remaining bigint NOT NULL)"
+        ).format(ERASURES)
+    )
+
+
+def record_erasure(conn: psycopg.Connection, record: ErasureRecord) -> int:
+    """Store the record, stating that no row about the person remains in the checked relations
+    (the caller verified it in this transaction); returns its id."""
+    ensure_erasures_table(conn)
+    return conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (reason, requested_by, backfill_ids, rows_erased, relations_checked, "
+            "rows_remaining) VALUES (%s, %s, %s, %s::jsonb, %s, 0) RETURNING id"
+        ).format(ERASURES),
+        [
+            record.reason,
+            record.requested_by,
+            record.backfill_ids,
+            json.dumps(record.rows_erased, sort_keys=True),
+            record.relations_checked,
+        ],
+    ).fetchone()[0]
+
+
+def recent_erasures(conn: psycopg.Connection, limit: int = 20):
+    """The newest erasure records as a pandas DataFrame, for people to read."""
+    import pandas as pd
+
+    ensure_erasures_table(conn)
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT id, erased_at, reason, requested_by, array_to_string(backfill_ids, ' '), "
+            "rows_erased::text, cardinality(relations_checked), rows_remaining FROM {} "
+            "ORDER BY id DESC LIMIT %s"
+        ).format(ERASURES),
+        [limit],
+    ).fetchall()
+    columns = [
+        "id",
+        "erased_at",
+        "reason",
+        "requested_by",
+        "backfills",
+        "rows_erased",
+        "relations_checked",
+        "rows_remaining",
+    ]
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,156 @@
+"""``backfill-assets erase``: one person's rows out of every table, mart and snapshot, as a
+backfill, with a record that proves it and holds nothing about them.
+
+The order matters. The source must no longer yield the person (checked per partition before
+anything is launched, or a rewrite would put them back). Then, per declared table with a
+``subject_column``, one asset backfill of exactly the partitions that hold the person in the
+table or in a mart built from it (dbt ``meta: {subject_column: ...}``), the marts included, with
+the intended-shrink override and the reason. Only after those writes are the snapshots purged:
+each rewrite snapshots the rows it replaced, the person's among them. Last, one transaction
+counts the person's rows in every relation checked and, finding none, stores the record.
+Re-running after a failure continues from what remains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date
+
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions
+
+from backfill_assets.core import snapshots
+from backfill_assets.core.database import connect
+from backfill_assets.core.erasure import (
+    ErasureError,
+    ErasureRecord,
+    SubjectRelation,
+    record_erasure,
+    remaining,
+    snapshot_relations,
+    source_still_yields,
+    subject_rows,
+)
+from backfill_assets.core.params import ALLOW_SHRINK, LAUNCHED_BY, REASON
+from backfill_assets.core.registry import Registry
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.project import ensure_manifest
+from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill, wait_for_backfill
+
+
+def model_subjects(manifest: dict) -> dict[tuple[str, str], SubjectRelation]:
+    """dbt models whose ``meta`` names a ``subject_column``, by their relation (= asset path)."""
+    found = {}
+    for node in manifest["nodes"].values():
+        column = (node.get("config", {}).get("meta") or {}).get("subject_column")
+        if node.get("resource_type") == "model" and column:
+            relation = (node["schema"], node.get("alias") or node["name"])
+            found[relation] = SubjectRelation(*relation, column, node["config"].get("event_time"))
+    return found
+
+
+def erase(
+    instance: DagsterInstance,
+    definitions: Definitions,
+    registry: Registry,
+    data_url: str,
+    subject: str,
+    reason: str,
+    requested_by: str,
+    *,
+    echo: Callable[[str], None] = print,
+    timeout_s: float = 3600,
+) -> int:
+    """Erase the person; returns the id of the erasure record. Raises ErasureError, having
+    launched nothing, when the source still holds them or a value is wrong."""
+    tables = [t for t in registry if t.subject_column]
+    if not tables:
+        raise ErasureError(
+            "no declared table names a subject_column (the column naming the person a row is "
+            "about); add one to the tables that hold people's rows"
+        )
+    models = model_subjects(ensure_manifest(registry))
+    plans: list[tuple[TableSpec, list[AssetKey], list[str]]] = []
+    relations: list[SubjectRelation] = []
+    with connect(data_url) as conn:
+        for table in tables:
+            keys = asset_selection(definitions, [table.asset_name], downstream=True)
+            marts = [models[tuple(k.path)] for k in keys if tuple(k.path) in models]
+            relations += [SubjectRelation.of(table), *marts]
+            granularity = table.partitioning.granularity
+            days = set(subject_rows(conn, SubjectRelation.of(table), subject, granularity))
+            for mart in marts:
+                days |= set(subject_rows(conn, mart, subject, granularity))
+            within = table.partitioning.contains
+            outside = sorted(d for d in days if not within(date.fromisoformat(d)))
+            if outside:
+                raise ErasureError(
+                    f"{table.qualified_name} (or a mart built from it) holds the person's rows "
+                    f"outside its partitions ({', '.join(outside[:5])}); no backfill reaches "
+                    "them: delete them by hand, then run erase again. Nothing was launched."
+                )
+            held = sorted(days)
+            still = source_still_yields(conn, table, held, subject)
+            if still:
+                shown = ", ".join(f"{k} ({n})" for k, n in list(still.items())[:5])
+                raise ErasureError(
+                    f"the source of {table.qualified_name} still yields {sum(still.values())} "
+                    f"row(s) about the person, in {len(still)} partition(s): {shown}; erase them "
+                    f"at the source first (it reads {', '.join(table.upstream) or 'its SQL'}), "
+                    "then run erase again. Nothing was launched."
+                )
+            plans.append((table, keys, held))
+        before = {r.qualified_name: sum(subject_rows(conn, r, subject).values()) for r in relations}
+
+    backfill_ids = []
+    tags = {REASON: reason, LAUNCHED_BY: requested_by, ALLOW_SHRINK: "true"}
+    for table, keys, held in plans:
+        if not held:
+            echo(f"{table.qualified_name}: no partition holds the person")
+            continue
+        backfill_id = launch_asset_backfill(
+            instance, keys, held[0], held[-1], tags=tags, definitions=definitions, only=held
+        )
+        backfill_ids.append(backfill_id)
+        names = ", ".join(k.to_user_string() for k in keys)
+        echo(
+            f"{table.qualified_name}: rewriting {len(held)} partition(s) ({names}), "
+            f"backfill {backfill_id}"
+        )
+        progress = wait_for_backfill(
+            instance, backfill_id, timeout_s=timeout_s, on_progress=lambda p: echo(p.line())
+        )
+        statuses = progress.statuses.values()
+        if not statuses or any(s != DagsterRunStatus.SUCCESS for s in statuses):
+            raise ErasureError(
+                f"backfill {backfill_id} did not rewrite every partition ({progress.line()}); "
+                f"see `backfill-assets status {backfill_id}`, fix the cause, then run erase "
+                "again (it continues from what remains). No erasure was recorded."
+            )
+
+    with connect(data_url) as conn, conn.transaction():
+        purged = snapshots.erase_subject(conn, tables, subject)
+        kept = [r for t in tables for r in snapshot_relations(conn, t)]
+        left = remaining(conn, relations + kept, subject)
+        if left:
+            where = ", ".join(f"{name} ({rows})" for name, rows in left.items())
+            raise ErasureError(
+                f"rows about the person remain after the rewrites: {where}; nothing of this "
+                "check was recorded (the snapshots' purge is rolled back with it)"
+            )
+        record = ErasureRecord(
+            reason=reason,
+            requested_by=requested_by,
+            backfill_ids=backfill_ids,
+            rows_erased={
+                **{n: c for n, c in before.items()},
+                **{f"snapshots of {n}": c for n, c in purged.items()},
+            },
+            relations_checked=sorted({r.qualified_name for r in relations + kept}),
+        )
+        erasure_id = record_erasure(conn, record)
+    echo(
+        f"erasure {erasure_id}: no row about the person remains in "
+        f"{len(record.relations_checked)} relation(s); rows removed: "
+        + ", ".join(f"{n} {c}" for n, c in record.rows_erased.items())
+    )
+    return erasure_id
