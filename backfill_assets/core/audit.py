@@ -65,6 +65,9 @@ ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS write_id uuid;
 ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS rows_updated bigint;
 -- Why the backfill ran, as given at launch (tag backfill_assets/reason).
 ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS reason text;
+-- What a successful write changed (rows added/removed/changed, measure sums before and after):
+-- the numbers of `backfill-assets report`.
+ALTER TABLE backfill_audit.backfill_runs ADD COLUMN IF NOT EXISTS changes jsonb;
 CREATE INDEX IF NOT EXISTS backfill_runs_backfill_idx ON backfill_audit.backfill_runs (backfill_id);
 CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
     ON backfill_audit.backfill_runs (table_name, partition_key);

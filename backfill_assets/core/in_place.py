@@ -474,6 +474,7 @@ def _finish(
             checksum_after=verification.after.checksum,
             snapshot_rows=snapshot_rows,
             error=error,
+            changes=None if failed else json.dumps(verification.changes()),
         )
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE table_name = %s AND partition_key = %s").format(CURSORS),

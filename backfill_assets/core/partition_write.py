@@ -7,6 +7,7 @@ refused by its guard is not touched, the run's other partitions are still writte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,8 @@ from uuid import uuid4
 import psycopg
 
 from backfill_assets.core import snapshots
-from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
+from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo, code_version
+from backfill_assets.core.change_report import PartitionChange
 from backfill_assets.core.guards import SourceStats, guard_all
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
@@ -62,6 +64,25 @@ class PartitionOutcome:
     def check_outcomes(self) -> dict[str, CheckOutcome]:
         after = self.verification.outcomes if self.verification else {}
         return {"source_guard": self.guard, **after}
+
+    def change(self, table: TableSpec, run: RunInfo) -> PartitionChange:
+        """What this write changed, as the backfill report shows it (the audit row's numbers)."""
+        verification = self.verification
+        return PartitionChange.of(
+            {
+                "table_name": table.qualified_name,
+                "partition_key": self.window.key,
+                "status": self.status,
+                "rows_before": verification.before.rows if verification else None,
+                "rows_after": verification.after.rows if verification else None,
+                "changes": verification.changes() if verification and self.succeeded else None,
+                "reason": run.reason,
+                "launched_by": run.launched_by,
+                "sql_hash": table.sql_hash,
+                "code_version": code_version(),
+                "error": self.error,
+            }
+        )
 
     def as_metadata(self) -> dict[str, object]:
         metadata: dict[str, object] = dict(self.write.as_metadata()) if self.write else {}
@@ -166,6 +187,7 @@ def write_verified(
             checksum_before=verification.before.checksum,
             checksum_after=verification.after.checksum,
             snapshot_rows=write.rows_deleted if params.snapshots else None,
+            changes=json.dumps(verification.changes()),
         )
 
     def record_failure(error: str) -> None:

@@ -68,6 +68,18 @@ class Verification:
     def failed_blocking(self) -> list[str]:
         return [name for name, o in self.outcomes.items() if not o.passed and o.severity == "ERROR"]
 
+    def changes(self) -> dict[str, object]:
+        """What the write changed, as the audit keeps it (column ``changes``) for the backfill
+        report: rows added, removed and changed by key, and each measure's sum over the whole
+        partition before and after (decimal strings: exact)."""
+        return {
+            "rows_added": self.diff.rows_added,
+            "rows_removed": self.diff.rows_removed,
+            "rows_changed": self.diff.rows_changed,
+            "sums_before": {m: str(v) for m, v in self.before.sums.items()},
+            "sums_after": {m: str(v) for m, v in self.after.sums.items()},
+        }
+
 
 def verify(
     conn: psycopg.Connection,

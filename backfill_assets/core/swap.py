@@ -20,6 +20,7 @@ No DELETE: no dead tuples, no vacuum debt, and the old rows are kept by a rename
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -241,6 +242,7 @@ def swap_partition(
                     checksum_before=verification.before.checksum,
                     checksum_after=verification.after.checksum,
                     snapshot_rows=deleted if snapshot else None,
+                    changes=json.dumps(verification.changes()),
                 )
 
             with_lock_retries(

@@ -16,11 +16,13 @@ from dagster import (
     AssetSpec,
     Failure,
     MaterializeResult,
+    MetadataValue,
     asset,
 )
 
 from backfill_assets.core import settings, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo, close_abandoned
+from backfill_assets.core.change_report import markdown
 from backfill_assets.core.contract import (
     ContractError,
     SourceNotReady,
@@ -204,10 +206,12 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     f"and {paused_s:.0f}s by a pause"
                 )
             if not all(o.succeeded for o in outcomes) or len(outcomes) < len(windows):
-                yield from _partial_run(context, table, windows, outcomes, stopped)
+                yield from _partial_run(context, run, table, windows, outcomes, stopped)
                 return
             for outcome in outcomes:
-                context.add_asset_metadata(outcome.as_metadata(), partition_key=outcome.window.key)
+                context.add_asset_metadata(
+                    report_metadata(outcome, table, run), partition_key=outcome.window.key
+                )
             yield MaterializeResult()
             yield from evaluations(context, outcomes, materialized=True)
             yield from check_outputs(context)
@@ -221,8 +225,17 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
     return _partitioned_table
 
 
+def report_metadata(outcome: PartitionOutcome, table: TableSpec, run: RunInfo) -> dict:
+    """The partition's numbers, plus ``changes``: what the write changed, why, by whom and with
+    which code, as Markdown the UI renders (the same lines as ``backfill-assets report``)."""
+    return outcome.as_metadata() | {
+        "changes": MetadataValue.md(markdown([outcome.change(table, run)]))
+    }
+
+
 def _partial_run(
     context: AssetExecutionContext,
+    run: RunInfo,
     table: TableSpec,
     windows: list,
     outcomes: list[PartitionOutcome],
@@ -242,7 +255,9 @@ def _partial_run(
     unattempted = [w.key for w in windows if w.key not in attempted]
     for outcome in committed:
         yield AssetMaterialization(
-            asset_key=key, partition=outcome.window.key, metadata=outcome.as_metadata()
+            asset_key=key,
+            partition=outcome.window.key,
+            metadata=report_metadata(outcome, table, run),
         )
     yield from evaluations(context, committed, materialized=True)
     yield from evaluations(context, failed, materialized=False)

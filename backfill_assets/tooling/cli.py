@@ -433,6 +433,33 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
     return 0 if report.finished else 3
 
 
+def _report(args: argparse.Namespace) -> int:
+    """What a backfill changed per partition: Markdown here, an HTML page with charts in a file."""
+    import json
+    from pathlib import Path
+
+    from backfill_assets.core.change_report import backfill_changes, html_page, markdown
+
+    prepare()
+    with connect(settings.data_url()) as conn:
+        changes = backfill_changes(conn, args.backfill_id)
+    if not changes:
+        from dagster import DagsterInstance
+
+        from backfill_assets.tooling.report import existing_backfill
+
+        with DagsterInstance.get() as instance:
+            existing_backfill(instance, args.backfill_id)  # refuses an unknown id
+    if args.json:
+        print(json.dumps([c.as_json() for c in changes], indent=2))
+    else:
+        print(markdown(changes, heading=f"Backfill {args.backfill_id}"), end="")
+    out = Path(args.out or f"backfill-{args.backfill_id}.html")
+    out.write_text(html_page(args.backfill_id, changes))
+    print(f"charts: {out.resolve()}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     prepare()
     from dagster import DagsterInstance
@@ -662,6 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wait", action="store_true", help="follow it until it ends")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.set_defaults(func=_status)
+
+    report = commands.add_parser(
+        "report", help="what a backfill changed per partition (Markdown; HTML page with charts)"
+    )
+    report.add_argument("backfill_id")
+    report.add_argument("--out", help="the HTML page (default: ./backfill-BACKFILL_ID.html)")
+    report.add_argument("--json", action="store_true", help="the numbers as JSON, for scripts")
+    report.set_defaults(func=_report)
 
     cancel = commands.add_parser("cancel", help="cancel a running backfill (the daemon stops it)")
     cancel.add_argument("backfill_id")
