@@ -142,6 +142,27 @@ def test_plan_writes_nothing_and_estimates_the_backfill_within_a_factor_of_two(
     assert actual / 2 <= planned["estimated_s"] <= actual * 2, (planned["estimated_s"], actual)
 
 
+def test_plan_names_the_assets_that_will_change_and_whom_to_tell(dagster_env, conn, capsys):
+    span = ["--select", "analytics/fct_orders", "--from", "2024-05-01", "--to", "2024-05-03"]
+    readers = ["analytics/customer_daily_orders", "analytics/daily_revenue"]
+    assert cli.main(["plan", *span]) == 0
+    out = capsys.readouterr().out
+    assert f"not rebuilt, out of date until they are: {', '.join(readers)}" in out
+    assert "tell first: finance@shop.example, team:analytics, team:crm" in out
+
+    assert cli.main(["plan", *span, "--downstream", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["readers"] == planned["downstream"] == readers
+    assert planned["owners"] == {  # tables/fct_orders.yaml, dbt_project/models/marts/_models.yml
+        "analytics/fct_orders": ["team:analytics"],
+        "analytics/customer_daily_orders": ["team:crm"],
+        "analytics/daily_revenue": ["finance@shop.example"],
+    }
+    assert planned["tell"] == ["finance@shop.example", "team:analytics", "team:crm"]
+    assert cli.main(["plan", *span, "--downstream"]) == 0
+    assert "not rebuilt" not in capsys.readouterr().out
+
+
 def test_cancel_stops_a_running_backfill(dagster_env, tmp_path, capsys, conn):
     # Measured writes of 60 s: a run per day, 366 of them, far more than the daemon's next tick
     # (when it acts on the cancel) lets the queue finish.

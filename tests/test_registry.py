@@ -102,6 +102,7 @@ def test_timeouts_are_read_in_any_unit_of_a_duration(tmp_path):
         (("partitions:", "timeouts: {statement: 2d}\npartitions:"), "timeouts.statement: '2d'"),
         (("partitions:", "timeouts: {lock_retries: -1}\npartitions:"), "lock_retries: -1 is not"),
         (("partitions:", "timeouts: {locks: 1s}\npartitions:"), "unknown key(s) locks in timeouts"),
+        (("partitions:", "owners: [bob]\npartitions:"), "owners: 'bob' is neither an email"),
     ],
 )
 def test_a_mistake_in_a_declaration_names_the_file_and_the_field(tmp_path, replace, message):

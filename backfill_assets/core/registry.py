@@ -47,6 +47,7 @@ KEYS = {
     "unique_key": "column(s) that identify a row",
     "measures": "numeric columns whose sums must reconcile with the source",
     "subject_column": "column naming the person a row is about (erasure)",
+    "owners": "who answers for the table: emails or team:NAME (the UI shows them; plan names them)",
     "thresholds": "max_shrink, diff_warn, sum_tolerance",
     "snapshots": "keep (true | false), retention_days",
     "partitions_per_run": "partitions one backfill run writes (default: sized from the audit)",
@@ -72,6 +73,8 @@ THROTTLE_KEYS = (
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)?\s*$")
 _UNIT_MS = {"ms": 1, "s": 1_000, "min": 60_000, "h": 3_600_000}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_OWNER = re.compile(r"^(team:\S+|[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,7})$")
+"""Dagster's two kinds of owner (``dagster._core.utils.is_valid_email``'s pattern for emails)."""
 _NOT_NULL = re.compile(r"\s+not\s+null\s*$", re.IGNORECASE)
 
 
@@ -269,7 +272,19 @@ def _spec(path: Path, doc: object) -> TableSpec:
         throttle=_throttle(doc.get("throttle") or {}),
         strategy=strategy,
         batched_update=batched,
+        owners=_owners(doc.get("owners") or []),
     )
+
+
+def _owners(value: object) -> tuple[str, ...]:
+    owners = _names(value, "owners")
+    for owner in owners:
+        if not _OWNER.match(owner):
+            raise DeclarationError(
+                f"owners: {owner!r} is neither an email address nor a team (team:NAME), the two "
+                "kinds of owner Dagster shows"
+            )
+    return tuple(owners)
 
 
 def _batched(value: object, known_columns) -> BatchedUpdate:

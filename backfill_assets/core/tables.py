@@ -134,6 +134,9 @@ class TableSpec:
     """Numeric columns whose per-partition sums must reconcile with the source."""
     subject_column: str | None = None
     """Column identifying the person a row is about; snapshots are purged by it on erasure."""
+    owners: tuple[str, ...] = ()
+    """Who answers for the table (emails, ``team:NAME``): the asset's owners in the UI, and the
+    people ``plan`` says to tell before a backfill changes it."""
     max_shrink: float = 0.5
     """The guard refuses a write that would leave fewer than (1 - max_shrink) of the rows."""
     diff_warn: float = 0.1

@@ -90,6 +90,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
         deps=[AssetKey(upstream.split(".")) for upstream in table.upstream],
         check_specs=check_specs_for(table, key),
         group_name=table.schema,
+        owners=list(table.owners),
         kinds={"postgres"},
         metadata={
             "table": table.qualified_name,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psycopg
-from dagster import AssetKey, DagsterInstance, Definitions
+from dagster import AssetKey, AssetSelection, DagsterInstance, Definitions
 
 from backfill_assets.core.contract import (
     ContractError,
@@ -59,6 +59,16 @@ class Plan:
     run_overhead_s: float
     measured_runs: int
     notes: list[str] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)
+    """Every asset built from the selected ones, rebuilt by this backfill or not: its numbers
+    change now (rebuilt) or at its next rebuild."""
+    owners: dict[str, list[str]] = field(default_factory=dict)
+    """Owners of the selected assets and of the readers, by asset."""
+
+    @property
+    def tell(self) -> list[str]:
+        """Whom to tell before launching: every owner of what will change, once."""
+        return sorted({owner for owners in self.owners.values() for owner in owners})
 
     @property
     def runs(self) -> int:
@@ -99,12 +109,28 @@ class Plan:
                 for t in self.tables
             ],
             "notes": self.notes,
+            "readers": self.readers,
+            "owners": self.owners,
+            "tell": self.tell,
         }
 
     def lines(self) -> list[str]:
         out = [f"plan: {', '.join(self.assets)}"]
         if self.downstream:
             out.append(f"  rebuilds downstream: {', '.join(self.downstream)}")
+        stale = [r for r in self.readers if r not in self.downstream]
+        if stale:
+            out.append(
+                f"  not rebuilt, out of date until they are: {', '.join(stale)} (add --downstream)"
+            )
+        if self.tell:
+            changed = [*self.assets, *self.readers]
+            out.append(f"  tell first: {', '.join(self.tell)} (owners of what changes:")
+            out.extend(
+                f"    {asset}: {', '.join(self.owners.get(asset) or ['no owner declared'])}"
+                for asset in changed
+            )
+            out[-1] += ")"
         for t in self.tables:
             rows = sum(t.source_rows.values())
             empty = [k for k, n in t.source_rows.items() if n == 0]
@@ -171,6 +197,7 @@ def plan(
         if not per_partition:
             notes.append(f"{table.qualified_name} has no recorded writes: its timing is a guess")
     overhead, measured_runs = _run_overhead(conn, instance, [t.table for t in tables])
+    readers = sorted(AssetSelection.assets(*selected).downstream().resolve(graph) - set(selected))
     return Plan(
         assets=[k.to_user_string() for k in selected],
         downstream=[k.to_user_string() for k in keys if k not in selected],
@@ -179,6 +206,12 @@ def plan(
         run_overhead_s=overhead,
         measured_runs=measured_runs,
         notes=notes,
+        readers=[k.to_user_string() for k in readers],
+        owners={
+            k.to_user_string(): list(graph.get(k).owners)
+            for k in [*selected, *readers]
+            if graph.get(k).owners
+        },
     )
 
 
