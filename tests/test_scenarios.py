@@ -3,19 +3,30 @@ as a user follows them: the same commands, the same declarations."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 
 import pytest
 from dagster import DagsterInstance
 from psycopg.rows import dict_row
-from support import FCT_ORDERS, audit_rows, failed_run_report, fingerprints, latest_check
+from support import (
+    FCT_ORDERS,
+    audit_rows,
+    failed_run_report,
+    fingerprints,
+    latest_check,
+    wait_for,
+)
 
+from backfill_assets.core.params import LAUNCHED_BY
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
-from backfill_assets.core.settings import REPO_ROOT
+from backfill_assets.core.settings import REPO_ROOT, WORKSPACE_FILE
 from backfill_assets.core.tables import ensure_table
 from backfill_assets.core.writer import replace_partition
+from backfill_assets.defs.dagster_internals import BulkActionsFilter
 from backfill_assets.tooling import cli
-from backfill_assets.tooling.launch import running_daemon
+from backfill_assets.tooling.launch import running_daemon, wait_for_backfill
 
 NEW_COLUMN = REPO_ROOT / "scenarios" / "new_not_null_column"
 
@@ -148,6 +159,53 @@ def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
 
     refreshed = audit_rows(conn, status="succeeded", reason="late orders")
     assert sorted(a["partition_key"] for a in refreshed) == late_days
+
+
+def test_the_late_data_sensor_backfills_exactly_the_days_whose_source_changed(
+    conn, dagster_env, tmp_path
+):
+    """Scenario 3 without the CLI: the sensor a user turns on in the UI (Automation)."""
+    week = ["--from", "2024-09-08", "--to", "2024-09-14"]
+    conn.execute(
+        "CREATE TABLE app.not_yet_arrived AS SELECT * FROM app.orders "
+        "WHERE arrived_at > ordered_at + interval '1 day'"
+    )
+    conn.execute(
+        "DELETE FROM app.orders WHERE order_id IN (SELECT order_id FROM app.not_yet_arrived)"
+    )
+    sensor = "late_data__analytics__fct_orders"
+    with running_daemon(dagster_env, tmp_path / "daemon.log"), DagsterInstance.get() as instance:
+        assert cli.main(["launch", "--select", "analytics/fct_orders", *week, "--wait"]) == 0
+        conn.execute("INSERT INTO app.orders SELECT * FROM app.not_yet_arrived")  # they arrive
+
+        # As the UI's toggle does: the daemon evaluates a sensor as soon as it is turned on.
+        started = subprocess.run(
+            ["dagster", "sensor", "start", sensor, "-w", str(WORKSPACE_FILE)],
+            env={**os.environ, **dagster_env},
+            capture_output=True,
+            text=True,
+        )
+        assert started.returncode == 0, started.stderr
+        requested = wait_for(
+            lambda: instance.get_backfills(filters=BulkActionsFilter(tags={LAUNCHED_BY: sensor})),
+            180,
+            "the sensor requested no backfill",
+            poll_s=1,
+        )
+        (backfill,) = requested
+        progress = wait_for_backfill(instance, backfill.backfill_id, timeout_s=600)
+        assert progress.failed == 0
+        selected = {k.to_user_string() for k in backfill.asset_selection}
+
+    assert selected == {
+        "analytics/fct_orders",
+        "analytics/customer_daily_orders",
+        "analytics/daily_revenue",
+    }, "and what is built from the table"
+    rewritten = audit_rows(conn, launched_by=sensor, status="succeeded")
+    assert sorted(a["partition_key"] for a in rewritten) == ["2024-09-10", "2024-09-11"]
+    assert all(a["reason"].startswith("late data: the source of 2 partition(s)") for a in rewritten)
+    assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 0
 
 
 def stale_days(out: str, asset: str) -> dict[str, str]:

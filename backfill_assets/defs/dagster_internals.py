@@ -8,15 +8,18 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.definitions.data_version import (
     CachingStaleStatusResolver,
     StaleCause,
     StaleCauseCategory,
     StaleStatus,
 )
+from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.execution.backfill import (
     BULK_ACTION_TERMINAL_STATUSES,
+    BulkActionsFilter,
     BulkActionStatus,
     PartitionBackfill,
 )
@@ -55,7 +58,10 @@ __all__ = [
     "WILL_RETRY_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
+    "AssetGraphSubset",
+    "AssetKeyPartitionKey",
     "BulkActionStatus",
+    "BulkActionsFilter",
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "PartitionBackfill",
