@@ -445,14 +445,7 @@ def _finish(
         )
         verification, snapshot_rows = verify_in_place(conn, table, window, params, cursor)
         failed = verification.failed_blocking
-        error = (
-            "blocking check(s) failed after the update: "
-            + "; ".join(f"{n}: {verification.outcomes[n].message}" for n in failed)
-            + f"; the updated rows are committed, `backfill-assets rollback --table "
-            f"{table.qualified_name} --partition {window.key}` restores their old values"
-            if failed
-            else None
-        )
+        error = committed_failure(table, window, verification)
         audit.record(
             run,
             asset_key=table.asset_name,
@@ -704,14 +697,22 @@ def write_in_place(
         verification=verification,
         snapshot_rows=done.snapshot_rows,
         audit_id=cursor.audit_id,
-        error=(
-            "blocking check(s) failed after the update (the updated rows are committed; "
-            "`backfill-assets rollback` restores them): "
-            + "; ".join(f"{n}: {verification.outcomes[n].message}" for n in failed)
-            if failed
-            else None
-        ),
+        error=committed_failure(table, window, verification),
         resumed_after=done.resumed_after,
+    )
+
+
+def committed_failure(
+    table: TableSpec, window: PartitionWindow, verification: Verification
+) -> str | None:
+    """Why an in-place write failed its checks after its batches committed, and the undo; None
+    when every blocking check passed."""
+    if not verification.failed_blocking:
+        return None
+    return (
+        f"blocking check(s) failed after the update: {verification.failure_details()}; the "
+        f"updated rows are committed, `backfill-assets rollback --table {table.qualified_name} "
+        f"--partition {window.key}` restores their old values"
     )
 
 

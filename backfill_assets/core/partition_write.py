@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
+from psycopg import sql
 
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo, code_version
@@ -34,9 +35,9 @@ class VerificationFailed(Exception):
 
     def __init__(self, verification: Verification) -> None:
         self.verification = verification
-        failed = verification.failed_blocking
-        details = "; ".join(f"{n}: {verification.outcomes[n].message}" for n in failed)
-        super().__init__(f"blocking check(s) failed, partition rolled back: {details}")
+        super().__init__(
+            f"blocking check(s) failed, partition rolled back: {verification.failure_details()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,125 @@ def record_refusal(
     )
 
 
+@dataclass
+class VerifiedWrite:
+    """What every strategy that replaces a partition whole shares around its own write: the
+    verification that raises to roll it back, the audit row that joins its transaction, and the
+    failure recorded after a rollback. ``write_verified`` (DELETE-INSERT) and
+    ``swap.swap_partition`` (a swapped-in child) differ only in how the rows are put there."""
+
+    conn: psycopg.Connection
+    audit: AuditTrail
+    run: RunInfo
+    table: TableSpec
+    window: PartitionWindow
+    params: BackfillParams
+    guard: CheckOutcome
+    stats: SourceStats
+    keeps_snapshot: bool
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    audit_id: int = 0
+    write_id: UUID = field(default_factory=uuid4)
+    verification: Verification | None = None
+
+    @classmethod
+    def start(cls, conn, audit, run, table, window, params, guarded, *, keeps_snapshot: bool):
+        guard, stats = guarded
+        write = cls(conn, audit, run, table, window, params, guard, stats, keeps_snapshot)
+        write.audit_id = audit.reserve_id(conn)
+        return write
+
+    @property
+    def rows_before(self) -> int | None:
+        return self.guard.metadata.get("target_rows_before")
+
+    def verify(
+        self,
+        conn: psycopg.Connection,
+        previous: sql.Composable,
+        current: sql.Composable | None = None,
+    ) -> Verification:
+        """Every after-write check on the uncommitted partition; a blocking failure raises
+        ``VerificationFailed``, rolling the write back."""
+        verification = verify(
+            conn, self.table, self.window, self.stats, self.params, previous, current
+        )
+        self.verification = verification
+        if verification.failed_blocking:
+            raise VerificationFailed(verification)
+        return verification
+
+    def record_success(self, conn: psycopg.Connection, deleted: int, inserted: int) -> None:
+        """The audit row, inside the write's transaction (it commits with the write or not)."""
+        verification = self.verification
+        assert verification is not None, "verify before recording"
+        record_write(
+            self.audit,
+            self.run,
+            self.table,
+            self.window,
+            conn=conn,
+            audit_id=self.audit_id,
+            write_id=self.write_id,
+            status="succeeded",
+            started_at=self.started_at,
+            rows_before=self.rows_before,
+            rows_deleted=deleted,
+            rows_inserted=inserted,
+            rows_after=verification.after.rows,
+            checksum_before=verification.before.checksum,
+            checksum_after=verification.after.checksum,
+            snapshot_rows=deleted if self.keeps_snapshot else None,
+            changes=json.dumps(verification.changes()),
+        )
+
+    def _record_failure(self, error: str) -> None:
+        record_write(
+            self.audit,
+            self.run,
+            self.table,
+            self.window,
+            audit_id=self.audit_id,
+            status="failed",
+            started_at=self.started_at,
+            rows_before=self.rows_before,
+            checksum_before=self.verification.before.checksum if self.verification else None,
+            error=error,
+        )
+
+    def outcome(
+        self, write: Callable[[], WriteResult], expected: tuple[type[BaseException], ...] = ()
+    ) -> PartitionOutcome:
+        """Run ``write`` (one transaction, rolled back on any failure) and say how it went; a
+        failure is recorded after the rollback, through the audit's own connection."""
+        try:
+            result = write()
+        except (VerificationFailed, AuditUnavailable, psycopg.Error, *expected) as exc:
+            error = explained(exc, self.table)
+            self._record_failure(error)
+            return PartitionOutcome(
+                self.window,
+                "failed",
+                self.guard,
+                verification=self.verification,
+                audit_id=self.audit_id,
+                error=error,
+            )
+        except BaseException as exc:
+            # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; say so.
+            self._record_failure(f"write not applied: {exc!r}")
+            raise
+        return PartitionOutcome(
+            self.window,
+            "succeeded",
+            self.guard,
+            write=result,
+            verification=self.verification,
+            snapshot_rows=result.rows_deleted if self.keeps_snapshot else None,
+            audit_id=self.audit_id,
+        )
+
+
 def write_verified(
     conn: psycopg.Connection,
     audit: AuditTrail,
@@ -155,58 +275,21 @@ def write_verified(
     """Replace one partition; snapshot, verify and audit it inside its transaction.
 
     One transaction per partition and no other commit: the DELETE fills the snapshot, one
-    statement verifies, and the audit row joins the transaction as it commits. A failure is
-    recorded after the rollback, through the audit's own connection.
+    statement verifies, and the audit row joins the transaction as it commits.
     """
-    guard_outcome, stats = guarded
-    started_at = datetime.now(UTC)
-    rows_before = guard_outcome.metadata.get("target_rows_before")
-    audit_id, write_id = audit.reserve_id(conn), uuid4()
-    kept = snapshots.kept_rows(table, audit_id, write_id) if params.snapshots else KeptRows()
-    found: dict[str, Verification] = {}
+    job = VerifiedWrite.start(
+        conn, audit, run, table, window, params, guarded, keeps_snapshot=params.snapshots
+    )
+    kept = (
+        snapshots.kept_rows(table, job.audit_id, job.write_id) if params.snapshots else KeptRows()
+    )
 
     def verify_and_record(connection: psycopg.Connection, write: WriteResult) -> None:
-        verification = verify(connection, table, window, stats, params, kept.relation(table))
-        found["verification"] = verification
-        if verification.failed_blocking:
-            raise VerificationFailed(verification)
-        record_write(
-            audit,
-            run,
-            table,
-            window,
-            conn=connection,
-            audit_id=audit_id,
-            write_id=write_id,
-            status="succeeded",
-            started_at=started_at,
-            rows_before=rows_before,
-            rows_deleted=write.rows_deleted,
-            rows_inserted=write.rows_inserted,
-            rows_after=verification.after.rows,
-            checksum_before=verification.before.checksum,
-            checksum_after=verification.after.checksum,
-            snapshot_rows=write.rows_deleted if params.snapshots else None,
-            changes=json.dumps(verification.changes()),
-        )
+        job.verify(connection, kept.relation(table))
+        job.record_success(connection, write.rows_deleted, write.rows_inserted)
 
-    def record_failure(error: str) -> None:
-        verification = found.get("verification")
-        record_write(
-            audit,
-            run,
-            table,
-            window,
-            audit_id=audit_id,
-            status="failed",
-            started_at=started_at,
-            rows_before=rows_before,
-            checksum_before=verification.before.checksum if verification else None,
-            error=error,
-        )
-
-    try:
-        result = with_lock_retries(
+    return job.outcome(
+        lambda: with_lock_retries(
             lambda: replace_partition(
                 conn, table, window, keep_previous=kept, before_commit=verify_and_record
             ),
@@ -214,29 +297,6 @@ def write_verified(
             window.key,
             log,
         )
-    except (VerificationFailed, AuditUnavailable, psycopg.Error) as exc:
-        error = explained(exc, table)
-        record_failure(error)
-        return PartitionOutcome(
-            window,
-            "failed",
-            guard_outcome,
-            verification=found.get("verification"),
-            audit_id=audit_id,
-            error=error,
-        )
-    except BaseException as exc:
-        # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; say so.
-        record_failure(f"write not applied: {exc!r}")
-        raise
-    return PartitionOutcome(
-        window,
-        "succeeded",
-        guard_outcome,
-        write=result,
-        verification=found["verification"],
-        snapshot_rows=result.rows_deleted if params.snapshots else None,
-        audit_id=audit_id,
     )
 
 

@@ -68,6 +68,10 @@ class Verification:
     def failed_blocking(self) -> list[str]:
         return [name for name, o in self.outcomes.items() if not o.passed and o.severity == "ERROR"]
 
+    def failure_details(self) -> str:
+        """``check: message`` of each failed blocking check, for errors and the audit."""
+        return "; ".join(f"{n}: {self.outcomes[n].message}" for n in self.failed_blocking)
+
     def changes(self) -> dict[str, object]:
         """What the write changed, as the audit keeps it (column ``changes``) for the backfill
         report: rows added, removed and changed by key, and each measure's sum over the whole

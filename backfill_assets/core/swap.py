@@ -20,29 +20,20 @@ No DELETE: no dead tuples, no vacuum debt, and the old rows are kept by a rename
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from uuid import uuid4
 
 import psycopg
 from psycopg import sql
 
 from backfill_assets.core import snapshots
-from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
+from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.guards import SourceStats
 from backfill_assets.core.outcomes import CheckOutcome
 from backfill_assets.core.params import BackfillParams
-from backfill_assets.core.partition_write import (
-    PartitionOutcome,
-    VerificationFailed,
-    explained,
-    record_write,
-)
+from backfill_assets.core.partition_write import PartitionOutcome, VerifiedWrite
 from backfill_assets.core.partitioning import PartitionWindow
-from backfill_assets.core.reconcile import Verification, verify
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import (
     WriteResult,
@@ -196,14 +187,13 @@ def swap_partition(
     log: Callable[[str], None] | None = None,
 ) -> PartitionOutcome:
     """Replace one partition by swapping in a rebuilt, verified child; audited like a write."""
-    guard_outcome, stats = guarded
-    started_at, started = datetime.now(UTC), time.perf_counter()
-    rows_before = guard_outcome.metadata.get("target_rows_before")
-    audit_id, write_id = audit.reserve_id(conn), uuid4()
-    staging_name = f"{table.name[:40]}__s{window.start:%Y%m%d}_{write_id.hex[:8]}"
+    job = VerifiedWrite.start(
+        conn, audit, run, table, window, params, guarded, keeps_snapshot=params.snapshots
+    )
+    started = time.perf_counter()
+    staging_name = f"{table.name[:40]}__s{window.start:%Y%m%d}_{job.write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)
-    snapshot = snapshots.swapped_name(table, write_id) if params.snapshots else None
-    found: dict[str, object] = {}
+    snapshot = snapshots.swapped_name(table, job.write_id) if params.snapshots else None
 
     def write() -> WriteResult:
         with conn.transaction(), conn.cursor() as cur:
@@ -218,82 +208,21 @@ def swap_partition(
                     table.column_list(), table.identifier
                 )
             )
-            verification = verify(conn, table, window, stats, params, old, staging)
-            found["verification"] = verification
-            if verification.failed_blocking:
-                raise VerificationFailed(verification)
-            deleted = verification.before.rows
-
-            def record() -> None:
-                record_write(
-                    audit,
-                    run,
+            deleted = job.verify(conn, old, staging).before.rows
+            with_lock_retries(
+                lambda: swap_in(
+                    conn,
                     table,
                     window,
-                    conn=conn,
-                    audit_id=audit_id,
-                    write_id=write_id,
-                    status="succeeded",
-                    started_at=started_at,
-                    rows_before=rows_before,
-                    rows_deleted=deleted,
-                    rows_inserted=inserted,
-                    rows_after=verification.after.rows,
-                    checksum_before=verification.before.checksum,
-                    checksum_after=verification.after.checksum,
-                    snapshot_rows=deleted if snapshot else None,
-                    changes=json.dumps(verification.changes()),
-                )
-
-            with_lock_retries(
-                lambda: swap_in(conn, table, window, staging_name, snapshot, had_child, record),
+                    staging_name,
+                    snapshot,
+                    had_child,
+                    lambda: job.record_success(conn, deleted, inserted),
+                ),
                 table,
                 window.key,
                 log,
             )
         return WriteResult(window.key, deleted, inserted, time.perf_counter() - started)
 
-    try:
-        result = write()
-    except (VerificationFailed, AuditUnavailable, RowsOutsideWindow, psycopg.Error) as exc:
-        error = explained(exc, table)
-        _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error)
-        return PartitionOutcome(
-            window,
-            "failed",
-            guard_outcome,
-            verification=found.get("verification"),  # type: ignore[arg-type]
-            audit_id=audit_id,
-            error=error,
-        )
-    except BaseException as exc:
-        _record_failure(
-            audit, run, table, window, audit_id, started_at, rows_before, found,
-            f"write not applied: {exc!r}",
-        )  # fmt: skip
-        raise
-    return PartitionOutcome(
-        window,
-        "succeeded",
-        guard_outcome,
-        write=result,
-        verification=found["verification"],  # type: ignore[arg-type]
-        snapshot_rows=result.rows_deleted if snapshot else None,
-        audit_id=audit_id,
-    )
-
-
-def _record_failure(audit, run, table, window, audit_id, started_at, rows_before, found, error):
-    verification: Verification | None = found.get("verification")  # type: ignore[assignment]
-    record_write(
-        audit,
-        run,
-        table,
-        window,
-        audit_id=audit_id,
-        status="failed",
-        started_at=started_at,
-        rows_before=rows_before,
-        checksum_before=verification.before.checksum if verification else None,
-        error=error,
-    )
+    return job.outcome(write, expected=(RowsOutsideWindow,))
