@@ -19,7 +19,8 @@ from psycopg import sql
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
-from backfill_assets.core.fingerprint import fingerprint_of
+from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
+from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.swap import build_staging, child_name, swap_in
 from backfill_assets.core.tables import TableSpec
@@ -270,6 +271,17 @@ def _restore_one(
     )
 
 
+def _take_partition(
+    conn: psycopg.Connection, table: TableSpec, window: PartitionWindow
+) -> Fingerprint:
+    """Make this transaction the partition's only writer under the table's limits, and
+    fingerprint what the partition holds before the rollback touches it."""
+    with conn.cursor() as cur:
+        lock_partition(cur, table, window)
+        apply_timeouts(cur, table)
+    return fingerprint_of(conn, table, table.identifier, window)
+
+
 def _restore_columns(
     conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
 ) -> RollbackResult:
@@ -305,10 +317,8 @@ def _restore_columns(
         "new_id": audit_id,
         "new_write": write_id,
     }
+    before = _take_partition(conn, table, window)
     with conn.cursor() as cur:
-        lock_partition(cur, table, window)
-        apply_timeouts(cur, table)
-        before = fingerprint_of(conn, table, table.identifier, window)
         cur.execute(
             sql.SQL(
                 "INSERT INTO {kept} (audit_id, write_id, {columns}, {written}) "
@@ -393,10 +403,7 @@ def _swap_back(
     window = table.partitioning.window(ref.partition_key)
     kept = snapshots.swapped_name(table, ref.write_id)
     child = sql.Identifier(table.schema, child_name(table, window))
-    with conn.cursor() as cur:
-        lock_partition(cur, table, window)
-        apply_timeouts(cur, table)
-    before = fingerprint_of(conn, table, table.identifier, window)
+    before = _take_partition(conn, table, window)
     staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)
     if kept in snapshots.swapped_snapshots(conn, table):
