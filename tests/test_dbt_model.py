@@ -236,3 +236,16 @@ def test_a_build_of_mart_days_another_build_holds_waits_for_it_then_matches_a_se
     ).fetchone()[0]
     assert duplicated == 0
     assert {mart: mart_rows(conn, mart) for mart in MARTS} == serial
+
+
+def test_every_asset_and_check_says_what_it_is_and_each_model_sits_in_its_schemas_group():
+    from backfill_assets.core.registry import load_registry
+    from backfill_assets.defs.definitions import build_definitions
+
+    graph = build_definitions(load_registry(), check_sql=False).resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.description and not node.description.startswith("dbt model"), key
+        assert node.group_name == key.path[0], (key, node.group_name)
+    checks = graph.asset_check_keys
+    assert [c.name for c in checks if not graph.get_check_spec(c).description] == []

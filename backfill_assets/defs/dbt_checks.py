@@ -48,18 +48,25 @@ class PartitionedChecksTranslator(DagsterDbtTranslator):
         project: DbtProject | None,
     ) -> AssetCheckSpec | None:
         spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
-        if spec is None or self._partitions_def is None:
+        if spec is None:
             return spec
+        # The test's own `description:` (dagster-dbt reads only meta.description).
+        described = spec.description or manifest["nodes"].get(unique_id, {}).get("description")
         return AssetCheckSpec(
             name=spec.name,
             asset=spec.asset_key,
-            description=spec.description,
+            description=described or None,
             additional_deps=spec.additional_deps,
             blocking=spec.blocking,
             metadata=spec.metadata,
             automation_condition=spec.automation_condition,
             partitions_def=self._partitions_def,
         )
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        """A model's group is its schema, as a declared table's is: what it holds, not
+        ``default``."""
+        return dbt_resource_props.get("schema") or super().get_group_name(dbt_resource_props)
 
 
 def failures_by_partition(
