@@ -37,6 +37,18 @@ def rewrite_source(conn) -> None:
     conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
 
 
+def test_an_audit_table_left_by_an_earlier_version_gains_the_new_columns_at_the_next_write(
+    postgres, instance, conn
+):
+    assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
+    conn.execute("ALTER TABLE backfill_audit.backfill_runs DROP COLUMN changes")
+
+    assert materialize_days(postgres, instance, DAYS[1], tags=BACKFILL).success
+
+    (row,) = audit_rows(conn, partition_key=DAYS[1])
+    assert row["status"] == "succeeded" and row["changes"]["rows_added"] == row["rows_inserted"]
+
+
 def test_audit_rows_record_succeeded_and_failed_partitions_with_correct_counts(
     postgres, instance, conn
 ):

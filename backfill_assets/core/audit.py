@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ CREATE INDEX IF NOT EXISTS backfill_runs_partition_idx
     ON backfill_audit.backfill_runs (table_name, partition_key);
 """
 
+NEWEST_COLUMN = re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", DDL)[-1]
+"""The column the DDL added last: present means the table is current (nothing to run)."""
+
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = "5s"
@@ -94,8 +98,8 @@ def ensure_audit_table(conn: psycopg.Connection) -> None:
     """
     current = conn.execute(
         "SELECT count(*) FROM pg_attribute WHERE attrelid = "
-        "to_regclass('backfill_audit.backfill_runs') AND attname = 'reason' "
-        "AND NOT attisdropped"
+        "to_regclass('backfill_audit.backfill_runs') AND attname = %s AND NOT attisdropped",
+        [NEWEST_COLUMN],
     ).fetchone()[0]
     if current:
         return
