@@ -181,9 +181,13 @@ def _chart(title: str, keys: list[str], before: list[float], after: list[float])
         )
 
     axis_y = height - bottom
+
+    def label(v: float) -> str:
+        return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.2f}"
+
     labels = (
-        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{high:,.2f}</text>'
-        f'<text x="{left - 6}" y="{axis_y}" text-anchor="end">{low:,.2f}</text>'
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{label(high)}</text>'
+        f'<text x="{left - 6}" y="{axis_y}" text-anchor="end">{label(low)}</text>'
         f'<text x="{left}" y="{axis_y + 18}">{html.escape(keys[0])}</text>'
         f'<text x="{width - 20}" y="{axis_y + 18}" text-anchor="end">'
         f"{html.escape(keys[-1])}</text>"

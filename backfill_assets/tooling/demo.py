@@ -1,8 +1,10 @@
 """``make demo``: a real backfill through Dagster's own path on a fresh machine.
 
 Starts the embedded PostgreSQL (unless BACKFILL_PG_URL points elsewhere), seeds the demo shop,
-starts the Dagster daemon, launches ``dagster job backfill`` over a range of days, follows the runs
-to the end, prints what happened and stops every process it started.
+starts the Dagster daemon, launches an asset backfill of the fact table and the dbt marts over a
+range of days (the kind the UI launches: its page under Runs > Backfills shows each partition's
+status; the daemon batches days into runs per the backfill policy), follows it to the end,
+prints what happened and stops every process it started.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import time
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
-from backfill_assets.project import job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import demo_table, seed
 from backfill_assets.tooling.environment import prepare
 from backfill_assets.tooling.launch import (
-    launch_job_backfill,
+    asset_selection,
+    launch_asset_backfill,
     running_daemon,
     summarize_backfill,
     wait_for_backfill,
@@ -25,8 +27,7 @@ from backfill_assets.tooling.launch import (
 
 def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
     table = demo_table()
-    job = job_name(table, with_downstream=True)
-    expected_runs = len(table.partitioning.keys_between(first, last))
+    partitions = len(table.partitioning.keys_between(first, last))
     started_db = settings.uses_embedded_postgres() and not embedded.is_running(
         settings.embedded_pgdata()
     )
@@ -42,12 +43,20 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
 
         from dagster import DagsterInstance
 
+        from backfill_assets.core.registry import load_registry
+        from backfill_assets.defs.definitions import build_definitions
+
+        definitions = build_definitions(load_registry(), check_sql=False)
+        keys = asset_selection(definitions, [table.asset_name], downstream=True)
         with (
             DagsterInstance.get() as instance,
             running_daemon(env, settings.LOG_DIR / "daemon.log"),
         ):
-            backfill_id = launch_job_backfill(env, job, table.partitioning, first, last)
-            print(f"launched backfill {backfill_id}: {job} {first}..{last}, {expected_runs} runs")
+            backfill_id = launch_asset_backfill(
+                instance, keys, first, last, definitions=definitions
+            )
+            names = ", ".join(k.to_user_string() for k in keys)
+            print(f"launched asset backfill {backfill_id}: {names}, {first}..{last}")
             progress = wait_for_backfill(
                 instance, backfill_id, on_progress=lambda p: print(p.line())
             )
@@ -59,7 +68,7 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
     elapsed = time.monotonic() - begun
     print()
     print(f"Backfill {backfill_id} finished in {elapsed:.0f}s")
-    print(f"  partitions materialized: {len(summary.partitions_materialized)} of {expected_runs}")
+    print(f"  partitions materialized: {len(summary.partitions_materialized)} of {partitions}")
     print(f"  rows written to {table.qualified_name}: {summary.rows_written}")
     print(
         f"  checks: {summary.checks_passed} passed, {summary.checks_warned} warnings, "
