@@ -176,6 +176,21 @@ def test_a_table_whose_sql_does_not_yield_its_columns_fails_loading_and_writes_n
     assert conn.execute("SELECT to_regnamespace('reporting')").fetchone() == (None,)
 
 
+def test_without_the_demo_tables_the_demo_marts_are_left_out_and_commands_work(
+    monkeypatch, conn, dagster_env, capsys
+):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    monkeypatch.setenv(TABLES_PATH_ENV, str(OWN_TABLES))  # tables/ left out, as README says
+    graph = build_definitions(load_registry(), check_sql=False).resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert "reporting/shipped_lines" in keys
+    assert not [k for k in keys if k.startswith("analytics/")], "the demo's marts read fct_orders"
+
+    span = ["--from", "1995-03-01", "--to", "1995-04-01"]
+    assert cli.main(["plan", "--select", "reporting/shipped_lines", *span]) == 0
+    assert "reporting.shipped_lines: 2 partitions" in capsys.readouterr().out
+
+
 def test_a_query_ending_in_a_comment_writes_its_partition(tmp_path, monkeypatch, data_url, conn):
     conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
     folder = _table_with_sql(tmp_path, lambda sql: sql.rstrip().rstrip(";") + "\n-- v2 reviewed")

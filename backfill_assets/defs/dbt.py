@@ -9,6 +9,7 @@ check result per test and day (``dbt_checks``). One ``dbt build`` covers the who
 run, because dbt's start-up (~3 s) costs far more than a day's batch (~30 ms).
 """
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.database import first_build_lock, partition_locks
 from backfill_assets.core.partitioning import Partitioning
-from backfill_assets.core.registry import DeclarationError, Registry
+from backfill_assets.core.registry import TABLES_PATH_ENV, DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.core.tables import Timeouts
@@ -30,6 +31,8 @@ from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+
+log = logging.getLogger("backfill_assets")
 
 
 def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
@@ -60,7 +63,10 @@ def models_by_partitioning(
         if unique_id in sources:
             source = sources[unique_id]
             relation = (source["schema"], source.get("identifier") or source["name"])
-            return {relation} if relation in declared else set()
+            marked = (source.get("config", {}).get("meta") or source.get("meta") or {}).get(
+                "backfill_declared"
+            )
+            return {relation} if relation in declared or marked else set()
         found: set[tuple[str, str]] = set()
         for parent in nodes.get(unique_id, {}).get("depends_on", {}).get("nodes", []):
             found |= tables_read(parent, seen)
@@ -71,6 +77,13 @@ def models_by_partitioning(
         if node["resource_type"] != "model":
             continue
         read = tables_read(unique_id, set())
+        undeclared = sorted(".".join(relation) for relation in read if relation not in declared)
+        if undeclared:
+            log.warning(
+                f"dbt model {node['name']} is not loaded: it reads {', '.join(undeclared)}, "
+                f"which no declaration in {TABLES_PATH_ENV} builds"
+            )
+            continue
         partitionings = {declared[relation].partitioning.calendar for relation in read}
         if len(partitionings) > 1:
             names = ", ".join(sorted(".".join(relation) for relation in read))
