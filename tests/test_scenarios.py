@@ -401,7 +401,7 @@ def test_an_erasure_leaves_no_row_of_the_person_anywhere_and_changes_no_other_ro
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--subject", "abc", "--reason", "GDPR-1"], "--subject 'abc' is not a bigint"),
+        (["--subject", "abc", "--reason", "GDPR-1"], "--subject 'abc' fits no subject column"),
         (["--subject", "7", "--reason", "  "], "--reason is empty"),
         (["--subject", "7", "--reason", "x" * 501], "keep it to 500"),
     ],
@@ -417,5 +417,29 @@ def test_bad_input_to_erase_is_one_line_and_changes_nothing(
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert fingerprints(conn, ["2024-05-06"]) == before
+    with DagsterInstance.get() as instance:
+        assert instance.get_backfills() == []
+
+
+def test_erase_skips_subject_columns_that_cannot_hold_the_value_and_checks_every_partition(
+    conn, dagster_env, monkeypatch, tmp_path, capsys
+):
+    """An email erases from the table keyed by email; the bigint customer_id tables are skipped,
+    not a reason to refuse. The source is checked over every partition, written or not."""
+    own = REPO_ROOT / "tests" / "own_tables"
+    conn.execute((own / "order_lines_source.sql").read_text())
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    declaration = (own / "shipped_lines.yaml").read_text()
+    (folder / "shipped_lines.yaml").write_text(declaration + "subject_column: ship_mode\n")
+    shutil.copy(own / "shipped_lines.sql", folder)
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{folder}")
+    mode = conn.execute("SELECT min(ship_mode) FROM legacy.order_lines").fetchone()[0]
+
+    assert cli.main(["erase", "--subject", mode.upper(), "--reason", "GDPR-3"]) == 2
+    captured = capsys.readouterr()
+    assert "analytics.fct_orders: skipped, its customer_id is a bigint" in captured.out
+    assert "the source of reporting.shipped_lines still yields" in captured.err
+    assert "Nothing was launched" in captured.err
     with DagsterInstance.get() as instance:
         assert instance.get_backfills() == []

@@ -68,22 +68,29 @@ def column_type(conn: psycopg.Connection, relation: sql.Identifier, column: str)
     return found[0] if found else None
 
 
-def _matches(conn: psycopg.Connection, relation: SubjectRelation, subject: str) -> sql.Composed:
-    """``subject_column = %s::its type``, the value checked castable first."""
+def holds(conn: psycopg.Connection, kind: str, subject: str) -> bool:
+    """Whether a column of type ``kind`` can hold ``subject`` at all (a bigint column cannot
+    hold an email address, so it holds no row about that person)."""
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SELECT %s::{}").format(sql.SQL(kind)), [subject])
+    except psycopg.errors.DataError:
+        return False
+    return True
+
+
+def _matches(
+    conn: psycopg.Connection, relation: SubjectRelation, subject: str
+) -> sql.Composed | None:
+    """``subject_column = %s::its type``; None when the column's type cannot hold the value."""
     kind = column_type(conn, relation.identifier, relation.subject_column)
     if kind is None:
         raise ErasureError(
             f"{relation.qualified_name} has no column {relation.subject_column!r}, declared as the "
             "column naming the person; fix subject_column"
         )
-    try:
-        with conn.transaction():
-            conn.execute(sql.SQL("SELECT %s::{}").format(sql.SQL(kind)), [subject])
-    except psycopg.errors.DataError:
-        raise ErasureError(
-            f"--subject {subject!r} is not a {kind} ({relation.qualified_name}."
-            f"{relation.subject_column}); give the person's value as that column holds it"
-        ) from None
+    if not holds(conn, kind, subject):
+        return None
     return sql.SQL("{} = %s::{}").format(sql.Identifier(relation.subject_column), sql.SQL(kind))
 
 
@@ -99,6 +106,8 @@ def subject_rows(
     if not exists(conn, relation):
         return {}
     where = _matches(conn, relation, subject)
+    if where is None:
+        return {}
     if relation.day_column is None:
         count = conn.execute(
             sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation.identifier, where),
@@ -117,9 +126,9 @@ def source_still_yields(
 ) -> dict[str, int]:
     """Rows about the subject that the table's query yields now, per partition (those with any):
     a rewrite would put them back, so the erasure waits for the source."""
-    if not keys:
+    kind = subject_type(table)
+    if not keys or not holds(conn, kind, subject):
         return {}
-    kind = column_type(conn, table.identifier, table.subject_column) or "text"
     values, params = windows_values(table.partitioning.windows(keys))
     query = sql.SQL(
         "SELECT {window}.key, found.rows FROM {values} CROSS JOIN LATERAL "
@@ -133,6 +142,11 @@ def source_still_yields(
         kind=sql.SQL(kind),
     )
     return dict(conn.execute(query, {**params, "subject": subject}).fetchall())
+
+
+def subject_type(table: TableSpec) -> str:
+    """The declared type of the table's subject column (the table may not exist yet)."""
+    return next(c.type for c in table.columns if c.name == table.subject_column)
 
 
 def snapshot_relations(conn: psycopg.Connection, table: TableSpec) -> list[SubjectRelation]:

@@ -24,11 +24,14 @@ from backfill_assets.core.erasure import (
     ErasureError,
     ErasureRecord,
     SubjectRelation,
+    exists,
+    holds,
     record_erasure,
     remaining,
     snapshot_relations,
     source_still_yields,
     subject_rows,
+    subject_type,
 )
 from backfill_assets.core.params import ALLOW_SHRINK, LAUNCHED_BY, REASON
 from backfill_assets.core.registry import Registry
@@ -62,8 +65,8 @@ def erase(
 ) -> int:
     """Erase the person; returns the id of the erasure record. Raises ErasureError, having
     launched nothing, when the source still holds them or a value is wrong."""
-    tables = [t for t in registry if t.subject_column]
-    if not tables:
+    declared = [t for t in registry if t.subject_column]
+    if not declared:
         raise ErasureError(
             "no declared table names a subject_column (the column naming the person a row is "
             "about); add one to the tables that hold people's rows"
@@ -71,25 +74,18 @@ def erase(
     models = model_subjects(ensure_manifest(registry))
     plans: list[tuple[TableSpec, list[AssetKey], list[str]]] = []
     relations: list[SubjectRelation] = []
+    tables: list[TableSpec] = []
     with connect(data_url) as conn:
-        for table in tables:
-            keys = asset_selection(definitions, [table.asset_name], downstream=True)
-            marts = [models[tuple(k.path)] for k in keys if tuple(k.path) in models]
-            relations += [SubjectRelation.of(table), *marts]
-            granularity = table.partitioning.granularity
-            days = set(subject_rows(conn, SubjectRelation.of(table), subject, granularity))
-            for mart in marts:
-                days |= set(subject_rows(conn, mart, subject, granularity))
-            within = table.partitioning.contains
-            outside = sorted(d for d in days if not within(date.fromisoformat(d)))
-            if outside:
-                raise ErasureError(
-                    f"{table.qualified_name} (or a mart built from it) holds the person's rows "
-                    f"outside its partitions ({', '.join(outside[:5])}); no backfill reaches "
-                    "them: delete them by hand, then run erase again. Nothing was launched."
+        for table in declared:
+            kind = subject_type(table)
+            if not holds(conn, kind, subject):
+                echo(
+                    f"{table.qualified_name}: skipped, its {table.subject_column} is a {kind} "
+                    f"and cannot hold {subject!r}"
                 )
-            held = sorted(days)
-            still = source_still_yields(conn, table, held, subject)
+                continue
+            # Any partition, written or not: a later backfill of one would bring them back.
+            still = source_still_yields(conn, table, table.partitioning.all_keys(), subject)
             if still:
                 shown = ", ".join(f"{k} ({n})" for k, n in list(still.items())[:5])
                 raise ErasureError(
@@ -98,7 +94,31 @@ def erase(
                     f"at the source first (it reads {', '.join(table.upstream) or 'its SQL'}), "
                     "then run erase again. Nothing was launched."
                 )
-            plans.append((table, keys, held))
+            keys = asset_selection(definitions, [table.asset_name], downstream=True)
+            marts = [models[tuple(k.path)] for k in keys if tuple(k.path) in models]
+            granularity = table.partitioning.granularity
+            days: set[str] = set()
+            for relation in [SubjectRelation.of(table), *marts]:
+                days |= set(subject_rows(conn, relation, subject, granularity))
+            within = table.partitioning.contains
+            outside = sorted(d for d in days if not within(date.fromisoformat(d)))
+            if outside:
+                raise ErasureError(
+                    f"{table.qualified_name} (or a mart built from it) holds the person's rows "
+                    f"outside its partitions ({', '.join(outside[:5])}); no backfill reaches "
+                    "them: delete them by hand, then run erase again. Nothing was launched."
+                )
+            tables.append(table)
+            relations += [SubjectRelation.of(table), *marts]
+            plans.append((table, keys, sorted(days)))
+        if not tables:
+            columns = ", ".join(
+                f"{t.qualified_name}.{t.subject_column} ({subject_type(t)})" for t in declared
+            )
+            raise ErasureError(
+                f"--subject {subject!r} fits no subject column: {columns}; give the person's "
+                "value as those columns hold it"
+            )
         before = {r.qualified_name: sum(subject_rows(conn, r, subject).values()) for r in relations}
 
     backfill_ids = []
@@ -130,7 +150,8 @@ def erase(
     with connect(data_url) as conn, conn.transaction():
         purged = snapshots.erase_subject(conn, tables, subject)
         kept = [r for t in tables for r in snapshot_relations(conn, t)]
-        left = remaining(conn, relations + kept, subject)
+        checked = [r for r in relations + kept if exists(conn, r)]
+        left = remaining(conn, checked, subject)
         if left:
             where = ", ".join(f"{name} ({rows})" for name, rows in left.items())
             raise ErasureError(
@@ -142,10 +163,10 @@ def erase(
             requested_by=requested_by,
             backfill_ids=backfill_ids,
             rows_erased={
-                **{n: c for n, c in before.items()},
+                **{n: c for n, c in before.items() if n in {r.qualified_name for r in checked}},
                 **{f"snapshots of {n}": c for n, c in purged.items()},
             },
-            relations_checked=sorted({r.qualified_name for r in relations + kept}),
+            relations_checked=sorted({r.qualified_name for r in checked}),
         )
         erasure_id = record_erasure(conn, record)
     echo(
