@@ -121,3 +121,13 @@ def test_report_of_an_unknown_backfill_is_one_line(dagster_env, capsys, tmp_path
     err = capsys.readouterr().err
     assert "no backfill 'nosuchid'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_to_a_missing_folder_or_a_folder_is_one_line(dagster_env, capsys, tmp_path):
+    for out, problem in (
+        (tmp_path / "no" / "r.html", "its folder does not exist"),
+        (tmp_path, "is a folder"),
+    ):
+        assert cli.main(["report", "nosuchid", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and len(err.strip().splitlines()) == 1

@@ -35,6 +35,7 @@ class PartitionChange:
     rows_changed: int | None
     sums_before: dict[str, Decimal]
     sums_after: dict[str, Decimal]
+    """Each in the declared order of the measures (jsonb does not keep keys' order)."""
     reason: str | None
     launched_by: str
     sql_hash: str
@@ -44,6 +45,8 @@ class PartitionChange:
     @classmethod
     def of(cls, row: dict) -> PartitionChange:
         changes = row.get("changes") or {}
+        order = changes.get("measures") or list(changes.get("sums_after", {}))
+        before, after = changes.get("sums_before", {}), changes.get("sums_after", {})
         return cls(
             table_name=row["table_name"],
             partition_key=row["partition_key"],
@@ -53,8 +56,8 @@ class PartitionChange:
             rows_added=changes.get("rows_added"),
             rows_removed=changes.get("rows_removed"),
             rows_changed=changes.get("rows_changed"),
-            sums_before={m: Decimal(v) for m, v in changes.get("sums_before", {}).items()},
-            sums_after={m: Decimal(v) for m, v in changes.get("sums_after", {}).items()},
+            sums_before={m: Decimal(before[m]) for m in order if m in before},
+            sums_after={m: Decimal(after[m]) for m in order if m in after},
             reason=row.get("reason"),
             launched_by=row["launched_by"],
             sql_hash=row["sql_hash"],
@@ -97,7 +100,12 @@ def backfill_changes(conn: psycopg.Connection, backfill_id: str) -> list[Partiti
 
 
 def _number(value: Decimal | int | None) -> str:
-    return "" if value is None else f"{value:,}"
+    return "-" if value is None else f"{value:,}"
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell or line: one line, no column separator."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _delta(before: Decimal, after: Decimal) -> str:
@@ -128,7 +136,18 @@ def _provenance(changes: list[PartitionChange]) -> list[tuple[str, str]]:
 def markdown(changes: list[PartitionChange], *, heading: str | None = None) -> str:
     """A Markdown summary: who, why, which code, then per table one line per partition."""
     lines = [f"### {heading}", ""] if heading else []
-    lines += [f"**{name}:** {value}  " for name, value in _provenance(changes)]
+    if not changes:
+        return (
+            "\n".join(
+                [
+                    *lines,
+                    "This backfill wrote no declared table (the dbt models it rebuilt are not in "
+                    "the report; their checks are per partition in the UI).",
+                ]
+            )
+            + "\n"
+        )
+    lines += [f"**{name}:** {_cell(value)}  " for name, value in _provenance(changes)]
     for table, rows in _by_table(changes).items():
         measures = next((row.measures for row in rows if row.measures), [])
         lines += ["", f"**{table}**", ""]
@@ -138,7 +157,7 @@ def markdown(changes: list[PartitionChange], *, heading: str | None = None) -> s
         for row in rows:
             cells = [
                 row.partition_key,
-                row.status if not row.error else f"{row.status}: {row.error[:120]}",
+                row.status if not row.error else f"{row.status}: {row.error}",
                 f"{_number(row.rows_before)} → {_number(row.rows_after)}",
                 _number(row.rows_added),
                 _number(row.rows_removed),
@@ -150,7 +169,7 @@ def markdown(changes: list[PartitionChange], *, heading: str | None = None) -> s
                     cells.append(f"{before:,} → {after:,} ({_delta(before, after)})")
                 else:
                     cells.append("")
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,9 +208,12 @@ def _chart(title: str, keys: list[str], before: list[float], after: list[float])
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{label(high)}</text>'
         f'<text x="{left - 6}" y="{axis_y}" text-anchor="end">{label(low)}</text>'
         f'<text x="{left}" y="{axis_y + 18}">{html.escape(keys[0])}</text>'
-        f'<text x="{width - 20}" y="{axis_y + 18}" text-anchor="end">'
-        f"{html.escape(keys[-1])}</text>"
     )
+    if len(keys) > 1:
+        labels += (
+            f'<text x="{width - 20}" y="{axis_y + 18}" text-anchor="end">'
+            f"{html.escape(keys[-1])}</text>"
+        )
     return (
         f'<figure><figcaption>{html.escape(title)}: <span class="before">before</span> / '
         f'<span class="after">after</span></figcaption>'

@@ -77,6 +77,7 @@ class Verification:
         report: rows added, removed and changed by key, and each measure's sum over the whole
         partition before and after (decimal strings: exact)."""
         return {
+            "measures": list(self.after.sums),
             "rows_added": self.diff.rows_added,
             "rows_removed": self.diff.rows_removed,
             "rows_changed": self.diff.rows_changed,

@@ -277,7 +277,14 @@ def _spec(path: Path, doc: object) -> TableSpec:
 
 
 def _owners(value: object) -> tuple[str, ...]:
-    owners = _names(value, "owners")
+    items = value if isinstance(value, list) else [value]
+    odd = [item for item in items if not isinstance(item, str)]
+    if odd:
+        raise DeclarationError(
+            f"owners: {odd[0]!r} is not an email or team:NAME; write each owner as a string, "
+            "e.g. owners: [team:finance, ana@example.com]"
+        )
+    owners = list(dict.fromkeys(_names(value, "owners")))  # once each, in order
     for owner in owners:
         if not _OWNER.match(owner):
             raise DeclarationError(

@@ -97,9 +97,15 @@ def late_data_sensor(table: TableSpec) -> SensorDefinition:
                 LAUNCHED_BY: name,
                 REASON: (
                     f"late data: the source of {len(changed)} partition(s) of "
-                    f"{table.qualified_name} changed since written ({changed[0]}..{changed[-1]})"
+                    f"{table.qualified_name} changed since written ({_listed(changed)})"
                 ),
             },
         )
 
     return _late_data
+
+
+def _listed(keys: list[str]) -> str:
+    """The keys themselves when few, else the first and last (not a range: the ones between
+    may be unchanged)."""
+    return ", ".join(keys) if len(keys) <= 5 else f"{', '.join(keys[:3])}, … {keys[-1]}"

@@ -440,6 +440,12 @@ def _report(args: argparse.Namespace) -> int:
 
     from backfill_assets.core.change_report import backfill_changes, html_page, markdown
 
+    out = Path(args.out or f"backfill-{args.backfill_id}.html")
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(
+            f"--out {out}: {'is a folder' if out.is_dir() else 'its folder does not exist'}; "
+            "give the path of an HTML file in an existing folder"
+        )
     prepare()
     with connect(settings.data_url()) as conn:
         changes = backfill_changes(conn, args.backfill_id)
@@ -454,8 +460,10 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps([c.as_json() for c in changes], indent=2))
     else:
         print(markdown(changes, heading=f"Backfill {args.backfill_id}"), end="")
-    out = Path(args.out or f"backfill-{args.backfill_id}.html")
-    out.write_text(html_page(args.backfill_id, changes))
+    try:
+        out.write_text(html_page(args.backfill_id, changes))
+    except OSError as exc:
+        raise ValueError(f"--out {out}: {exc.strerror}; nothing written") from None
     print(f"charts: {out.resolve()}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -250,9 +250,15 @@ def partition_keys(definitions: Definitions, asset: AssetKey, first: str, last: 
     span = f"{keys[0]} to {keys[-1]}" if keys else "none"
     for key in (first, last):
         if key not in keys:
+            inside = bool(keys) and keys[0] <= key <= keys[-1]
             raise UnknownPartitionError(
                 f"unknown partition key {key!r}: {asset.to_user_string()} has partitions "
-                f"from {span}; pick a key in that range"
+                f"from {span}"
+                + (
+                    f" and {key} is not one of them (they are {', '.join(keys[:2])}, …); pick one"
+                    if inside
+                    else "; pick a key in that range"
+                )
             )
     start, end = keys.index(first), keys.index(last)
     if start > end:
