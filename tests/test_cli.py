@@ -202,3 +202,10 @@ def test_db_psql_runs_psql_on_the_data_database(dagster_env, conn, capfd):
     assert cli.main(["db", "psql", "-At", "-c", "SELECT count(*) > 0 FROM app.orders"]) == 0
     assert capfd.readouterr().out.strip() == "t"
     assert cli.main(["db", "psql", "-c", "SELECT * FROM app.nope"]) != 0
+
+
+def test_select_given_twice_keeps_both_assets():
+    args = cli.build_parser().parse_args(
+        ["launch", "--select", "a/x", "--select", "a/y", "a/z", "--from", "d1", "--to", "d2"]
+    )
+    assert args.select == ["a/x", "a/y", "a/z"]

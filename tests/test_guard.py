@@ -83,3 +83,53 @@ def test_a_malformed_tag_fails_the_run_before_anything_is_written(postgres, inst
     assert not result.success
     assert "backfill_assets/max_shrink='lots' must be a fraction" in step_failure_message(result)
     assert fingerprints(conn, [DAY]) == before
+
+
+def test_a_day_whose_sql_fails_is_refused_alone_and_the_other_days_are_written(
+    postgres, instance, conn, dagster_env, tmp_path, monkeypatch, capsys
+):
+    """The guard measures every day of a run in one statement; when the table's SQL fails on one
+    day (here a division by zero), that day is refused with the database's error and the others
+    are written, as with any other refusal."""
+
+    from support import audit_rows
+
+    from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV, load_registry
+    from backfill_assets.defs.table_assets import table_asset
+    from backfill_assets.tooling import cli
+
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    declaration = (DEFAULT_TABLES_DIR / "fct_orders.yaml").read_text()
+    (folder / "fct_orders_checked.yaml").write_text(
+        declaration.replace("table: analytics.fct_orders", "table: analytics.fct_orders_checked")
+        .replace("subject_column: customer_id\n", "")
+        .replace("owners: [team:analytics]\n", "")
+    )
+    query = (DEFAULT_TABLES_DIR / "fct_orders.sql").read_text()
+    (folder / "fct_orders_checked.sql").write_text(
+        query.replace(
+            "o.net_amount,\n",
+            "o.net_amount * (1 / (extract(day FROM o.ordered_at AT TIME ZONE 'UTC')::int - 2)"
+            " + 1 - 1 / (extract(day FROM o.ordered_at AT TIME ZONE 'UTC')::int - 2))"
+            " AS net_amount,\n",
+        )
+    )
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{folder}")
+    table = load_registry().table("analytics.fct_orders_checked")
+
+    span = ["--select", "analytics/fct_orders_checked", "--from", "2024-04-01"]
+    span += ["--to", "2024-04-03"]
+    assert cli.main(["plan", *span]) == 0, capsys.readouterr().err
+    assert "2024-04-02: its SQL fails (division by zero)" in capsys.readouterr().out
+
+    result = materialize_days(
+        postgres, instance, "2024-04-01", "2024-04-03", assets=(table_asset(table),)
+    )
+    assert not result.success
+    rows = {a["partition_key"]: a for a in audit_rows(conn, table_name=table.qualified_name)}
+    assert rows["2024-04-01"]["status"] == rows["2024-04-03"]["status"] == "succeeded"
+    assert rows["2024-04-02"]["status"] == "guard_failed"
+    error = rows["2024-04-02"]["error"]
+    assert "the table's SQL fails for this partition (division by zero)" in error
+    assert "2024-04-02 keeps its previous rows" in step_failure_message(result)

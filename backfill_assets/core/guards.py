@@ -105,6 +105,37 @@ def source_stats_all(
     return found
 
 
+def measured_sources(
+    conn: psycopg.Connection, table: TableSpec, windows: list[PartitionWindow]
+) -> tuple[dict[str, SourceStats], dict[str, str]]:
+    """``source_stats_all``, and when its one statement fails (the table's SQL divides by zero
+    on one day, a value does not cast), window by window: a bad day fails alone, with its
+    error; the others are measured. Returns (stats, errors) by partition key."""
+    try:
+        with conn.transaction():
+            return source_stats_all(conn, table, windows), {}
+    except psycopg.Error as exc:
+        if conn.broken or len(windows) == 1:
+            if conn.broken:
+                raise
+            return {}, {windows[0].key: _first_line(exc)}
+    stats: dict[str, SourceStats] = {}
+    errors: dict[str, str] = {}
+    for window in windows:
+        try:
+            with conn.transaction():
+                stats |= source_stats_all(conn, table, [window])
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            errors[window.key] = _first_line(exc)
+    return stats, errors
+
+
+def _first_line(exc: psycopg.Error) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _required_set_columns(table: TableSpec) -> list[str]:
     if table.batched_update is None:
         return []
@@ -136,9 +167,29 @@ def guard_all(
     written."""
     if not windows:
         return {}
-    stats = source_stats_all(conn, table, windows)
+    stats, errors = measured_sources(conn, table, windows)
     current = target_rows_all(conn, table, windows)
-    return {w.key: _judge(table, w, params, stats[w.key], current[w.key]) for w in windows}
+    return {
+        w.key: _failed_source(table, w, errors[w.key], current[w.key])
+        if w.key in errors
+        else _judge(table, w, params, stats[w.key], current[w.key])
+        for w in windows
+    }
+
+
+def _failed_source(
+    table: TableSpec, window: PartitionWindow, error: str, current: int
+) -> tuple[CheckOutcome, SourceStats]:
+    """The guard's verdict on a window whose query fails: refused, nothing touched."""
+    action = "update" if table.in_place else "replace"
+    message = (
+        f"guard refused to {action} {table.qualified_name} {window.key}: the table's SQL fails "
+        f"for this partition ({error}). Nothing was changed. Fix {table.sql_source} (or the "
+        "rows it reads for that day)"
+    )
+    metadata = {"source_error": error, "target_rows_before": current}
+    empty = SourceStats(0, 0, sums_of(table, [0] * len(table.measures)))
+    return CheckOutcome(False, metadata | {"problems": error}, message=message), empty
 
 
 def guard(

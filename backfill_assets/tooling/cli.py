@@ -581,7 +581,8 @@ def _selection_arguments(parser: argparse.ArgumentParser) -> None:
         "--select",
         required=True,
         nargs="+",
-        help="assets, e.g. analytics/fct_orders (or schema.table)",
+        action="extend",
+        help="assets, e.g. analytics/fct_orders (or schema.table); repeat or list several",
     )
     parser.add_argument("--from", dest="first", required=True, help="first partition key")
     parser.add_argument("--to", dest="last", required=True, help="last partition key (included)")

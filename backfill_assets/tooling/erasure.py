@@ -75,11 +75,14 @@ def erase(
     plans: list[tuple[TableSpec, list[AssetKey], list[str]]] = []
     relations: list[SubjectRelation] = []
     tables: list[TableSpec] = []
+    skipped: list[str] = []
+    if not subject.strip():
+        raise ErasureError("--subject is empty; give the person's value in the subject columns")
     with connect(data_url) as conn:
         for table in declared:
             kind = subject_type(table)
             if not holds(conn, kind, subject):
-                echo(
+                skipped.append(
                     f"{table.qualified_name}: skipped, its {table.subject_column} is a {kind} "
                     f"and cannot hold {subject!r}"
                 )
@@ -120,6 +123,8 @@ def erase(
                 "value as those columns hold it"
             )
         before = {r.qualified_name: sum(subject_rows(conn, r, subject).values()) for r in relations}
+    for line in skipped:
+        echo(line)
 
     backfill_ids = []
     tags = {REASON: reason, LAUNCHED_BY: requested_by, ALLOW_SHRINK: "true"}

@@ -25,7 +25,7 @@ from backfill_assets.core.contract import (
     check_target,
 )
 from backfill_assets.core.database import relation_exists
-from backfill_assets.core.guards import source_stats_all, target_rows_all
+from backfill_assets.core.guards import measured_sources, target_rows_all
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import write_history
 
@@ -181,13 +181,18 @@ def plan(
         except SourceNotReady as exc:
             raise ContractError(f"{table.qualified_name} cannot be backfilled yet: {exc}") from None
         windows = table.partitioning.windows(list(partitions))
+        stats, errors = measured_sources(conn, table, windows)
+        notes.extend(
+            f"{table.qualified_name} {day}: its SQL fails ({error}); the guard will refuse it"
+            for day, error in errors.items()
+        )
         per_partition = history.get(table.qualified_name)
         policy = graph.get(key).backfill_policy
         tables.append(
             TablePlan(
                 table=table.qualified_name,
                 partitions=list(partitions),
-                source_rows={k: s.rows for k, s in source_stats_all(conn, table, windows).items()},
+                source_rows={k: s.rows for k, s in stats.items()},
                 current_rows=target_rows_all(conn, table, windows),
                 partitions_per_run=(policy.max_partitions_per_run if policy else None) or 1,
                 seconds_per_partition=per_partition[0] if per_partition else UNMEASURED_PARTITION_S,
