@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from dagster import TimeWindowPartitionsDefinition
 
-from backfill_assets.core.partitioning import Partitioning
+from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, DeclarationError, load_registry
 from backfill_assets.core.tables import Timeouts
 from backfill_assets.defs.partitions import partitions_def
@@ -180,3 +180,13 @@ def test_partition_swap_needs_a_not_null_partition_column(tmp_path):
     (folder / "fct_orders_swap.yaml").write_text(text)
     with pytest.raises(DeclarationError, match="order_day must be declared not null for partit"):
         load_registry([folder])
+
+
+def test_a_day_inside_a_monthly_partition_is_answered_with_that_partitions_key():
+    (table,) = load_registry([Path(__file__).parent / "own_tables"])
+    with pytest.raises(UnknownPartitionError) as error:
+        table.partitioning.window("1995-03-15")
+    assert "1995-03-15 is inside a partition but not its key: pick 1995-03-01" in str(error.value)
+    with pytest.raises(UnknownPartitionError) as error:
+        table.partitioning.window("1999-01-01")
+    assert "pick a key in that range" in str(error.value)

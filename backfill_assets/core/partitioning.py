@@ -128,9 +128,16 @@ class Partitioning:
             or last is None
             or start > last
         ):
+            inside = start is not None and self.contains(_floor(start, self.granularity))
             raise UnknownPartitionError(
                 f"unknown partition key {key!r}: {self.column} has {self.describe()} "
-                f"(keys look like {self.first_key()}); pick a key in that range"
+                f"(keys look like {self.first_key()}); "
+                + (
+                    f"{key} is inside a partition but not its key: pick "
+                    f"{_floor(start, self.granularity).isoformat()}"
+                    if inside
+                    else "pick a key in that range"
+                )
             )
         return PartitionWindow(key=key, start=start, end=_next(start, self.granularity))
 

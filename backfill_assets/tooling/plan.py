@@ -137,7 +137,7 @@ class Plan:
             out.append(
                 f"  {t.table}: {len(t.partitions)} partitions {t.partitions[0]}..{t.partitions[-1]}"
                 f", {rows:,} source rows, {sum(t.current_rows.values()):,} rows now (kept in "
-                f"snapshots), {t.runs} run(s) of up to {t.partitions_per_run}"
+                f"snapshots), {t.runs} run(s) of up to {t.partitions_per_run} partitions"
             )
             if empty:
                 out.append(f"    no source rows for: {', '.join(empty)} (the guard will refuse)")
