@@ -22,7 +22,7 @@ from psycopg import sql
 
 from backfill_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from backfill_assets.core.database import relation_exists
-from backfill_assets.core.guards import WINDOW, query_per_window, windows_values
+from backfill_assets.core.guards import per_window
 from backfill_assets.core.snapshots import SCHEMA as SNAPSHOT_SCHEMA
 from backfill_assets.core.snapshots import snapshot_relation, swapped_snapshots
 from backfill_assets.core.tables import TableSpec
@@ -129,19 +129,16 @@ def source_still_yields(
     kind = subject_type(table)
     if not keys or not holds(conn, kind, subject):
         return {}
-    values, params = windows_values(table.partitioning.windows(keys))
-    query = sql.SQL(
-        "SELECT {window}.key, found.rows FROM {values} CROSS JOIN LATERAL "
-        "(SELECT count(*) AS rows FROM ({source}) AS src "
-        "WHERE src.{subject} = %(subject)s::{kind}) AS found WHERE found.rows > 0 ORDER BY 1"
-    ).format(
-        window=WINDOW,
-        values=values,
-        source=query_per_window(table),
-        subject=sql.Identifier(table.subject_column),
-        kind=sql.SQL(kind),
+    query, params = per_window(
+        table,
+        table.partitioning.windows(keys),
+        sql.SQL("count(*)"),
+        sql.SQL("src.{} = %(subject)s::{}").format(
+            sql.Identifier(table.subject_column), sql.SQL(kind)
+        ),
     )
-    return dict(conn.execute(query, {**params, "subject": subject}).fetchall())
+    found = conn.execute(query, {**params, "subject": subject}).fetchall()
+    return {key: rows for key, rows in sorted(found) if rows}
 
 
 def subject_type(table: TableSpec) -> str:

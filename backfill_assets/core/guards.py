@@ -63,6 +63,29 @@ def query_per_window(table: TableSpec) -> sql.SQL:
     return sql.SQL(text.replace("%(end)s", '"backfill_window"."window_end"'))
 
 
+def per_window(
+    table: TableSpec,
+    windows: list[PartitionWindow],
+    columns: sql.Composable,
+    where: sql.Composable | None = None,
+) -> tuple[sql.Composed, dict[str, object]]:
+    """One statement yielding ``key, <columns>`` per window: ``columns`` (aggregates) over the
+    rows the table's query yields for that window (``src``), optionally filtered by ``where``.
+    The query runs once per window (``LATERAL``), on exactly the rows a write would read."""
+    values, params = windows_values(windows)
+    query = sql.SQL(
+        "SELECT {window}.key, measured.* FROM {values} CROSS JOIN LATERAL "
+        "(SELECT {columns} FROM ({source}) AS src{where}) AS measured"
+    ).format(
+        window=WINDOW,
+        values=values,
+        columns=columns,
+        source=query_per_window(table),
+        where=sql.SQL(" WHERE {}").format(where) if where is not None else sql.SQL(""),
+    )
+    return query, params
+
+
 def source_stats_all(
     conn: psycopg.Connection, table: TableSpec, windows: list[PartitionWindow]
 ) -> dict[str, SourceStats]:
@@ -86,17 +109,12 @@ def source_stats_all(
                 )
             )
         )
-    values, params = windows_values(windows)
-    query = sql.SQL(
-        "SELECT {window}.key, stats.* FROM {values} CROSS JOIN LATERAL "
-        "(SELECT {aggregates} FROM ({source}) AS src) AS stats"
-    ).format(
-        window=WINDOW,
-        values=values,
-        aggregates=sql.SQL(", ").join(
+    query, params = per_window(
+        table,
+        windows,
+        sql.SQL(", ").join(
             [sql.SQL("count(*)"), sql.SQL("count(*) FILTER (WHERE {})").format(key_is_null), *sums]
         ),
-        source=query_per_window(table),
     )
     found = {}
     for key, rows, null_keys, *totals in conn.execute(query, params).fetchall():

@@ -18,7 +18,7 @@ from psycopg import sql
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.fingerprint import ROW_HASH, checksum_of
-from backfill_assets.core.guards import WINDOW, query_per_window, windows_values
+from backfill_assets.core.guards import per_window
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
 
@@ -60,15 +60,12 @@ def staleness(
         sql.SQL("{}::{}").format(sql.Identifier("src", c.name), sql.SQL(c.type))
         for c in table.columns
     )
-    values, params = windows_values(windows)
-    query = sql.SQL(
-        "SELECT {window}.key, now.rows, now.checksum FROM {values} CROSS JOIN LATERAL "
-        "(SELECT count(*) AS rows, {checksum} AS checksum FROM ({source}) AS src) AS now"
-    ).format(
-        window=WINDOW,
-        values=values,
-        checksum=checksum_of(ROW_HASH.format(row_text=sql.SQL("ROW({})::text").format(typed))),
-        source=query_per_window(table),
+    query, params = per_window(
+        table,
+        windows,
+        sql.SQL("count(*), {}").format(
+            checksum_of(ROW_HASH.format(row_text=sql.SQL("ROW({})::text").format(typed)))
+        ),
     )
     found = []
     for key, rows, checksum in conn.execute(query, params).fetchall():
