@@ -119,11 +119,9 @@ def test_a_tax_bug_is_fixed_at_the_source_then_exactly_its_three_months_are_rebu
         assert not shifted.event.asset_check_evaluation.passed, "analysts hear numbers shifted"
 
 
-def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
-    conn, dagster_env, tmp_path, capsys
-):
-    week = ["--from", "2024-09-08", "--to", "2024-09-14"]
-    # The first load ran before some orders reached the database (arrived_at days later).
+def hold_back_late_orders(conn) -> None:
+    """As if the first load ran before some orders reached the database (``arrived_at`` days
+    later): they wait in ``app.not_yet_arrived``."""
     conn.execute(
         "CREATE TABLE app.not_yet_arrived AS SELECT * FROM app.orders "
         "WHERE arrived_at > ordered_at + interval '1 day'"
@@ -131,6 +129,13 @@ def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
     conn.execute(
         "DELETE FROM app.orders WHERE order_id IN (SELECT order_id FROM app.not_yet_arrived)"
     )
+
+
+def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
+    conn, dagster_env, tmp_path, capsys
+):
+    week = ["--from", "2024-09-08", "--to", "2024-09-14"]
+    hold_back_late_orders(conn)
     late_days = [
         str(day)
         for (day,) in conn.execute(
@@ -166,13 +171,7 @@ def test_the_late_data_sensor_backfills_exactly_the_days_whose_source_changed(
 ):
     """Scenario 3 without the CLI: the sensor a user turns on in the UI (Automation)."""
     week = ["--from", "2024-09-08", "--to", "2024-09-14"]
-    conn.execute(
-        "CREATE TABLE app.not_yet_arrived AS SELECT * FROM app.orders "
-        "WHERE arrived_at > ordered_at + interval '1 day'"
-    )
-    conn.execute(
-        "DELETE FROM app.orders WHERE order_id IN (SELECT order_id FROM app.not_yet_arrived)"
-    )
+    hold_back_late_orders(conn)
     sensor = "late_data__analytics__fct_orders"
     with running_daemon(dagster_env, tmp_path / "daemon.log"), DagsterInstance.get() as instance:
         assert cli.main(["launch", "--select", "analytics/fct_orders", *week, "--wait"]) == 0

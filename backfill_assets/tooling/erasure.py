@@ -163,15 +163,16 @@ def erase(
                 f"rows about the person remain after the rewrites: {where}; nothing of this "
                 "check was recorded (the snapshots' purge is rolled back with it)"
             )
+        checked_names = {r.qualified_name for r in checked}
         record = ErasureRecord(
             reason=reason,
             requested_by=requested_by,
             backfill_ids=backfill_ids,
             rows_erased={
-                **{n: c for n, c in before.items() if n in {r.qualified_name for r in checked}},
+                **{n: c for n, c in before.items() if n in checked_names},
                 **{f"snapshots of {n}": c for n, c in purged.items()},
             },
-            relations_checked=sorted({r.qualified_name for r in checked}),
+            relations_checked=sorted(checked_names),
         )
         erasure_id = record_erasure(conn, record)
     echo(
