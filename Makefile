@@ -2,10 +2,17 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test soak lint format ui bench bench-live db-stop clean
+.PHONY: setup demo test soak lint format ui screenshots bench bench-live db-stop clean
 
 setup: $(VENV)/.installed
+
+# The UI test drives Debian's Chromium (Playwright cannot download a browser here).
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq chromium >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	else echo "the UI test needs Chromium at $(CHROMIUM): sudo apt-get install -y chromium"; exit 1; fi
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -17,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/backfill-assets demo
 
-test: setup lint
+test: setup $(CHROMIUM) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true.
@@ -41,6 +48,10 @@ bench-live: setup
 
 ui: setup
 	$(BIN)/backfill-assets dev
+
+# The UI test's screenshot of each step, and each page's load time, into docs/images/ui/.
+screenshots: setup $(CHROMIUM)
+	BACKFILL_UI_SCREENSHOTS=docs/images/ui $(BIN)/pytest -q tests/test_ui.py
 
 db-stop: setup
 	$(BIN)/backfill-assets db stop

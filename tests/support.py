@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import psycopg
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, materialize
 from psycopg.rows import dict_row
 
+from backfill_assets.core import settings
 from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.fingerprint import Fingerprint, partition_fingerprint
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
@@ -161,3 +168,35 @@ def other_session(url: str, statement: str, seconds: float) -> threading.Thread:
     thread.start()
     assert opened.wait(30)
     return thread
+
+
+@contextmanager
+def running_webserver(env: dict[str, str], log_path) -> Iterator[str]:
+    """``dagster-webserver`` on a free port of 127.0.0.1 for the block; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = ["dagster-webserver", "-w", str(settings.WORKSPACE_FILE), "-h", "127.0.0.1"]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [*command, "-p", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                    break
+            except OSError:
+                assert process.poll() is None, log_path.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the webserver did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dagster import AssetKey
+from dagster import AssetKey, AssetSelection, materialize
 from support import dbt_models, fct_orders, latest_check, materialize_days
 
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
+from backfill_assets.defs.dbt import dbt_resource
 
 DAYS = ["2024-05-06", "2024-05-07", "2024-05-08"]
 PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED
@@ -85,3 +86,38 @@ def test_a_failing_blocking_dbt_test_fails_the_run_and_every_day_it_cannot_place
     assert instance.get_materialized_partitions(AssetKey(["analytics", "daily_revenue"])) == set(
         DAYS
     )
+
+
+def test_checks_launched_without_a_partition_run_once_per_built_day_of_their_model(
+    postgres, instance, conn
+):
+    """The UI's "Execute all" on a mart's checks starts a run with no partition: each check is
+    evaluated on every day the model holds (the days Dagster saw it materialized), day by day."""
+    assert build([fct_orders, dbt_models], postgres, instance).success
+    conn.execute(
+        "UPDATE analytics.daily_revenue SET order_count = order_count + 1 WHERE order_day = %s",
+        [DAYS[2]],
+    )
+    revenue = AssetKey(["analytics", "daily_revenue"])
+
+    result = materialize(
+        [fct_orders, dbt_models],
+        selection=AssetSelection.checks_for_assets(revenue),
+        resources={"postgres": postgres, "dbt": dbt_resource},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    key = next(k for k in dbt_models.check_keys if k.name.startswith("reconcile"))
+    by_day = {day: latest_check(instance, key.name, day, revenue) for day in DAYS}
+    assert {day: r.run_id == result.run_id for day, r in by_day.items()} == dict.fromkeys(
+        DAYS, True
+    )
+    assert {day: r.status for day, r in by_day.items()} == {
+        DAYS[0]: PASSED,
+        DAYS[1]: PASSED,
+        DAYS[2]: FAILED,
+    }
+    built_by = {r.evaluation.target_materialization_data.run_id for r in by_day.values()}
+    assert result.run_id not in built_by, "each result points at the day's own materialization"
+    assert not result.success, "a failed blocking test still fails the run"

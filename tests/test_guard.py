@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from support import fingerprints, latest_check, materialize_days, step_failure_message
+from dagster import AssetCheckKey
+from support import (
+    FCT_ORDERS_KEY,
+    fingerprints,
+    latest_check,
+    materialize_days,
+    step_failure_message,
+)
 
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 
@@ -23,6 +30,27 @@ def test_an_empty_source_does_not_wipe_the_partition(postgres, instance, conn):
     assert fingerprints(conn, [DAY]) == before
     guard = latest_check(instance, "source_guard", DAY)
     assert guard.status == AssetCheckExecutionRecordStatus.FAILED
+
+
+def test_a_refused_day_shows_its_failed_guard_in_the_partition_status_the_ui_reads(
+    postgres, instance, conn
+):
+    """Dagster clears a partition's check status when the result is not linked to the
+    partition's latest materialization; the refusal is linked to the rows the day still holds,
+    so the UI's per-partition view of ``source_guard`` reads Failed, not Missing."""
+    assert materialize_days(postgres, instance, "2024-04-02", DAY).success
+    conn.execute(f"DELETE FROM app.orders WHERE {DAY_FILTER}")
+
+    assert not materialize_days(postgres, instance, "2024-04-02", DAY).success
+
+    key = AssetCheckKey(FCT_ORDERS_KEY, "source_guard")
+    infos = instance.event_log_storage.get_asset_check_partition_info([key])
+    by_day = {i.partition_key: i for i in infos}
+    refused = by_day[DAY]
+    assert refused.latest_execution_status == AssetCheckExecutionRecordStatus.FAILED
+    assert refused.is_current, "linked to the materialization the day still holds"
+    assert by_day["2024-04-02"].latest_execution_status == AssetCheckExecutionRecordStatus.SUCCEEDED
+    assert by_day["2024-04-02"].is_current
 
 
 def test_a_truncated_source_does_not_wipe_the_partition(postgres, instance, conn):

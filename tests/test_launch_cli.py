@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from dagster import AssetKey, DagsterInstance, RunsFilter
-from support import database_checksum, failed_run_report, record_past_writes
+from support import database_checksum, failed_run_report, record_past_writes, running_webserver
 
-from backfill_assets.core import settings
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import closed, running_daemon
@@ -225,38 +217,6 @@ def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
         "WHERE status = 'succeeded' ORDER BY partition_key"
     ).fetchall()
     assert writes == [(DAYS[0], failed_id), (DAYS[1], retry_id), (DAYS[2], failed_id)]
-
-
-@contextmanager
-def running_webserver(env: dict[str, str], log_path) -> Iterator[str]:
-    """``dagster-webserver`` on a free port of 127.0.0.1 for the block; yields its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    command = ["dagster-webserver", "-w", str(settings.WORKSPACE_FILE), "-h", "127.0.0.1"]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [*command, "-p", str(port)],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                    break
-            except OSError:
-                assert process.poll() is None, log_path.read_text()[-2000:]
-                assert time.monotonic() < deadline, "the webserver did not start"
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 BACKFILL_STATUS = """query ($id: String!) { partitionBackfillOrError(backfillId: $id) {

@@ -21,6 +21,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AssetRecordsFilter,
     DagsterEventType,
     Output,
 )
@@ -101,9 +102,15 @@ def evaluations(
     *,
     materialized: bool,
 ) -> Iterator[AssetCheckEvaluation]:
-    """One evaluation per check and partition; ``materialized`` links them to this run's writes."""
+    """One evaluation per check and partition, linked to the data it judged: this run's write
+    (``materialized``), or else the rows the partition still holds, so a refused or rolled-back
+    day shows its failed check in the UI's partition view instead of reading as never checked."""
+    outcomes = list(outcomes)
     key = context.assets_def.key
-    targets = this_runs_materializations(context) if materialized else {}
+    if materialized:
+        targets = this_runs_materializations(context)
+    else:
+        targets = latest_materializations(context, key, {o.window.key for o in outcomes})
     for outcome in outcomes:
         target = targets.get((key, outcome.window.key))
         for name, result in outcome.check_outcomes().items():
@@ -149,3 +156,30 @@ def this_runs_materializations(
             timestamp=record.event_log_entry.timestamp,
         )
     return found
+
+
+def latest_materializations(
+    context: AssetExecutionContext, key: AssetKey, partitions: set[str] | None = None
+) -> dict[tuple[AssetKey, str], AssetCheckEvaluationTargetMaterializationData]:
+    """The latest materialization of each materialized partition of ``key`` (of ``partitions``,
+    if given), by asset and partition: what the partition holds now. Two storage queries,
+    whatever the number of partitions."""
+    if partitions is not None and not partitions:
+        return {}
+    latest = context.instance.event_log_storage.get_latest_storage_id_by_partition(
+        key, DagsterEventType.ASSET_MATERIALIZATION, partitions
+    )
+    if not latest:
+        return {}
+    partition_of = {storage_id: partition for partition, storage_id in latest.items()}
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, storage_ids=list(partition_of)), limit=len(partition_of)
+    ).records
+    return {
+        (key, partition_of[record.storage_id]): AssetCheckEvaluationTargetMaterializationData(
+            storage_id=record.storage_id,
+            run_id=record.event_log_entry.run_id,
+            timestamp=record.event_log_entry.timestamp,
+        )
+        for record in records
+    }

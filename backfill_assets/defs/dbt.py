@@ -25,7 +25,11 @@ from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.core.tables import Timeouts
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
-from backfill_assets.defs.dbt_checks import PartitionedChecksTranslator, per_partition_check_events
+from backfill_assets.defs.dbt_checks import (
+    PartitionedChecksTranslator,
+    checked_days,
+    per_partition_check_events,
+)
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest
@@ -178,11 +182,14 @@ def _dbt_assets(
     )
     def _models(context: AssetExecutionContext, dbt: DbtCliResource, postgres: PostgresResource):
         args = ["build"]
-        if definition is not None:
+        checked = checked_days(context, definition) if definition is not None else None
+        if checked is not None:
             # build = the window's batches, then the models' tests scoped to the window.
-            window = context.partition_time_window
-            args += ["--event-time-start", f"{window.start:%Y-%m-%d}"]
-            args += ["--event-time-end", f"{window.end:%Y-%m-%d}"]
+            first, last = checked.span[0], checked.span[-1]
+            start = definition.time_window_for_partition_key(first).start
+            end = definition.time_window_for_partition_key(last).end
+            args += ["--event-time-start", f"{start:%Y-%m-%d}"]
+            args += ["--event-time-end", f"{end:%Y-%m-%d}"]
         # A paused backfill builds nothing until it is resumed (core/control.py).
         with postgres.connect() as conn:
             wait_while_paused(conn, context.run.tags.get(BACKFILL_ID_TAG), context.log.warning)
@@ -191,8 +198,9 @@ def _dbt_assets(
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
-            # Overlapping builds of the same days take turns, day by day, as the tables do.
-            days = context.partition_keys if definition is not None else []
+            # Overlapping builds of the same days take turns, day by day, as the tables do;
+            # a run of checks alone builds nothing.
+            days = checked.span if checked is not None and context.selected_asset_keys else []
             with (
                 partition_locks(
                     postgres.resolved_url(),
@@ -201,12 +209,12 @@ def _dbt_assets(
                 ),
                 dbt_process_env(postgres, registry),
             ):
-                invocation = dbt.cli(args, context=context, raise_on_error=definition is None)
-                if definition is None:
+                invocation = dbt.cli(args, context=context, raise_on_error=checked is None)
+                if checked is None:
                     yield from invocation.stream()
                     return
                 with postgres.connect() as conn:
-                    yield from per_partition_check_events(context, invocation, conn)
+                    yield from per_partition_check_events(context, invocation, conn, checked)
 
     return _models
 

@@ -12,6 +12,7 @@ Design and measurements: ``docs/design/dbt-tests-as-partition-checks.md``.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -22,15 +23,18 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
     AssetSpec,
+    Failure,
     Output,
     PartitionsDefinition,
+    TimeWindowPartitionsDefinition,
 )
 from dagster_dbt import DagsterDbtTranslator, DbtProject
 from dagster_dbt.core.dbt_cli_invocation import DbtCliInvocation
 from psycopg import sql
 
-from backfill_assets.defs.checks import this_runs_materializations
+from backfill_assets.defs.checks import latest_materializations, this_runs_materializations
 
 
 class PartitionedChecksTranslator(DagsterDbtTranslator):
@@ -84,8 +88,56 @@ def failures_by_partition(
     return {day: counts.get(day, 0) + unattributed for day in partitions}
 
 
+@dataclass(frozen=True)
+class CheckedDays:
+    """The days a dbt step builds or checks, per asset, and the materializations its results
+    point at (``None``: this run's own, read once the build is done)."""
+
+    days: dict[AssetKey, list[str]]
+    targets: dict | None = None
+
+    @property
+    def span(self) -> list[str]:
+        return sorted({day for days in self.days.values() for day in days})
+
+
+def checked_days(
+    context: AssetExecutionContext, definition: TimeWindowPartitionsDefinition
+) -> CheckedDays:
+    """The run's partitions; or, for checks launched on their own with no partition (the UI's
+    "Execute all" on a model's checks), every day the model holds, each checked against that
+    day's latest materialization. Without this such a run could only fail."""
+    if context.has_partition_key or context.has_partition_key_range:
+        keys = {k.asset_key for k in context.selected_asset_check_keys}
+        return CheckedDays(
+            dict.fromkeys(keys | set(context.selected_asset_keys), context.partition_keys)
+        )
+    if context.selected_asset_keys:
+        names = ", ".join(k.to_user_string() for k in sorted(context.selected_asset_keys))
+        raise Failure(
+            description=f"{names} are partitioned by day: pick the partitions to build "
+            "(Materialize, then a range such as [2024-04-01...2024-04-07]). Nothing was built."
+        )
+    order = {day: i for i, day in enumerate(definition.get_partition_keys())}
+    days, targets = {}, {}
+    for key in sorted({k.asset_key for k in context.selected_asset_check_keys}):
+        latest = latest_materializations(context, key)
+        targets |= latest
+        days[key] = sorted((day for _, day in latest if day in order), key=order.__getitem__)
+    if not any(days.values()):
+        names = ", ".join(key.to_user_string() for key in days)
+        raise Failure(
+            description=f"No partition of {names} has been materialized yet, so there is "
+            "nothing to check: materialize partitions, and their checks run with them."
+        )
+    return CheckedDays(days, targets)
+
+
 def per_partition_check_events(
-    context: AssetExecutionContext, invocation: DbtCliInvocation, conn: psycopg.Connection
+    context: AssetExecutionContext,
+    invocation: DbtCliInvocation,
+    conn: psycopg.Connection,
+    checked: CheckedDays,
 ) -> Iterator[object]:
     """Stream dbt's events, replacing each range-wide test result by one result per day.
 
@@ -103,10 +155,10 @@ def per_partition_check_events(
     if any(r["status"] == "error" and not uid.startswith("test.") for uid, r in results.items()):
         raise invocation.get_error() or RuntimeError(f"dbt failed: {invocation.dbt_command}")
 
-    days = context.partition_keys
-    targets = this_runs_materializations(context)
+    targets = this_runs_materializations(context) if checked.targets is None else checked.targets
     for key, result in held_back.items():
         spec = context.assets_def.get_spec_for_check_key(key)
+        days = checked.days.get(key.asset_key, [])
         test = results[result.metadata["unique_id"].value]
         status = test["status"]  # pass | fail | warn | error
         window_failures = test.get("failures") or 0
