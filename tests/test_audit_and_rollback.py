@@ -178,7 +178,7 @@ def test_a_rollback_whose_audit_row_is_refused_restores_nothing_and_says_why(
 ):
     assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
     rewrite_source(conn)
-    assert materialize_days(postgres, instance, DAYS[0]).success
+    assert materialize_days(postgres, instance, DAYS[0], tags=BACKFILL).success
     before = fingerprints(conn, [DAYS[0]])
     audit_before = audit_rows(conn)
     conn.execute(
@@ -312,6 +312,38 @@ def test_a_rollback_can_itself_be_rolled_back(postgres, instance, conn, data_url
         ).success
 
     assert fingerprints(conn, [DAYS[0]]) == fixed
+
+
+def test_rolling_back_a_backfill_whose_day_was_written_again_refuses_and_names_the_newer_write(
+    postgres, instance, conn
+):
+    """Restoring the pre-backfill rows would silently undo the later backfill's write too."""
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1], tags=BACKFILL).success
+    rewrite_source(conn)
+    later = {"dagster/backfill": "later001"}
+    assert materialize_days(postgres, instance, DAYS[1], tags=later).success
+    before = fingerprints(conn, DAYS[:2])
+
+    result = rollback_backfill.execute_in_process(
+        run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "fixtax01"}}}},
+        resources={"postgres": postgres},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    message = step_failure_message(result)
+    assert "was not the last write of 1 of its partition(s)" in message
+    assert f"analytics.fct_orders {DAYS[1]}: write" in message and "by later001" in message
+    assert fingerprints(conn, DAYS[:2]) == before
+    assert audit_rows(conn, strategy="rollback") == []
+    # Newest first, then it goes through.
+    for backfill_id in ("later001", "fixtax01"):
+        assert rollback_backfill.execute_in_process(
+            run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": backfill_id}}}},
+            resources={"postgres": postgres},
+            instance=instance,
+        ).success
 
 
 def test_rolling_back_an_unknown_backfill_fails_clearly_and_changes_nothing(

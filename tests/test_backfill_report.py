@@ -97,6 +97,11 @@ def test_the_report_of_a_backfill_equals_sql_over_the_table_before_and_after(
     assert text.count("<svg") == 1 + len(FCT_ORDERS.measures), "rows and each measure"
     assert "REP-1: late and corrected orders" in text and all(day in text for day in DAYS)
 
+    numbers = tmp_path / "report.json"
+    assert cli.main(["report", backfill_id, "--json", "--out", str(numbers)]) == 0
+    assert json.loads(numbers.read_text()) == list(reported.values()), "a .json --out: the JSON"
+    assert capsys.readouterr().out == ""
+
     assert cli.main(["report", backfill_id, "--out", str(page)]) == 0
     summary = capsys.readouterr().out
     assert "REP-1: late and corrected orders" in summary

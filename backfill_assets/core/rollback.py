@@ -78,7 +78,48 @@ def snapshots_of_backfill(
             f"backfill {backfill_id!r} wrote no partition (no succeeded rows in "
             "backfill_audit.backfill_runs); check the id with `backfill-assets audit`"
         )
+    _refuse_newer_writes(conn, backfill_id)
     return [_ref(registry, *row) for row in rows]
+
+
+def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
+    """A partition written again after the backfill (by another backfill, a run, a rollback)
+    would lose that newer write if its pre-backfill rows came back: refuse, naming them, so the
+    newer ones are undone first (newest first), or kept. A backfill already rolled back is
+    refused the same way (its rollback is the newer write)."""
+    kept = "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
+    newer = conn.execute(
+        sql.SQL(
+            "WITH ours AS (SELECT table_name, partition_key, max(id) AS last_id FROM {audit} "
+            "WHERE backfill_id = %(id)s AND strategy <> 'rollback' AND {kept} GROUP BY 1, 2) "
+            "SELECT n.table_name, n.partition_key, n.id, n.strategy, "
+            "coalesce(n.backfill_id, 'run ' || n.dagster_run_id, 'the CLI') FROM ours "
+            "JOIN {audit} n ON n.table_name = ours.table_name "
+            "AND n.partition_key = ours.partition_key AND n.id > ours.last_id "
+            "AND n.backfill_id IS DISTINCT FROM %(id)s AND {kept} "
+            # Newer writes already undone, and the rollbacks that undid them, do not count.
+            "AND NOT (n.strategy = 'rollback' AND n.restored_from > ours.last_id) "
+            "AND NOT EXISTS (SELECT FROM {audit} r WHERE r.strategy = 'rollback' "
+            "AND r.status = 'succeeded' AND r.restored_from = n.id) "
+            "ORDER BY n.table_name, n.partition_key, n.id"
+        ).format(audit=AUDIT_TABLE, kept=sql.SQL(kept)),  # ours has none of kept's columns
+        {"id": backfill_id},
+    ).fetchall()
+    if not newer:
+        return
+    lines = [
+        f"- {table} {partition}: write {audit_id} ({strategy}) by {by}"
+        for table, partition, audit_id, strategy, by in newer[:10]
+    ]
+    more = f"\n- and {len(newer) - 10} more" if len(newer) > 10 else ""
+    raise RollbackError(
+        f"backfill {backfill_id!r} was not the last write of {len(newer)} of its partition(s); "
+        "restoring its pre-backfill rows would also undo these newer writes:\n"
+        + "\n".join(lines)
+        + more
+        + "\nNothing was restored. Roll those back first (newest first: `backfill-assets rollback "
+        "--backfill ID`, or `--partition DAY --table T` for one partition), then this one."
+    )
 
 
 def snapshot_of_partition(

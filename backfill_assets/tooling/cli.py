@@ -444,8 +444,9 @@ def _report(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.parent.is_dir():
         raise ValueError(
             f"--out {out}: {'is a folder' if out.is_dir() else 'its folder does not exist'}; "
-            "give the path of an HTML file in an existing folder"
+            "give the path of an HTML (or .json) file in an existing folder"
         )
+    numbers_file = out.suffix.lower() == ".json"  # the JSON there, not the page
     prepare()
     with connect(settings.data_url()) as conn:
         changes = backfill_changes(conn, args.backfill_id)
@@ -456,15 +457,17 @@ def _report(args: argparse.Namespace) -> int:
 
         with DagsterInstance.get() as instance:
             existing_backfill(instance, args.backfill_id)  # refuses an unknown id
-    if args.json:
-        print(json.dumps([c.as_json() for c in changes], indent=2))
-    else:
+    numbers = json.dumps([c.as_json() for c in changes], indent=2)
+    if args.json and not numbers_file:
+        print(numbers)
+    elif not args.json:
         print(markdown(changes, heading=f"Backfill {args.backfill_id}"), end="")
     try:
-        out.write_text(html_page(args.backfill_id, changes))
+        out.write_text(numbers + "\n" if numbers_file else html_page(args.backfill_id, changes))
     except OSError as exc:
         raise ValueError(f"--out {out}: {exc.strerror}; nothing written") from None
-    print(f"charts: {out.resolve()}", file=sys.stderr if args.json else sys.stdout)
+    what = "numbers" if numbers_file else "charts"
+    print(f"{what}: {out.resolve()}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -703,7 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="what a backfill changed per partition (Markdown; HTML page with charts)"
     )
     report.add_argument("backfill_id")
-    report.add_argument("--out", help="the HTML page (default: ./backfill-BACKFILL_ID.html)")
+    report.add_argument(
+        "--out",
+        help="the HTML page with charts (default: ./backfill-BACKFILL_ID.html); a .json path "
+        "gets the numbers as JSON instead",
+    )
     report.add_argument("--json", action="store_true", help="the numbers as JSON, for scripts")
     report.set_defaults(func=_report)
 
