@@ -333,17 +333,30 @@ def test_rolling_back_a_backfill_whose_day_was_written_again_refuses_and_names_t
 
     assert not result.success
     message = step_failure_message(result)
-    assert "was not the last write of 1 of its partition(s)" in message
+    assert "no longer holds 1 of its partition(s)" in message
     assert f"analytics.fct_orders {DAYS[1]}: write" in message and "by later001" in message
     assert fingerprints(conn, DAYS[:2]) == before
     assert audit_rows(conn, strategy="rollback") == []
-    # Newest first, then it goes through.
-    for backfill_id in ("later001", "fixtax01"):
-        assert rollback_backfill.execute_in_process(
+
+    def roll_back(backfill_id: str):
+        return rollback_backfill.execute_in_process(
             run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": backfill_id}}}},
             resources={"postgres": postgres},
             instance=instance,
-        ).success
+            raise_on_error=False,
+        )
+
+    # Undoing the newer one, then undoing that undo, puts its rows back: still refused.
+    assert roll_back("later001").success
+    assert _rollback_partition(postgres, instance, DAYS[1]).success
+    assert fingerprints(conn, DAYS[:2]) == before
+    assert not roll_back("fixtax01").success
+    # Newest first, then it goes through; a second time there is nothing left to undo.
+    assert roll_back("later001").success
+    assert roll_back("fixtax01").success
+    twice = roll_back("fixtax01")
+    assert not twice.success
+    assert "by fixtax01" in step_failure_message(twice)
 
 
 def test_rolling_back_an_unknown_backfill_fails_clearly_and_changes_nothing(

@@ -121,3 +121,28 @@ def test_checks_launched_without_a_partition_run_once_per_built_day_of_their_mod
     built_by = {r.evaluation.target_materialization_data.run_id for r in by_day.values()}
     assert result.run_id not in built_by, "each result points at the day's own materialization"
     assert not result.success, "a failed blocking test still fails the run"
+
+
+def test_checks_launched_alone_for_one_day_judge_that_days_latest_materialization(
+    postgres, instance
+):
+    built = build([fct_orders, dbt_models], postgres, instance)
+    assert built.success
+    revenue = AssetKey(["analytics", "daily_revenue"])
+
+    result = materialize(
+        [fct_orders, dbt_models],
+        selection=AssetSelection.checks_for_assets(revenue),
+        resources={"postgres": postgres, "dbt": dbt_resource},
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": DAYS[1],
+            "dagster/asset_partition_range_end": DAYS[1],
+        },
+    )
+
+    assert result.success
+    for key in (k for k in dbt_models.check_keys if k.asset_key == revenue):
+        record = latest_check(instance, key.name, DAYS[1], revenue)
+        assert record.run_id == result.run_id and record.status == PASSED
+        assert record.evaluation.target_materialization_data.run_id == built.run_id, key.name

@@ -92,15 +92,15 @@ class Ui:
         lines = self.page.inner_text("body").splitlines()
         return next((after for before, after in pairwise(lines) if before == "Status"), None)
 
-    def check_partition(self, asset: str, check: str, day: str, shot: str) -> str:
-        """Catalog → the asset → *Checks* → the check → *Partitions* → the day: its text."""
+    def check_partition(self, asset: str, check: str, day: str, shows: str, shot: str) -> str:
+        """Catalog → the asset → *Checks* → the check → *Partitions* → the day, until its
+        detail ``shows`` a text of that day's result: the page's text."""
         self.open(f"/assets/analytics/{asset}?view=checks", check)
         self.page.get_by_text(check, exact=True).first.click()
         self.page.get_by_text("Partitions", exact=True).last.click()
         self.page.get_by_placeholder("Filter by partition").fill(day)
         self.page.get_by_text(day, exact=True).filter(visible=True).last.click()
-        detail = self.page.get_by_text("Metadata").last
-        expect(detail).to_be_visible(timeout=60_000)
+        expect(self.page.get_by_text(shows).first).to_be_visible()
         self.shot(shot)
         return self.page.inner_text("body")
 
@@ -118,6 +118,7 @@ def page() -> Iterator[Page]:
         )
         tab = browser.new_page(viewport={"width": 1500, "height": 1000})
         tab.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)  # pages load slowly while other tests run
         yield tab
         browser.close()
 
@@ -144,7 +145,9 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         ui.launch_from_lineage("1")
         first = newest_backfill_id(set())
         ui.follow_backfill(first, "Succeeded", "2-backfill-succeeded")
-        body = ui.check_partition("fct_orders", "measures_reconcile", "2024-04-02", "3-check")
+        body = ui.check_partition(
+            "fct_orders", "measures_reconcile", "2024-04-02", "net_amount_source", "3-check"
+        )
         assert "net_amount_source" in body and "Passed" in body
 
         # A day whose source lost its rows: the guard refuses it and nothing is deleted.
@@ -155,7 +158,9 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         ui.launch_from_lineage()
         second = newest_backfill_id({first})
         ui.follow_backfill(second, "Failed", "5-backfill-failed")
-        body = ui.check_partition("fct_orders", "source_guard", REFUSED_DAY, "6-refused-day")
+        body = ui.check_partition(
+            "fct_orders", "source_guard", REFUSED_DAY, "guard refused", "6-refused-day"
+        )
         assert "Failed" in body and "guard refused" in body and "Nothing was deleted" in body
 
         # "Execute all" on a mart's checks re-evaluates every day it holds, each on its own.

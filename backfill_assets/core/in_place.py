@@ -699,6 +699,7 @@ def write_in_place(
         audit_id=cursor.audit_id,
         error=committed_failure(table, window, verification),
         resumed_after=done.resumed_after,
+        committed=True,
     )
 
 

@@ -57,6 +57,9 @@ class PartitionOutcome:
     """Batches of an interrupted in-place write this one resumed after."""
     held_back_s: float = 0.0
     """Seconds the write waited inside itself for a pause or the throttle (between batches)."""
+    committed: bool = False
+    """Its changes are committed whatever its checks said (an in-place update's batches); a
+    failed one does not hold its previous rows any more."""
 
     @property
     def succeeded(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
 from uuid import UUID, uuid4
 
 import psycopg
@@ -84,41 +85,52 @@ def snapshots_of_backfill(
 
 def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
     """A partition written again after the backfill (by another backfill, a run, a rollback)
-    would lose that newer write if its pre-backfill rows came back: refuse, naming them, so the
-    newer ones are undone first (newest first), or kept. A backfill already rolled back is
-    refused the same way (its rollback is the newer write)."""
+    would lose that newer write if its pre-backfill rows came back: refuse, naming it, so newer
+    writes are undone first (newest first), or kept.
+
+    Each partition's audit rows from the backfill's first write on are replayed: a write makes
+    the partition hold its rows, a rollback gives back what it held before the write it undid.
+    The rollback goes ahead only where the partition still holds the backfill's rows; one
+    already rolled back is refused too.
+    """
     kept = "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
-    newer = conn.execute(
+    rows = conn.execute(
         sql.SQL(
-            "WITH ours AS (SELECT table_name, partition_key, max(id) AS last_id FROM {audit} "
+            "WITH ours AS (SELECT table_name, partition_key, min(id) AS first_id FROM {audit} "
             "WHERE backfill_id = %(id)s AND strategy <> 'rollback' AND {kept} GROUP BY 1, 2) "
-            "SELECT n.table_name, n.partition_key, n.id, n.strategy, "
-            "coalesce(n.backfill_id, 'run ' || n.dagster_run_id, 'the CLI') FROM ours "
-            "JOIN {audit} n ON n.table_name = ours.table_name "
-            "AND n.partition_key = ours.partition_key AND n.id > ours.last_id "
-            "AND n.backfill_id IS DISTINCT FROM %(id)s AND {kept} "
-            # Newer writes already undone, and the rollbacks that undid them, do not count.
-            "AND NOT (n.strategy = 'rollback' AND n.restored_from > ours.last_id) "
-            "AND NOT EXISTS (SELECT FROM {audit} r WHERE r.strategy = 'rollback' "
-            "AND r.status = 'succeeded' AND r.restored_from = n.id) "
-            "ORDER BY n.table_name, n.partition_key, n.id"
+            "SELECT table_name, partition_key, n.id, n.strategy, n.restored_from, "
+            "coalesce(n.backfill_id = %(id)s AND n.strategy <> 'rollback', false), "
+            "coalesce(n.backfill_id, 'run ' || n.dagster_run_id, 'the CLI') "
+            "FROM ours JOIN {audit} n USING (table_name, partition_key) "
+            "WHERE n.id >= ours.first_id AND {kept} ORDER BY table_name, partition_key, n.id"
         ).format(audit=AUDIT_TABLE, kept=sql.SQL(kept)),  # ours has none of kept's columns
         {"id": backfill_id},
     ).fetchall()
-    if not newer:
+    problems = []
+    for (table, partition), history in groupby(rows, key=lambda row: row[:2]):
+        held_before: dict[int, int | None] = {}
+        holder: int | None = None  # None: the rows from before the backfill (or unknown)
+        ours: set[int] = set()
+        for _, _, audit_id, strategy, restored_from, is_ours, by in history:
+            held_before[audit_id] = holder
+            holder = held_before.get(restored_from) if strategy == "rollback" else audit_id
+            if is_ours:
+                ours.add(audit_id)
+            last = f"write {audit_id} ({strategy}) by {by}"
+        if holder not in ours:
+            problems.append(f"- {table} {partition}: {last}")
+    if not problems:
         return
-    lines = [
-        f"- {table} {partition}: write {audit_id} ({strategy}) by {by}"
-        for table, partition, audit_id, strategy, by in newer[:10]
-    ]
-    more = f"\n- and {len(newer) - 10} more" if len(newer) > 10 else ""
+    more = f"\n- and {len(problems) - 10} more" if len(problems) > 10 else ""
     raise RollbackError(
-        f"backfill {backfill_id!r} was not the last write of {len(newer)} of its partition(s); "
-        "restoring its pre-backfill rows would also undo these newer writes:\n"
-        + "\n".join(lines)
+        f"backfill {backfill_id!r} no longer holds {len(problems)} of its partition(s): they "
+        "were written or rolled back since, and restoring its pre-backfill rows would undo "
+        "that:\n"
+        + "\n".join(problems[:10])
         + more
-        + "\nNothing was restored. Roll those back first (newest first: `backfill-assets rollback "
-        "--backfill ID`, or `--partition DAY --table T` for one partition), then this one."
+        + "\nNothing was restored. Roll the newer writes back first (newest first: "
+        "`backfill-assets rollback --backfill ID`, or `--partition DAY --table T` for one "
+        "partition), then this one; a backfill already rolled back needs nothing more."
     )
 
 

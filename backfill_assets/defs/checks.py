@@ -104,7 +104,8 @@ def evaluations(
 ) -> Iterator[AssetCheckEvaluation]:
     """One evaluation per check and partition, linked to the data it judged: this run's write
     (``materialized``), or else the rows the partition still holds, so a refused or rolled-back
-    day shows its failed check in the UI's partition view instead of reading as never checked."""
+    day shows its failed check in the UI's partition view instead of reading as never checked
+    (not so a failed in-place update, whose committed batches changed those rows)."""
     outcomes = list(outcomes)
     key = context.assets_def.key
     if materialized:
@@ -112,7 +113,7 @@ def evaluations(
     else:
         targets = latest_materializations(context, key, {o.window.key for o in outcomes})
     for outcome in outcomes:
-        target = targets.get((key, outcome.window.key))
+        target = None if outcome.committed else targets.get((key, outcome.window.key))
         for name, result in outcome.check_outcomes().items():
             metadata = {"partition": outcome.window.key, **result.metadata}
             if result.message:

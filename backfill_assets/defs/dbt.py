@@ -198,9 +198,9 @@ def _dbt_assets(
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
-            # Overlapping builds of the same days take turns, day by day, as the tables do;
-            # a run of checks alone builds nothing.
-            days = checked.span if checked is not None and context.selected_asset_keys else []
+            # Overlapping builds of the same days take turns, day by day, as the tables do
+            # (checks of every built day, run alone, read without taking turns).
+            days = checked.span if checked is not None and checked.builds else []
             with (
                 partition_locks(
                     postgres.resolved_url(),

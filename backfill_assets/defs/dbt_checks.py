@@ -95,6 +95,8 @@ class CheckedDays:
 
     days: dict[AssetKey, list[str]]
     targets: dict | None = None
+    builds: bool = True
+    """The run builds (or reads) just its own partitions: it takes their day locks."""
 
     @property
     def span(self) -> list[str]:
@@ -109,14 +111,18 @@ def checked_days(
     day's latest materialization. Without this such a run could only fail."""
     if context.has_partition_key or context.has_partition_key_range:
         keys = {k.asset_key for k in context.selected_asset_check_keys}
-        return CheckedDays(
-            dict.fromkeys(keys | set(context.selected_asset_keys), context.partition_keys)
-        )
+        days = context.partition_keys
+        if context.selected_asset_keys:
+            return CheckedDays(dict.fromkeys(keys | set(context.selected_asset_keys), days))
+        targets = {}  # checks alone: each day's latest materialization, as below
+        for key in keys:
+            targets |= latest_materializations(context, key, set(days))
+        return CheckedDays(dict.fromkeys(keys, days), targets)
     if context.selected_asset_keys:
         names = ", ".join(k.to_user_string() for k in sorted(context.selected_asset_keys))
         raise Failure(
-            description=f"{names} are partitioned by day: pick the partitions to build "
-            "(Materialize, then a range such as [2024-04-01...2024-04-07]). Nothing was built."
+            description=f"{names} are partitioned: pick the partitions to build (Materialize, "
+            "then a range such as [2024-04-01...2024-04-07]). Nothing was built."
         )
     order = {day: i for i, day in enumerate(definition.get_partition_keys())}
     days, targets = {}, {}
@@ -130,7 +136,7 @@ def checked_days(
             description=f"No partition of {names} has been materialized yet, so there is "
             "nothing to check: materialize partitions, and their checks run with them."
         )
-    return CheckedDays(days, targets)
+    return CheckedDays(days, targets, builds=False)
 
 
 def per_partition_check_events(

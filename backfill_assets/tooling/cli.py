@@ -458,9 +458,9 @@ def _report(args: argparse.Namespace) -> int:
         with DagsterInstance.get() as instance:
             existing_backfill(instance, args.backfill_id)  # refuses an unknown id
     numbers = json.dumps([c.as_json() for c in changes], indent=2)
-    if args.json and not numbers_file:
+    if args.json:
         print(numbers)
-    elif not args.json:
+    else:
         print(markdown(changes, heading=f"Backfill {args.backfill_id}"), end="")
     try:
         out.write_text(numbers + "\n" if numbers_file else html_page(args.backfill_id, changes))
