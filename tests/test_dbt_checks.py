@@ -88,6 +88,23 @@ def test_a_failing_blocking_dbt_test_fails_the_run_and_every_day_it_cannot_place
     )
 
 
+REVENUE = AssetKey(["analytics", "daily_revenue"])
+
+
+def run_checks_alone(postgres, instance, day: str | None = None):
+    """daily_revenue's checks without its model, as the UI's *Execute all* launches them: with
+    no partition, or for ``day``."""
+    days = {"start": day, "end": day} if day else {}
+    return materialize(
+        [fct_orders, dbt_models],
+        selection=AssetSelection.checks_for_assets(REVENUE),
+        resources={"postgres": postgres, "dbt": dbt_resource},
+        instance=instance,
+        tags={f"dagster/asset_partition_range_{edge}": key for edge, key in days.items()},
+        raise_on_error=False,
+    )
+
+
 def test_checks_launched_without_a_partition_run_once_per_built_day_of_their_model(
     postgres, instance, conn
 ):
@@ -98,18 +115,11 @@ def test_checks_launched_without_a_partition_run_once_per_built_day_of_their_mod
         "UPDATE analytics.daily_revenue SET order_count = order_count + 1 WHERE order_day = %s",
         [DAYS[2]],
     )
-    revenue = AssetKey(["analytics", "daily_revenue"])
 
-    result = materialize(
-        [fct_orders, dbt_models],
-        selection=AssetSelection.checks_for_assets(revenue),
-        resources={"postgres": postgres, "dbt": dbt_resource},
-        instance=instance,
-        raise_on_error=False,
-    )
+    result = run_checks_alone(postgres, instance)
 
     key = next(k for k in dbt_models.check_keys if k.name.startswith("reconcile"))
-    by_day = {day: latest_check(instance, key.name, day, revenue) for day in DAYS}
+    by_day = {day: latest_check(instance, key.name, day, REVENUE) for day in DAYS}
     assert {day: r.run_id == result.run_id for day, r in by_day.items()} == dict.fromkeys(
         DAYS, True
     )
@@ -128,21 +138,11 @@ def test_checks_launched_alone_for_one_day_judge_that_days_latest_materializatio
 ):
     built = build([fct_orders, dbt_models], postgres, instance)
     assert built.success
-    revenue = AssetKey(["analytics", "daily_revenue"])
 
-    result = materialize(
-        [fct_orders, dbt_models],
-        selection=AssetSelection.checks_for_assets(revenue),
-        resources={"postgres": postgres, "dbt": dbt_resource},
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": DAYS[1],
-            "dagster/asset_partition_range_end": DAYS[1],
-        },
-    )
+    result = run_checks_alone(postgres, instance, day=DAYS[1])
 
     assert result.success
-    for key in (k for k in dbt_models.check_keys if k.asset_key == revenue):
-        record = latest_check(instance, key.name, DAYS[1], revenue)
+    for key in (k for k in dbt_models.check_keys if k.asset_key == REVENUE):
+        record = latest_check(instance, key.name, DAYS[1], REVENUE)
         assert record.run_id == result.run_id and record.status == PASSED
         assert record.evaluation.target_materialization_data.run_id == built.run_id, key.name
