@@ -324,12 +324,7 @@ def test_rolling_back_a_backfill_whose_day_was_written_again_refuses_and_names_t
     assert materialize_days(postgres, instance, DAYS[1], tags=later).success
     before = fingerprints(conn, DAYS[:2])
 
-    result = rollback_backfill.execute_in_process(
-        run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "fixtax01"}}}},
-        resources={"postgres": postgres},
-        instance=instance,
-        raise_on_error=False,
-    )
+    result = _rollback_backfill(postgres, instance, "fixtax01")
 
     assert not result.success
     message = step_failure_message(result)
@@ -338,23 +333,15 @@ def test_rolling_back_a_backfill_whose_day_was_written_again_refuses_and_names_t
     assert fingerprints(conn, DAYS[:2]) == before
     assert audit_rows(conn, strategy="rollback") == []
 
-    def roll_back(backfill_id: str):
-        return rollback_backfill.execute_in_process(
-            run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": backfill_id}}}},
-            resources={"postgres": postgres},
-            instance=instance,
-            raise_on_error=False,
-        )
-
     # Undoing the newer one, then undoing that undo, puts its rows back: still refused.
-    assert roll_back("later001").success
+    assert _rollback_backfill(postgres, instance, "later001").success
     assert _rollback_partition(postgres, instance, DAYS[1]).success
     assert fingerprints(conn, DAYS[:2]) == before
-    assert not roll_back("fixtax01").success
+    assert not _rollback_backfill(postgres, instance, "fixtax01").success
     # Newest first, then it goes through; a second time there is nothing left to undo.
-    assert roll_back("later001").success
-    assert roll_back("fixtax01").success
-    twice = roll_back("fixtax01")
+    assert _rollback_backfill(postgres, instance, "later001").success
+    assert _rollback_backfill(postgres, instance, "fixtax01").success
+    twice = _rollback_backfill(postgres, instance, "fixtax01")
     assert not twice.success
     assert "by fixtax01" in step_failure_message(twice)
 
@@ -365,12 +352,7 @@ def test_rolling_back_an_unknown_backfill_fails_clearly_and_changes_nothing(
     assert materialize_days(postgres, instance, DAYS[0]).success
     before = fingerprints(conn, [DAYS[0]])
 
-    result = rollback_backfill.execute_in_process(
-        run_config={"ops": {"restore_snapshots": {"config": {"backfill_id": "nosuchid"}}}},
-        resources={"postgres": postgres},
-        instance=instance,
-        raise_on_error=False,
-    )
+    result = _rollback_backfill(postgres, instance, "nosuchid")
 
     assert not result.success
     assert "backfill 'nosuchid' wrote no partition" in str(result.all_events)
@@ -459,7 +441,15 @@ def _collide_audit_ids(postgres, instance, conn, day: str, other: str) -> dict:
 
 
 def _rollback_partition(postgres, instance, day: str):
-    config = {"partition": day, "table": "analytics.fct_orders"}
+    return _rollback(postgres, instance, {"partition": day, "table": "analytics.fct_orders"})
+
+
+def _rollback_backfill(postgres, instance, backfill_id: str):
+    return _rollback(postgres, instance, {"backfill_id": backfill_id})
+
+
+def _rollback(postgres, instance, config: dict):
+    """The rollback_backfill job, as the UI's launchpad runs it; failures are returned."""
     return rollback_backfill.execute_in_process(
         run_config={"ops": {"restore_snapshots": {"config": config}}},
         resources={"postgres": postgres},

@@ -33,6 +33,11 @@ from backfill_assets.core.writer import (
 )
 
 STRATEGY = "rollback"
+KEPT_WRITE = sql.SQL(
+    "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
+)
+"""Audit rows of writes whose rows a rollback can restore: succeeded ones, and in-place updates
+whose committed batches kept a snapshot even though a check failed."""
 
 
 class RollbackError(RuntimeError):
@@ -68,10 +73,8 @@ def snapshots_of_backfill(
         sql.SQL(
             "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
             "snapshot_rows, write_id FROM {} WHERE backfill_id = %s "
-            "AND strategy <> 'rollback' AND (status = 'succeeded' OR "
-            "(strategy = 'batched_update' AND snapshot_rows IS NOT NULL)) "
-            "ORDER BY table_name, partition_key, id"
-        ).format(AUDIT_TABLE),
+            "AND strategy <> 'rollback' AND {} ORDER BY table_name, partition_key, id"
+        ).format(AUDIT_TABLE, KEPT_WRITE),
         [backfill_id],
     ).fetchall()
     if not rows:
@@ -93,7 +96,6 @@ def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
     The rollback goes ahead only where the partition still holds the backfill's rows; one
     already rolled back is refused too.
     """
-    kept = "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
     rows = conn.execute(
         sql.SQL(
             "WITH ours AS (SELECT table_name, partition_key, min(id) AS first_id FROM {audit} "
@@ -103,7 +105,7 @@ def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
             "coalesce(n.backfill_id, 'run ' || n.dagster_run_id, 'the CLI') "
             "FROM ours JOIN {audit} n USING (table_name, partition_key) "
             "WHERE n.id >= ours.first_id AND {kept} ORDER BY table_name, partition_key, n.id"
-        ).format(audit=AUDIT_TABLE, kept=sql.SQL(kept)),  # ours has none of kept's columns
+        ).format(audit=AUDIT_TABLE, kept=KEPT_WRITE),  # ours has none of its columns
         {"id": backfill_id},
     ).fetchall()
     problems = []
@@ -142,10 +144,8 @@ def snapshot_of_partition(
     row = conn.execute(
         sql.SQL(
             "SELECT id, table_name, partition_key, snapshot_rows, write_id FROM {} "
-            "WHERE table_name = %s AND partition_key = %s AND (status = 'succeeded' OR "
-            "(strategy = 'batched_update' AND snapshot_rows IS NOT NULL)) "
-            "ORDER BY id DESC LIMIT 1"
-        ).format(AUDIT_TABLE),
+            "WHERE table_name = %s AND partition_key = %s AND {} ORDER BY id DESC LIMIT 1"
+        ).format(AUDIT_TABLE, KEPT_WRITE),
         [table.qualified_name, partition_key],
     ).fetchone()
     if row is None:

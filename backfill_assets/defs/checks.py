@@ -23,6 +23,7 @@ from dagster import (
     AssetKey,
     AssetRecordsFilter,
     DagsterEventType,
+    EventLogRecord,
     Output,
 )
 
@@ -151,12 +152,17 @@ def this_runs_materializations(
         event = record.event_log_entry.dagster_event
         if event is None or event.asset_key is None or event.partition is None:
             continue
-        found[event.asset_key, event.partition] = AssetCheckEvaluationTargetMaterializationData(
-            storage_id=record.storage_id,
-            run_id=record.event_log_entry.run_id,
-            timestamp=record.event_log_entry.timestamp,
-        )
+        found[event.asset_key, event.partition] = _target(record)
     return found
+
+
+def _target(record: EventLogRecord) -> AssetCheckEvaluationTargetMaterializationData:
+    """A materialization's record as the target a check result points at."""
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id,
+        run_id=record.event_log_entry.run_id,
+        timestamp=record.event_log_entry.timestamp,
+    )
 
 
 def latest_materializations(
@@ -176,11 +182,4 @@ def latest_materializations(
     records = context.instance.fetch_materializations(
         AssetRecordsFilter(asset_key=key, storage_ids=list(partition_of)), limit=len(partition_of)
     ).records
-    return {
-        (key, partition_of[record.storage_id]): AssetCheckEvaluationTargetMaterializationData(
-            storage_id=record.storage_id,
-            run_id=record.event_log_entry.run_id,
-            timestamp=record.event_log_entry.timestamp,
-        )
-        for record in records
-    }
+    return {(key, partition_of[record.storage_id]): _target(record) for record in records}
