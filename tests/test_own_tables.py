@@ -225,6 +225,23 @@ def test_a_column_type_postgresql_does_not_know_fails_loading(
         build_definitions(load_registry([folder]))
 
 
+def test_a_measure_postgresql_cannot_sum_fails_loading_naming_it(
+    tmp_path, monkeypatch, data_url, conn
+):
+    conn.execute((OWN_TABLES / "order_lines_source.sql").read_text())
+    folder = _table_with_sql(tmp_path, lambda sql: sql)
+    declaration = folder / "shipped_lines.yaml"
+    declaration.write_text(
+        declaration.read_text().replace(
+            "measures: [quantity, net_price]", "measures: [quantity, ship_mode]"
+        )
+    )
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+
+    with pytest.raises(ContractError, match=r"measures ship_mode \(text\) cannot be summed"):
+        build_definitions(load_registry([folder]))
+
+
 def test_the_tables_command_reports_each_contract_and_fails_on_a_broken_one(
     tmp_path, monkeypatch, data_url, conn, capsys
 ):

@@ -87,9 +87,36 @@ def check_types(conn: psycopg.Connection, table: TableSpec) -> None:
         )
 
 
+def check_measures(conn: psycopg.Connection, table: TableSpec) -> None:
+    """Every measure's declared type is one PostgreSQL can sum: ``measures_reconcile`` compares
+    sums, so a text measure would otherwise refuse every partition at run time, blaming the SQL."""
+    types = {column.name: column.type for column in table.columns}
+    unsummable = []
+    for name in table.measures:
+        try:
+            with conn.transaction():
+                canonical = conn.execute(
+                    "SELECT format_type(to_regtype(%s), NULL)", [types[name]]
+                ).fetchone()[0]
+                if canonical is not None:  # an unknown type is check_types' to name
+                    conn.execute(sql.SQL("SELECT sum(NULL::{})").format(sql.SQL(canonical)))
+        except errors.UndefinedFunction:
+            unsummable.append(f"{name} ({types[name]})")
+        except psycopg.Error:
+            continue
+    if unsummable:
+        raise ContractError(
+            f"table {table.qualified_name} (declared in {table.declared_in}): measures "
+            f"{', '.join(unsummable)} cannot be summed; a measure's sum is reconciled with the "
+            "source, so it must be a number (integer, bigint, numeric, real): remove it from "
+            "measures, or declare a numeric column"
+        )
+
+
 def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
-    """Raise ``ContractError`` naming unknown types, missing and extra columns; ``SourceNotReady``
-    if the sources do not exist yet."""
+    """Raise ``ContractError`` naming unknown types, unsummable measures, missing and extra
+    columns; ``SourceNotReady`` if the sources do not exist yet."""
+    check_measures(conn, table)
     if table.in_place:
         check_in_place(conn, table)
         return
