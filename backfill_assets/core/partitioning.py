@@ -130,7 +130,7 @@ class Partitioning:
         ):
             inside = start is not None and self.contains(_floor(start, self.granularity))
             raise UnknownPartitionError(
-                f"unknown partition key {key!r}: {self.column} has {self.describe()} "
+                f"unknown partition key {key!r}: the table has {self.describe()} "
                 f"(keys look like {self.first_key()}); "
                 + (
                     f"{key} is inside a partition but not its key: pick "

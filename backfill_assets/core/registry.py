@@ -146,7 +146,8 @@ def _load(dirs: tuple[Path, ...], _edits: tuple[tuple[str, int], ...]) -> Regist
         if not directory.is_dir():
             raise DeclarationError(
                 f"{directory} is not a directory; {TABLES_PATH_ENV} lists folders of table "
-                "declarations (one YAML file and one SQL file per table)"
+                f"declarations (one YAML file and one SQL file per table) separated by "
+                f"{os.pathsep!r}, not commas"
             )
         for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
             table = parse_declaration(path)
