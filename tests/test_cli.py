@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import database_checksum, materialize_days, record_past_writes
+from dagster import AssetRecordsFilter
+from support import FCT_ORDERS_KEY, database_checksum, materialize_days, record_past_writes
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
@@ -70,6 +71,12 @@ def test_the_rollback_and_audit_commands_undo_a_backfill_and_show_it(
     assert cli.main(["rollback", "--backfill", "clitest1"]) == 0
     assert "restored analytics.fct_orders 2024-04-01" in capsys.readouterr().out
     assert fingerprints(conn, ["2024-04-01"]) == before
+    latest = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=FCT_ORDERS_KEY, asset_partitions=["2024-04-01"]), limit=1
+    ).records[0]
+    metadata = latest.asset_materialization.metadata
+    assert "rolled_back_write" in metadata, "the UI shows the rollback as what the day holds"
+    assert metadata["checksum_after"].value == before["2024-04-01"].checksum
 
     assert cli.main(["audit", "--limit", "5"]) == 0
     report = capsys.readouterr().out

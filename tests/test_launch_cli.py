@@ -11,7 +11,7 @@ from support import database_checksum, failed_run_report, record_past_writes, ru
 
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.tooling import cli
-from backfill_assets.tooling.launch import closed, running_daemon
+from backfill_assets.tooling.launch import closed, launch_asset_backfill, running_daemon
 from backfill_assets.tooling.webserver import Webserver
 
 DAYS = ["2024-05-01", "2024-05-02", "2024-05-03"]
@@ -199,6 +199,9 @@ def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
         out = capsys.readouterr().out
         failed_id = launched_id(out)
         assert f"not materialized: analytics/fct_orders {DAYS[1]}" in out
+        # Why, as the run's failure says it in the UI too, with the command that re-runs it.
+        assert f"- {bad_day} keeps its previous rows: " in out and "net_amount_check" in out
+        assert f"Re-execute from failure, or `backfill-assets retry {failed_id}`" in out
         conn.execute("UPDATE app.orders SET net_amount = 1 WHERE net_amount = -1")
 
         assert cli.main(["retry", failed_id, "--wait"]) == 0
@@ -217,6 +220,21 @@ def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
         "WHERE status = 'succeeded' ORDER BY partition_key"
     ).fetchall()
     assert writes == [(DAYS[0], failed_id), (DAYS[1], retry_id), (DAYS[2], failed_id)]
+
+
+def test_status_says_why_a_run_failed_before_any_check_could(dagster_env, tmp_path, capsys):
+    """A run that fails before writing (here a tag the UI let through) has no check to say why:
+    ``status`` prints the run's own error, without Dagster's wrapper or the stack."""
+    with DagsterInstance.get() as instance:
+        backfill_id = launch_asset_backfill(
+            instance, [FCT_ORDERS], DAYS[0], DAYS[0], tags={"backfill_assets/max_shrink": "lots"}
+        )
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        assert cli.main(["status", backfill_id, "--wait"]) == 1
+    out = capsys.readouterr().out
+    failure = next(line for line in out.splitlines() if line.startswith("  run "))
+    assert "failed: " in failure and "max_shrink='lots' must be a fraction" in failure
+    assert "Traceback" not in out and "DagsterExecutionStepExecutionError" not in out
 
 
 BACKFILL_STATUS = """query ($id: String!) { partitionBackfillOrError(backfillId: $id) {

@@ -239,7 +239,7 @@ def test_a_bad_day_of_a_five_day_run_fails_alone_and_the_other_four_are_written(
     message = step_failure_message(result)
     assert "4 of 5 partition(s) of analytics.fct_orders were written" in message
     assert f"{DAY} keeps its previous rows" in message
-    assert "backfill-assets retry" in message
+    assert f"--select analytics/fct_orders --from {DAY} --to {DAY}" in message, "how to re-run it"
     statuses = conn.execute(
         "SELECT partition_key, status FROM backfill_audit.backfill_runs "
         "WHERE id > 5 ORDER BY partition_key"

@@ -87,16 +87,23 @@ def _restore(
             f"restored {ref.table.qualified_name} {ref.partition_key} to the snapshot of write "
             f"{ref.audit_id}: {result.rows_restored} rows"
         )
-        yield AssetMaterialization(
-            asset_key=asset_key(ref.table),
-            partition=ref.partition_key,
-            description=f"rolled back to the rows before write {ref.audit_id}",
-            metadata={
-                "rolled_back_write": ref.audit_id,
-                "rows_restored": result.rows_restored,
-                "rows_deleted": result.rows_deleted,
-                "checksum_after": result.checksum_after,
-                "audit_id": result.audit_id or -1,
-            },
-        )
+        yield restored_materialization(result)
     yield Output(len(results), metadata={"partitions_restored": len(results)})
+
+
+def restored_materialization(result: rollback.RollbackResult) -> AssetMaterialization:
+    """A restored partition as its asset's newest materialization: what the partition holds now
+    (the UI's partition view, the check results' target), whether the job or the CLI restored it."""
+    ref = result.snapshot
+    return AssetMaterialization(
+        asset_key=asset_key(ref.table),
+        partition=ref.partition_key,
+        description=f"rolled back to the rows before write {ref.audit_id}",
+        metadata={
+            "rolled_back_write": ref.audit_id,
+            "rows_restored": result.rows_restored,
+            "rows_deleted": result.rows_deleted,
+            "checksum_after": result.checksum_after,
+            "audit_id": result.audit_id or -1,
+        },
+    )

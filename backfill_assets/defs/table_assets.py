@@ -273,10 +273,7 @@ def _partial_run(
         lines.append(
             f"- {', '.join(unattempted)} keep their previous rows: not attempted, {stopped}"
         )
-    lines.append(
-        "Fix the cause, then `backfill-assets retry BACKFILL_ID` re-runs only these partitions "
-        "(and what depends on them)."
-    )
+    lines.append(_how_to_rerun(run, table, [o.window.key for o in failed] + unattempted))
     raise Failure(
         description="\n".join(lines),
         metadata={
@@ -284,4 +281,20 @@ def _partial_run(
             "unattempted_partitions": ", ".join(unattempted) or "-",
             "written_partitions": len(committed),
         },
+    )
+
+
+def _how_to_rerun(run: RunInfo, table: TableSpec, keys: list[str]) -> str:
+    """What re-runs exactly the partitions a run did not write: its backfill's re-execution from
+    failure, named by the backfill's id; or, for a run outside a backfill, a launch of them."""
+    if run.backfill_id:
+        return (
+            "Fix the cause, then re-run only these partitions and what depends on them: the "
+            "backfill page's menu > Re-execute from failure, or "
+            f"`backfill-assets retry {run.backfill_id}`."
+        )
+    first, last = min(keys), max(keys)
+    return (
+        "Fix the cause, then launch them again: `backfill-assets launch --select "
+        f"{table.asset_name} --from {first} --to {last}`."
     )

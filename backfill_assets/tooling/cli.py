@@ -134,8 +134,29 @@ def _rollback(args: argparse.Namespace) -> int:
             f"restored {ref.table.qualified_name} {ref.partition_key}: {result.rows_restored} rows "
             f"from the snapshot of write {ref.audit_id} (audit row {result.audit_id})"
         )
+    _record_in_dagster(results)
     print("Rebuild what reads these partitions (the tables and dbt models downstream of them).")
     return 0
+
+
+def _record_in_dagster(results) -> None:
+    """Each restored partition as its asset's newest materialization, as the rollback job
+    records it: otherwise the UI would go on showing the undone write as what the day holds.
+    The rows are restored already; a Dagster storage that cannot be reached is said, not fatal."""
+    from dagster import DagsterInstance
+
+    from backfill_assets.defs.rollback import restored_materialization
+
+    try:
+        with DagsterInstance.get() as instance:
+            for result in results:
+                instance.report_runless_asset_event(restored_materialization(result))
+    except Exception as exc:  # the data is restored; only the UI's record is missing
+        print(
+            f"warning: the rollback is done, but Dagster's storage did not record it ({exc}); "
+            "the UI shows the undone write until these partitions are written again",
+            file=sys.stderr,
+        )
 
 
 MAX_RETENTION_DAYS = 36_500
@@ -417,7 +438,18 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
         print(json.dumps(report.as_json(), indent=2))
     else:
         for partition, checks in sorted(report.failed_checks.items()):
-            print(f"  {partition}: " + ", ".join(f"{n} {r}" for n, r in sorted(checks.items())))
+            for name, verdict in sorted(checks.items()):
+                print(f"  {partition}: {name} {verdict}")
+        for run_id, failure in sorted(report.failures.items()):
+            print(f"  run {run_id} failed: {failure}")
+        if report.error:
+            print(f"  Dagster failed the backfill: {report.error}")
+            if "no longer does" in report.error:
+                print(
+                    "  the running daemon's definitions lack an asset of this backfill: check "
+                    "that they load (`backfill-assets tables`), then restart `make ui` (or "
+                    "Deployment > Reload in the UI) and `retry` it"
+                )
         failed = sorted(
             f"{p.asset} {p.partition}"
             for p in report.partitions.values()
@@ -426,8 +458,7 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
         if failed:
             print(f"  not materialized: {', '.join(failed)}")
             print(f"  retry them: backfill-assets retry {backfill_id}")
-        state = "finished" if report.finished else "running"
-        print(f"status: {state} (daemon: {report.daemon_status})")
+        print(f"status: {report.state_line()}")
     if report.count("failed") or (report.finished and not report.succeeded):
         return 1
     return 0 if report.finished else 3

@@ -60,6 +60,8 @@ class PartitionState:
     rows: int = 0
     checks: dict[str, str] = field(default_factory=dict)
     """check name -> passed | warned | failed"""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """check name -> the message of a check that did not pass (a guard's refusal, say)"""
     run_id: str | None = None
 
 
@@ -74,6 +76,10 @@ class RunEvents:
     materialized: dict[tuple[str, str], int]
     """(asset, partition) -> rows inserted"""
     checks: dict[tuple[str, str], dict[str, str]]
+    reasons: dict[tuple[str, str], dict[str, str]]
+    failure: str | None = None
+    """Why the run failed, when it failed before any check could say (its first step failure,
+    else the run's own failure: a contract error, definitions that no longer hold an asset)."""
 
 
 @dataclass
@@ -83,6 +89,10 @@ class BackfillReport:
     created: float
     partitions: dict[tuple[str, str], PartitionState]
     runs: dict[str, DagsterRunStatus]
+    failures: dict[str, str] = field(default_factory=dict)
+    """run id -> why it failed, for failed runs whose checks do not say it"""
+    error: str | None = None
+    """Why the daemon failed the backfill itself (definitions that no longer load, say)."""
     now: float = field(default_factory=get_current_timestamp)
 
     def count(self, status: str) -> int:
@@ -112,14 +122,32 @@ class BackfillReport:
         accounted = self.count("materialized") + self.count("failed") == self.total
         return bool(self.runs) and runs_ended and accounted
 
+    def state_line(self) -> str:
+        """Finished or running, with Dagster's own status of the backfill: the daemon records
+        the end at its next tick, up to 30 s after the last partition."""
+        if not self.finished:
+            return f"running (Dagster: {self.daemon_status})"
+        if self.daemon_status in {s.value for s in BULK_ACTION_TERMINAL_STATUSES}:
+            return f"finished (Dagster: {self.daemon_status})"
+        return (
+            f"finished (Dagster still says {self.daemon_status} until its daemon's next tick, "
+            "within 30 s)"
+        )
+
     @property
     def succeeded(self) -> bool:
         return self.finished and self.count("materialized") == self.total
 
     @property
     def failed_checks(self) -> dict[str, dict[str, str]]:
+        """``asset partition`` -> each check that did not pass -> its verdict, with its message
+        when it left one (``failed: guard refused to replace …``)."""
         return {
-            f"{p.asset} {p.partition}": {n: r for n, r in p.checks.items() if r != "passed"}
+            f"{p.asset} {p.partition}": {
+                n: f"{r}: {p.reasons[n]}" if n in p.reasons else r
+                for n, r in p.checks.items()
+                if r != "passed"
+            }
             for p in self.partitions.values()
             if any(r != "passed" for r in p.checks.values())
         }
@@ -182,7 +210,7 @@ class BackfillWatcher:
         backfill = existing_backfill(self.instance, self.backfill_id)
         partitions = {key: PartitionState(*key) for key in _targets(backfill)}
         runs = self.instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}))
-        statuses = {}
+        statuses, failures = {}, {}
         for run in sorted(runs, key=lambda r: r.run_id):
             if run.is_complete_and_waiting_to_retry:
                 # Failed, and Dagster's run retries will launch its retry: its partitions are
@@ -192,6 +220,8 @@ class BackfillWatcher:
             events = self._ended.get(run.run_id) or self._read(run)
             if run.status in FINISHED:
                 self._ended[run.run_id] = events
+            if run.status == DagsterRunStatus.FAILURE and events.failure:
+                failures[run.run_id] = events.failure
             _apply(partitions, run.run_id, events)
         return BackfillReport(
             backfill_id=self.backfill_id,
@@ -199,21 +229,29 @@ class BackfillWatcher:
             created=backfill.backfill_timestamp,
             partitions=partitions,
             runs=statuses,
+            failures=failures,
+            error=_error_text(backfill.error) if backfill.error else None,
         )
 
     def _read(self, run) -> RunEvents:
         materialized: dict[tuple[str, str], int] = {}
         checks: dict[tuple[str, str], dict[str, str]] = {}
+        reasons: dict[tuple[str, str], dict[str, str]] = {}
         records = self.instance.get_records_for_run(
             run.run_id,
             of_type={
                 DagsterEventType.ASSET_MATERIALIZATION,
                 DagsterEventType.ASSET_CHECK_EVALUATION,
+                DagsterEventType.STEP_FAILURE,
+                DagsterEventType.RUN_FAILURE,
             },
         ).records
+        failures = []
         for record in records:
             event = record.event_log_entry.dagster_event
-            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            if event.event_type in (DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE):
+                failures.append(_failure_text(event))
+            elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 materialization = event.step_materialization_data.materialization
                 # Rows a partition's write produced: inserted, or updated in place.
                 inserted = materialization.metadata.get(
@@ -227,8 +265,33 @@ class BackfillWatcher:
                     continue
                 key = (evaluation.asset_key.to_user_string(), evaluation.partition)
                 checks.setdefault(key, {})[evaluation.check_name] = _verdict(evaluation)
+                message = evaluation.metadata.get("message")
+                if not evaluation.passed and message is not None and message.value:
+                    reasons.setdefault(key, {})[evaluation.check_name] = str(message.value)
         assets = frozenset(key.to_user_string() for key in run.asset_selection or ())
-        return RunEvents(run.status, assets, _run_partitions(run.tags), materialized, checks)
+        partitions = _run_partitions(run.tags)
+        failure = None if reasons else next(iter(failures), None)
+        return RunEvents(run.status, assets, partitions, materialized, checks, reasons, failure)
+
+
+def _failure_text(event) -> str:
+    """A step's or run's failure as a person reads it: a deliberate failure's description, else
+    the error's message, without the stack."""
+    data = event.event_specific_data
+    user = getattr(data, "user_failure_data", None)
+    if user is not None and user.description:
+        return user.description
+    error = getattr(data, "error", None)
+    if error is not None:
+        return _error_text(error)
+    return event.message or event.event_type_value
+
+
+def _error_text(error) -> str:
+    """The message of the error that caused it all, without Dagster's wrappers or the stack."""
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error.message.strip()
 
 
 def _verdict(evaluation) -> str:
@@ -266,6 +329,9 @@ def _apply(partitions: dict[tuple[str, str], PartitionState], run_id: str, event
         state = partitions.get((asset, partition)) or partitions.get((ANY_ASSET, partition))
         if state is not None:
             state.checks.update(checks)
+            for name in checks:  # a later run's verdict replaces an earlier one's reason
+                state.reasons.pop(name, None)
+            state.reasons.update(events.reasons.get((asset, partition), {}))
     if not events.partitions:
         return
     first, last = events.partitions
