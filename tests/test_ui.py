@@ -44,7 +44,8 @@ class Ui:
         started = time.monotonic()
         self.page.goto(self.url + path)
         expect(self.page.get_by_text(ready_text).first).to_be_visible(timeout=60_000)
-        self.load_times[path.split("?")[0]] = time.monotonic() - started
+        page = re.sub(r"/runs/b/\w+", "/runs/b/ID", path.split("?")[0])
+        self.load_times[page] = time.monotonic() - started
 
     def shot(self, name: str | None) -> None:
         if name:
@@ -84,13 +85,28 @@ class Ui:
                 raise AssertionError(f"backfill {backfill_id}: {shown}, not {status}:\n{body}")
             time.sleep(5)
             self.page.reload()
+            # The page renders its header after the load event: read it once it is there.
+            expect(self.page.get_by_text("Partition selection").first).to_be_visible()
         expect(self.page.get_by_text("analytics / fct_orders").first).to_be_visible(timeout=60_000)
         self.shot(shot)
 
+    def reexecute_from_failure(self, backfill_id: str) -> None:
+        """The backfill's page → its menu (the only unlabelled button, top right) → *Re-execute
+        from failure*: Dagster launches a new backfill of what this one did not materialize."""
+        self.open(f"/runs/b/{backfill_id}", "Partition selection")
+        self.page.get_by_role("button").last.click()
+        self.page.get_by_role("menuitem", name="Re-execute from failure").click()
+        expect(self.page.get_by_text("Created backfill").first).to_be_visible()
+
     def backfill_status(self) -> str | None:
-        """The badge under the backfill page's *Status* heading."""
-        lines = self.page.inner_text("body").splitlines()
-        return next((after for before, after in pairwise(lines) if before == "Status"), None)
+        """The badge under the backfill page's *Status* heading, once the page shows one."""
+        for _ in range(20):
+            lines = self.page.inner_text("body").splitlines()
+            shown = next((after for before, after in pairwise(lines) if before == "Status"), None)
+            if shown:
+                return shown
+            time.sleep(0.5)
+        return None
 
     def check_partition(self, asset: str, check: str, day: str, shows: str, shot: str) -> str:
         """Catalog → the asset → *Checks* → the check → *Partitions* → the day, until its
@@ -152,8 +168,12 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
 
         # A day whose source lost its rows: the guard refuses it and nothing is deleted.
         conn.execute(
-            "DELETE FROM app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1",
-            [REFUSED_DAY, REFUSED_DAY],
+            "CREATE TABLE app.refused_day_orders AS SELECT * FROM app.orders "
+            "WHERE (ordered_at AT TIME ZONE 'UTC')::date = %s::date",
+            [REFUSED_DAY],
+        )
+        conn.execute(
+            "DELETE FROM app.orders WHERE order_id IN (SELECT order_id FROM app.refused_day_orders)"
         )
         ui.launch_from_lineage()
         second = newest_backfill_id({first})
@@ -162,6 +182,13 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
             "fct_orders", "source_guard", REFUSED_DAY, "guard refused", "6-refused-day"
         )
         assert "Failed" in body and "guard refused" in body and "Nothing was deleted" in body
+        assert day_rows(conn) > 0, "the refused day keeps its previous rows"
+
+        # The source is fixed; the failed backfill's menu re-runs exactly what it did not write.
+        conn.execute("INSERT INTO app.orders SELECT * FROM app.refused_day_orders")
+        ui.reexecute_from_failure(second)
+        third = newest_backfill_id({first, second})
+        ui.follow_backfill(third, "Succeeded", "7-reexecuted-from-failure")
 
         # "Execute all" on a mart's checks re-evaluates every day it holds, each on its own.
         ui.open("/assets/analytics/daily_revenue?view=checks", "Execute all")
@@ -180,7 +207,7 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
             )
         ui.open("/assets/analytics/daily_revenue?view=checks", "Execute all")
         expect(page.get_by_text("Succeeded", exact=True)).to_have_count(3)
-        ui.shot("7-execute-all")
+        ui.shot("8-execute-all")
 
     (shots / "load_times.txt").write_text(
         "".join(f"{path}\t{seconds:.1f}\n" for path, seconds in ui.load_times.items())
@@ -188,9 +215,29 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
     with DagsterInstance.get() as instance:
         assert instance.get_backfill(first).status == BulkActionStatus.COMPLETED_SUCCESS
         assert instance.get_backfill(second).status == BulkActionStatus.COMPLETED_FAILED
+        reexecution = instance.get_backfill(third)
+        assert reexecution.status == BulkActionStatus.COMPLETED_SUCCESS
         assert run.status == DagsterRunStatus.SUCCESS, run.run_id
         assert run.asset_check_selection and not run.asset_selection
-    rows = conn.execute(
+    targeted = {
+        (key.asset_key.path[-1], key.partition_key)
+        for key in reexecution.asset_backfill_data.target_subset.iterate_asset_partitions()
+    }
+    days = ["2024-04-01", REFUSED_DAY, "2024-04-03"]
+    marts = {(mart, day) for mart in ("daily_revenue", "customer_daily_orders") for day in days}
+    assert targeted == {("fct_orders", REFUSED_DAY)} | marts, "what the failed backfill left"
+    held = conn.execute("SELECT count(*) FROM app.refused_day_orders").fetchone()[0]
+    assert held > 0 and day_rows(conn) == held, "the refused day holds its source's rows now"
+    writer = conn.execute(
+        "SELECT backfill_id FROM backfill_audit.backfill_runs WHERE partition_key = %s "
+        "AND status = 'succeeded' ORDER BY id DESC LIMIT 1",
+        [REFUSED_DAY],
+    ).fetchone()[0]
+    assert writer == third, "the re-execution wrote the refused day"
+
+
+def day_rows(conn) -> int:
+    """The rows ``analytics.fct_orders`` holds for the refused day."""
+    return conn.execute(
         "SELECT count(*) FROM analytics.fct_orders WHERE order_day = %s", [REFUSED_DAY]
     ).fetchone()[0]
-    assert rows > 0, "the refused day keeps its previous rows"
