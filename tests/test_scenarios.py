@@ -162,6 +162,19 @@ def test_late_arriving_rows_are_found_and_only_their_partitions_backfilled(
         assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 0
         assert "0 of 7 written" in capsys.readouterr().out
 
+        # A correction upstream: as many rows as written, other values.
+        conn.execute(
+            "UPDATE app.orders SET net_amount = net_amount + 1 WHERE order_id = (SELECT "
+            "min(order_id) FROM app.orders WHERE ordered_at >= '2024-09-12' "
+            "AND ordered_at < '2024-09-13')"
+        )
+        assert cli.main(["stale", "--select", "analytics/fct_orders", *week]) == 1
+        corrected = [
+            line for line in capsys.readouterr().out.splitlines() if "rows written" in line
+        ]
+        assert len(corrected) == 1 and "2024-09-12" in corrected[0]
+        assert "with other values (their checksum differs)" in corrected[0]
+
     refreshed = audit_rows(conn, status="succeeded", reason="late orders")
     assert sorted(a["partition_key"] for a in refreshed) == late_days
 

@@ -99,9 +99,11 @@ def find_stale(
                     continue
                 written.add(found.partition_key)
                 if found.changed:
+                    same = found.written_rows == found.source_rows
                     reasons[found.partition_key].append(
                         f"source changed: {found.written_rows} rows written, the source yields "
                         f"{found.source_rows}"
+                        + (" with other values (their checksum differs)" if same else "")
                     )
     resolver = stale_status_resolver(instance, definitions.resolve_asset_graph())
     for key in keys:
