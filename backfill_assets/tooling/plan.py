@@ -136,11 +136,11 @@ class Plan:
             empty = [k for k, n in t.source_rows.items() if n == 0]
             out.append(
                 f"  {t.table}: {len(t.partitions)} partitions {t.partitions[0]}..{t.partitions[-1]}"
-                f", {rows:,} source rows, {sum(t.current_rows.values()):,} rows now (kept in "
+                f", {rows:,} rows to write, {sum(t.current_rows.values()):,} rows now (kept in "
                 f"snapshots), {t.runs} run(s) of up to {t.partitions_per_run} partitions"
             )
             if empty:
-                out.append(f"    no source rows for: {', '.join(empty)} (the guard will refuse)")
+                out.append(f"    no rows to write for: {', '.join(empty)} (the guard will refuse)")
         basis = f"{self.measured_runs} recent runs" if self.measured_runs else "no run history yet"
         out.append(
             f"  estimated {self.estimated_s:.0f}s: {self.runs} run(s), {self.concurrency} at a "
