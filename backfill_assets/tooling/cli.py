@@ -447,8 +447,8 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
             if "no longer does" in report.error:
                 print(
                     "  the running daemon's definitions lack an asset of this backfill: check "
-                    "that they load (`backfill-assets tables`), then restart `make ui` (or "
-                    "Deployment > Reload in the UI) and `retry` it"
+                    "that they load (`backfill-assets tables`), then restart `make ui` (or the "
+                    "UI's Lineage > Reload definitions) and `retry` it"
                 )
         failed = sorted(
             f"{p.asset} {p.partition}"
