@@ -40,6 +40,9 @@ def test_launch_creates_an_asset_backfill_that_the_daemon_completes_and_status_r
             instance, [r.dagster_run.run_id for r in runs], tmp_path / "daemon.log"
         )
         assert backfill.is_asset_backfill and backfill.tags["backfill_assets/launched_by"]
+        who = backfill.tags["backfill_assets/launched_by"]
+        assert backfill.user == who, "the UI's 'Launched by' reads Dagster's user tag"
+        assert all(r.dagster_run.tags.get("user") == who for r in runs), "and so do its runs"
         assert "status: finished" in out and "9/9 partitions materialized, 0 failed" in out
         for key in (FCT_ORDERS, *MARTS):
             assert instance.get_materialized_partitions(key) == set(DAYS), key
@@ -274,4 +277,5 @@ def test_launch_through_the_webserver_creates_a_backfill_the_ui_reports_per_part
     ]
     assert f"{url}/nowhere" in refused and len(refused.strip().splitlines()) == 1
     with DagsterInstance.get() as instance:
-        assert instance.get_backfill(backfill_id).tags["backfill_assets/launched_by"]
+        launched = instance.get_backfill(backfill_id)
+        assert launched.user == launched.tags["backfill_assets/launched_by"], "'Launched by'"

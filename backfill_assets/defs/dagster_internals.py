@@ -31,6 +31,7 @@ from dagster._core.storage.tags import (
     GRPC_INFO_TAG,
     PARENT_BACKFILL_ID_TAG,
     ROOT_BACKFILL_ID_TAG,
+    USER_TAG,
     WILL_RETRY_TAG,
 )
 from dagster._core.utils import make_new_backfill_id
@@ -55,6 +56,7 @@ __all__ = [
     "GRPC_INFO_TAG",
     "PARENT_BACKFILL_ID_TAG",
     "ROOT_BACKFILL_ID_TAG",
+    "USER_TAG",
     "WILL_RETRY_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",

@@ -13,6 +13,7 @@ import time
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.core.params import LAUNCHED_BY, launched_by
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import demo_table, seed
 from backfill_assets.tooling.environment import prepare
@@ -52,8 +53,9 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
             DagsterInstance.get() as instance,
             running_daemon(env, settings.LOG_DIR / "daemon.log"),
         ):
+            tags = {LAUNCHED_BY: launched_by({})}  # who ran the demo, shown as "Launched by"
             backfill_id = launch_asset_backfill(
-                instance, keys, first, last, definitions=definitions
+                instance, keys, first, last, tags=tags, definitions=definitions
             )
             names = ", ".join(k.to_user_string() for k in keys)
             print(f"launched asset backfill {backfill_id}: {names}, {first}..{last}")

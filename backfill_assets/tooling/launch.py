@@ -28,6 +28,7 @@ from dagster import (
     RunsFilter,
 )
 
+from backfill_assets.core.params import LAUNCHED_BY
 from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
 from backfill_assets.core.settings import WORKSPACE_FILE
 from backfill_assets.defs.dagster_internals import (
@@ -35,6 +36,7 @@ from backfill_assets.defs.dagster_internals import (
     BULK_ACTION_TERMINAL_STATUSES,
     PARENT_BACKFILL_ID_TAG,
     ROOT_BACKFILL_ID_TAG,
+    USER_TAG,
     BulkActionStatus,
     PartitionBackfill,
     get_current_timestamp,
@@ -128,7 +130,7 @@ def launch_asset_backfill(
         partition_names=keys,
         asset_selection=list(asset_keys),
         backfill_timestamp=get_current_timestamp(),
-        tags=dict(tags or {}),
+        tags=with_user(tags),
         dynamic_partitions_store=instance,
         all_partitions=False,
         title=f"{first}..{last}" if only is None else f"{len(keys)} of {first}..{last}",
@@ -137,6 +139,15 @@ def launch_asset_backfill(
     )
     instance.add_backfill(backfill)
     return backfill_id
+
+
+def with_user(tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The tags, with whoever launched the backfill also as Dagster's own ``user`` tag: the UI
+    shows it as "Launched by" (else "Manually launched"), on the backfill and each of its runs."""
+    tags = dict(tags or {})
+    if tags.get(LAUNCHED_BY):
+        tags.setdefault(USER_TAG, tags[LAUNCHED_BY])
+    return tags
 
 
 def cancel_backfill(instance: DagsterInstance, backfill_id: str) -> None:

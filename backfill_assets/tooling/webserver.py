@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 from dagster import AssetKey
 
+from backfill_assets.tooling.launch import with_user
+
 WEBSERVER_ENV = "BACKFILL_WEBSERVER_URL"
 
 _ERRORS = "__typename ... on PythonError { message } ... on UnauthorizedError { message }"
@@ -55,7 +57,7 @@ class Webserver:
         params = {
             "assetSelection": [{"path": list(key.path)} for key in keys],
             "partitionNames": list(partitions),
-            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+            "tags": [{"key": k, "value": v} for k, v in with_user(tags).items()],
             "title": title,
         }
         data = self.execute(LAUNCH, {"params": params})
