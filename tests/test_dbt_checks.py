@@ -63,7 +63,7 @@ def test_a_row_naming_an_unknown_customer_fails_the_relationship_check_on_its_da
     failed = by_day[DAYS[1]][1]
     assert failed.severity.value == "WARN" and not failed.blocking
     assert failed.metadata["failed_row_count"].value == 1
-    revenue = next(k for k in dbt_models.check_keys if k.name.startswith("reconcile"))
+    revenue = next(k for k in dbt_models.check_keys if k.name == "revenue_reconciles")
     assert {status for status, _ in results_by_day(instance, revenue).values()} == {PASSED}
 
 
@@ -77,11 +77,11 @@ def test_a_failing_blocking_dbt_test_fails_the_run_and_every_day_it_cannot_place
     result = build([dbt_models], postgres, instance)
 
     assert not result.success
-    key = next(k for k in dbt_models.check_keys if k.name == "daily_revenue_order_day_not_null")
+    key = next(k for k in dbt_models.check_keys if k.name == "revenue_day_not_null")
     by_day = results_by_day(instance, key)
     assert {status for status, _ in by_day.values()} == {FAILED}
     assert all(evaluation.blocking for _, evaluation in by_day.values())
-    other = next(k for k in dbt_models.check_keys if k.name == "daily_revenue_one_row_per_day")
+    other = next(k for k in dbt_models.check_keys if k.name == "revenue_one_row_per_day")
     assert {status for status, _ in results_by_day(instance, other).values()} == {PASSED}
     assert instance.get_materialized_partitions(AssetKey(["analytics", "daily_revenue"])) == set(
         DAYS
@@ -118,7 +118,7 @@ def test_checks_launched_without_a_partition_run_once_per_built_day_of_their_mod
 
     result = run_checks_alone(postgres, instance)
 
-    key = next(k for k in dbt_models.check_keys if k.name.startswith("reconcile"))
+    key = next(k for k in dbt_models.check_keys if k.name == "revenue_reconciles")
     by_day = {day: latest_check(instance, key.name, day, REVENUE) for day in DAYS}
     assert {day: r.run_id == result.run_id for day, r in by_day.items()} == dict.fromkeys(
         DAYS, True
