@@ -1,8 +1,8 @@
 """A writer to kill: ``python tests/kill_writer.py URL DAY...`` writes each day through the same
 verified, audited path as a backfill run (``core/partition_write.py``), one transaction per day.
 
-Prints ``ready`` once imported and connected, so the killer's clock starts at the first write,
-and ``done`` after the last commit.
+Prints ``ready`` once imported and connected, ``wrote DAY`` after each day's commit (so the killer
+can aim at a point of the run, whatever the machine's speed), and ``done`` after the last one.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(url: str, days: list[str]) -> None:
                 conn, audit, run, table, window, params, guard(conn, table, window, params)
             )
             assert outcome.succeeded, outcome.error
+            print(f"wrote {day}", flush=True)
         print("done", flush=True)
 
 

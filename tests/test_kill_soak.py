@@ -1,7 +1,11 @@
 """SIGKILL of a writer at random moments: nothing half-written, the audit and snapshots true.
 
 A writer process (``tests/kill_writer.py``, the backfill's own per-partition path) rewrites ten
-days while the test kills it at a seeded random moment of its work. After every kill:
+days while the test kills it at a seeded random moment of its work: after a random number of
+committed days, then a random part of a day's write later, so kills land before, inside and
+between the days' transactions whatever the machine's load (a kill timed from the start alone
+missed the middle of a 0.1 s run under load). What the writer left is read once its server
+sessions have ended: a COMMIT it sent just before the kill can still land. After every kill:
 - every day holds exactly its old rows or exactly its new ones, no order_id twice;
 - a day changed if and only if this trial left a ``succeeded`` audit row for it, whose checksums
   are the day's before and after; no row is left ``running``;
@@ -40,6 +44,25 @@ def start_writer(data_url: str) -> subprocess.Popen:
     return writer
 
 
+def read_until(writer: subprocess.Popen, line: str) -> None:
+    """Read the writer's progress lines up to ``line``."""
+    while (got := writer.stdout.readline().strip()) != line:
+        assert got, writer.stderr.read()  # the writer ended without printing it
+
+
+def wait_until_its_sessions_end(conn) -> None:
+    """A killed client's server session can still be finishing what it sent (a COMMIT lands after
+    the kill): read what the writer left only once its sessions are gone."""
+    others = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + 30
+    while conn.execute(others).fetchone()[0]:
+        assert time.monotonic() < deadline, "the killed writer's sessions did not end"
+        time.sleep(0.01)
+
+
 def trial_rows(conn, after_id: int) -> dict[str, list[tuple]]:
     rows: dict[str, list[tuple]] = {}
     for partition, status, before, after, inserted in conn.execute(
@@ -69,8 +92,8 @@ def test_a_writer_killed_at_random_moments_leaves_every_day_old_or_new_and_the_a
     for _ in range(2):  # the first run creates the tables; time the second
         writer = start_writer(data_url)
         started = time.monotonic()
-        assert writer.stdout.readline().strip() == "done", writer.stderr.read()
-        full_run_s = time.monotonic() - started
+        read_until(writer, "done")
+        day_s = (time.monotonic() - started) / len(DAYS)
         writer.wait(timeout=60)
     rng = random.Random(SEED)
     outcomes = {"none written": 0, "some written": 0, "all written": 0}
@@ -84,9 +107,12 @@ def test_a_writer_killed_at_random_moments_leaves_every_day_old_or_new_and_the_a
             [DAYS[0], DAYS[-1]],
         )
         writer = start_writer(data_url)
-        time.sleep(rng.uniform(0, full_run_s * 1.1))
+        for day in DAYS[: rng.randrange(len(DAYS))]:
+            read_until(writer, f"wrote {day}")
+        time.sleep(rng.uniform(0, day_s * 1.5))
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=60)
+        wait_until_its_sessions_end(conn)
 
         now = fingerprints(conn, DAYS)
         rows = trial_rows(conn, last_id)
@@ -119,6 +145,6 @@ def test_a_writer_killed_at_random_moments_leaves_every_day_old_or_new_and_the_a
         else:
             outcomes["some written"] += 1
 
-    print(f"{TRIALS} kills (seed {SEED}, full run {full_run_s:.2f}s): {outcomes}")
+    print(f"{TRIALS} kills (seed {SEED}, a day's write {day_s * 1000:.0f} ms): {outcomes}")
     assert outcomes["some written"] >= TRIALS // 4, f"kills should land mid-run: {outcomes}"
     assert FCT_ORDERS.qualified_name == "analytics.fct_orders"
