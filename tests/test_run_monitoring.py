@@ -163,3 +163,71 @@ def test_a_backfill_interrupted_by_a_database_restart_completes_on_retry_without
     assert (rows, distinct, written) == (expected, expected, len(days))
     assert [day for day, _ in latest] == days
     assert sum(after for _, after in latest) == rows, "each day's latest audit row is its rows"
+
+
+def _cli_materialize(env: dict[str, str], day: str, log) -> subprocess.Popen:
+    """``dagster asset materialize`` of one day: a run executed in the CLI's own process."""
+    command = ["dagster", "asset", "materialize", "-m", "backfill_assets.definitions"]
+    command += ["--select", "analytics/fct_orders", "--partition", day]
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def test_killed_cli_materializes_are_failed_and_a_later_backfill_runs_without_a_hand(
+    dagster_env, tmp_path, capsys, conn
+):
+    """Two SIGKILLed ``dagster asset materialize`` runs used to stay STARTED for good: they never
+    logged the launcher's "Started process" event, so monitoring counted them alive, and they
+    filled both of the queue's slots. Their workers are recorded now, and found dead."""
+    killed_days = ["2024-05-02", "2024-05-03"]
+    for day in killed_days:  # held as another writer would: each run waits on its day
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtext('analytics.fct_orders'), hashtext(%s))", [day]
+        )
+    with (tmp_path / "cli.log").open("ab") as cli_log:
+        workers = [_cli_materialize(dagster_env, day, cli_log) for day in killed_days]
+    try:
+        wait_for(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ).fetchone()[0]
+                == 2
+            ),
+            180,
+            "the CLI runs never reached their writes: " + (tmp_path / "cli.log").read_text(),
+        )
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    conn.execute("SELECT pg_advisory_unlock_all()")
+    with DagsterInstance.get() as instance:
+        killed = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    assert len(killed) == 2, "both runs are left STARTED by the kill"
+
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_env, log):
+        args = ["launch", "--select", "analytics/fct_orders", "--from", DAY, "--to", DAY]
+        assert cli.main([*args, "--json"]) == 0
+        backfill_id = json.loads(capsys.readouterr().out)["backfill_id"]
+        code = cli.main(["status", backfill_id, "--wait"])
+        out = capsys.readouterr().out
+        with DagsterInstance.get() as instance:
+            runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+            report = failed_run_report(instance, [r.run_id for r in runs], log)
+            statuses = [instance.get_run_by_id(run.run_id).status for run in killed]
+            messages = [m.message for run in killed for m in instance.all_logs(run.run_id)]
+    assert code == 0, f"{out}\n{report}"
+    assert statuses == [DagsterRunStatus.FAILURE] * 2
+    pids = {str(worker.pid) for worker in workers}
+    dead = [m for m in messages if "no longer exists" in m and any(p in m for p in pids)]
+    assert len(dead) == 2, messages
+    days = conn.execute("SELECT DISTINCT order_day::text FROM analytics.fct_orders").fetchall()
+    assert days == [(DAY,)], "the killed runs wrote nothing"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import psycopg
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.defs.run_launcher import record_worker
 
 
 class PostgresResource(ConfigurableResource):
@@ -17,6 +18,12 @@ class PostgresResource(ConfigurableResource):
     """
 
     url: str | None = None
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """Record the run's worker (host, pid) as the run starts, so run monitoring can tell a
+        dead one, whoever launched the run (``run_launcher.record_worker``)."""
+        if context.instance is not None and context.run_id:
+            record_worker(context.instance, context.run_id)
 
     def resolved_url(self) -> str:
         return self.url or settings.data_url()

@@ -10,6 +10,13 @@ daemon's question from what Dagster already records: every run worker stores an 
 process started after the event: the pid was reused) is reported ``FAILED``; monitoring then fails
 the run, and ``run_retries`` in dagster.yaml retries it (selected there, with the intervals).
 
+Monitoring asks the instance's launcher about *every* started run, also those it never launched:
+a ``dagster asset materialize`` from the command line runs in the CLI's own process and records
+no "Started process" event. Such runs record their worker when their resources start (the tag
+``backfill_assets/worker``: host, pid, time; ``record_worker``), and in-process execution logs
+"Executing steps in process (pid: N)"; either serves. Without them a SIGKILLed CLI run stayed
+``STARTED`` for good, and two of them filled ``max_concurrent_runs``.
+
 A worker on another host cannot be seen from here: its runs are reported ``RUNNING``, as without
 monitoring.
 """
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 from dagster import (
@@ -38,6 +47,8 @@ from backfill_assets.defs.dagster_internals import (
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 STARTED_PROCESS = "Started process for run"
+IN_PROCESS = "Executing steps in process"
+WORKER_TAG = "backfill_assets/worker"
 # A worker's start time is read in clock ticks (10 ms); the event is stored just after it starts.
 START_SLACK_S = 2.0
 
@@ -50,9 +61,15 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        if not _worker_is_local(run):
+        recorded = json.loads(run.tags.get(WORKER_TAG) or "{}")
+        if recorded.get("run") == run.run_id:  # a retry inherits its parent's tags
+            if recorded.get("host") != socket.gethostname():
+                return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker on another host")
+            started = int(recorded["pid"]), float(recorded["at"])
+        elif not _worker_is_local(run):
             return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker on another host")
-        started = worker_start(self._instance, run.run_id)
+        else:
+            started = worker_start(self._instance, run.run_id)
         if started is None:
             # Not recorded yet: the start timeout of run monitoring covers a worker that never
             # gets this far.
@@ -84,15 +101,26 @@ class MonitoredRunLauncher(DefaultRunLauncher):
 
 
 def worker_start(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
-    """The pid and time of the latest "Started process for run" event of ``run_id``."""
+    """The pid and time of the latest event of ``run_id`` naming its worker: "Started process for
+    run" (a launched run) or "Executing steps in process" (any in-process run, the CLI's too)."""
     for record in reversed(instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)):
         event = record.dagster_event
-        if event is None or not record.message.startswith(STARTED_PROCESS):
+        if event is None or not record.message.startswith((STARTED_PROCESS, IN_PROCESS)):
             continue
         pid = event.engine_event_data.metadata.get("pid")
         if pid is not None:
             return int(pid.value), record.timestamp
     return None
+
+
+def record_worker(instance: DagsterInstance, run_id: str) -> None:
+    """Tag the run with the host and pid of the process executing it, whoever launched it.
+
+    Called when a run's resources start: the one record that tells a live worker on another
+    host (a CLI run elsewhere, sharing this storage) from a dead one here.
+    """
+    worker = {"run": run_id, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    instance.add_run_tags(run_id, {WORKER_TAG: json.dumps(worker)})
 
 
 def _worker_is_local(run: DagsterRun) -> bool:
