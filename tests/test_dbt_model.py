@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from datetime import date, timedelta
 
 from support import dbt_models, fct_orders, materialize_days, step_failure_message
 
-from backfill_assets.core.database import connect, partition_locks
+from backfill_assets.core.database import connect
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env
 
@@ -28,6 +29,16 @@ def daily_revenue(conn) -> dict:
 def mart_rows(conn, mart: str) -> list[tuple]:
     """Every row of a mart, in a stable order: what a rebuild must reproduce exactly."""
     return conn.execute(f"SELECT * FROM analytics.{mart} ORDER BY 1, 2").fetchall()
+
+
+def plain_dbt_env(data_url: str) -> dict[str, str]:
+    """What a person running dbt by hand against ``data_url`` has: the profile's variables."""
+    return {
+        **os.environ,
+        **connection_parts(data_url).as_dbt_env(),
+        **dbt_env(),
+        "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
+    }
 
 
 def build(assets, postgres, instance, first, last):
@@ -82,12 +93,7 @@ def test_a_full_refresh_gives_the_same_rows_as_per_partition_builds(
     completed = subprocess.run(
         [*command, "--event-time-start", DAYS[0], "--event-time-end", end],
         cwd=DBT_PROJECT_DIR,
-        env={
-            **os.environ,
-            **connection_parts(data_url).as_dbt_env(),
-            **dbt_env(),
-            "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
-        },
+        env=plain_dbt_env(data_url),
         capture_output=True,
         text=True,
         check=False,
@@ -209,14 +215,17 @@ def test_a_build_of_mart_days_another_build_holds_waits_for_it_then_matches_a_se
     postgres, instance, conn, data_url
 ):
     """Overlapping builds of existing marts: dbt's microbatch DELETE + INSERT of one day by two
-    runs at once can duplicate (customer, day) keys. A build holds a lock per model set and day
-    for as long as dbt runs; here the test holds 2024-06-03's as another build would, and the
-    build of 2024-06-01..05 must wait for it rather than write beside it."""
+    runs at once can duplicate (customer, day) keys. Each batch locks its model and day; here the
+    test holds customer_daily_orders' 2024-06-03 as another build's batch would, and the build of
+    2024-06-01..05 must wait for it rather than write beside it."""
     assert build([fct_orders], postgres, instance, "2024-06-01", "2024-06-07").success
     assert build([dbt_models], postgres, instance, "2024-06-01", "2024-06-07").success
     serial = {mart: mart_rows(conn, mart) for mart in MARTS}
-    held = [(f"dbt:{dbt_models.node_def.name}", "2024-06-03")]
-    with partition_locks(data_url, held, application_name="test.other_build"):
+    with connect(data_url) as other_build:
+        other_build.execute(
+            "SELECT pg_advisory_lock(hashtext('analytics.customer_daily_orders'), "
+            "hashtext('2024-06-03'))"
+        )
         run = subprocess.Popen(
             [sys.executable, "-c", BUILD_IN_ITS_OWN_PROCESS, data_url, "2024-06-01", "2024-06-05"],
             stdout=subprocess.PIPE,
@@ -249,3 +258,53 @@ def test_every_asset_and_check_says_what_it_is_and_each_model_sits_in_its_schema
         assert node.group_name == key.path[0], (key, node.group_name)
     checks = graph.asset_check_keys
     assert [c.name for c in checks if not graph.get_check_spec(c).description] == []
+
+
+def test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row(
+    postgres, instance, conn, data_url, tmp_path
+):
+    """`dbt build` by hand, in CI or beside a backfill: no Dagster step takes turns for it, so the
+    marts' macro locks each batch's model and day itself. Seen before: duplicated rows in 6 of 10
+    pairs, both builds reporting success. Each pair is made to meet: the source is locked until
+    both builds wait on it, so their first batches of the same day run at the same moment."""
+    first, last = "2024-06-01", "2024-06-03"
+    assert build([fct_orders, dbt_models], postgres, instance, first, last).success
+    serial = mart_rows(conn, "customer_daily_orders")
+    command = [DBT_EXECUTABLE, "build", "--select", "customer_daily_orders"]
+    command += ["--event-time-start", first, "--event-time-end", "2024-06-04"]
+    # Parsed once: each build reads the same parse instead of parsing the project again.
+    targets = [tmp_path / f"target{side}" for side in (1, 2)]
+    subprocess.run(
+        [DBT_EXECUTABLE, "parse", "--target-path", str(targets[0])],
+        cwd=DBT_PROJECT_DIR,
+        env=plain_dbt_env(data_url),
+        check=True,
+        capture_output=True,
+    )
+    shutil.copytree(targets[0], targets[1])
+    for pair in range(10):
+        with connect(data_url) as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE analytics.fct_orders IN ACCESS EXCLUSIVE MODE")
+            builds = [
+                subprocess.Popen(
+                    [*command, "--target-path", str(target)],
+                    cwd=DBT_PROJECT_DIR,
+                    env=plain_dbt_env(data_url),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for target in targets
+            ]
+            waiting = wait_for_lock_waiters(conn, len(builds), timeout_s=120)
+            blocker.execute("COMMIT")
+        outputs = [b.communicate(timeout=300)[0] for b in builds]
+        assert waiting == len(builds), f"pair {pair}: the builds never met"
+        assert [b.returncode for b in builds] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+        duplicated = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM analytics.customer_daily_orders "
+            "GROUP BY customer_id, order_day HAVING count(*) > 1) AS d"
+        ).fetchone()[0]
+        assert duplicated == 0, f"pair {pair}: {duplicated} duplicated (customer, day) keys"
+        assert mart_rows(conn, "customer_daily_orders") == serial, f"pair {pair}"

@@ -122,32 +122,6 @@ def first_build_lock(
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [key])
 
 
-@contextmanager
-def partition_locks(
-    url: str, keys: Sequence[tuple[str, str]], *, application_name: str
-) -> Iterator[None]:
-    """Hold an advisory lock on every ``(what, partition)`` key while the body runs.
-
-    For writers that are not ``writer.replace_partition`` (dbt's microbatch DELETE + INSERT, each
-    day in its own transaction, in dbt's own connection): two runs over overlapping days would
-    otherwise interleave their DELETEs and INSERTs and duplicate rows. The locks are taken in
-    one statement, in sorted order, so runs sharing some days take the shared ones in the same
-    order and never deadlock; they are held on a connection of their own and released with it.
-    """
-    ordered = sorted(set(keys))
-    with connect(url, application_name=application_name) as conn:
-        conn.execute(
-            "SELECT count(pg_advisory_lock(hashtext(what), hashtext(part))) FROM "
-            "(SELECT what, part FROM unnest(%s::text[], %s::text[]) AS k(what, part) "
-            "ORDER BY what, part) AS ordered",
-            [[what for what, _ in ordered], [part for _, part in ordered]],
-        )
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock_all()")
-
-
 def ensure_database(url: str, *, create: bool = True, variable: str = "the URL") -> bool:
     """Create the database named in ``url`` if it is missing; returns whether it was created.
 

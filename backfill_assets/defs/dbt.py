@@ -18,7 +18,7 @@ from dagster import AssetExecutionContext, AssetsDefinition
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 
 from backfill_assets.core.control import wait_while_paused
-from backfill_assets.core.database import first_build_lock, partition_locks
+from backfill_assets.core.database import first_build_lock
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import TABLES_PATH_ENV, DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
@@ -198,17 +198,9 @@ def _dbt_assets(
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
-            # Overlapping builds of the same days take turns, day by day, as the tables do
-            # (checks of every built day, run alone, read without taking turns).
-            days = checked.span if checked is not None and checked.builds else []
-            with (
-                partition_locks(
-                    postgres.resolved_url(),
-                    [(f"dbt:{name}", day) for day in days],
-                    application_name="backfill_assets.dbt_days",
-                ),
-                dbt_process_env(postgres, registry),
-            ):
+            # Builds of the same day take turns inside dbt itself: each batch locks its model and
+            # day (dbt_project/macros/microbatch_window_replace.sql), whoever runs dbt.
+            with dbt_process_env(postgres, registry):
                 invocation = dbt.cli(args, context=context, raise_on_error=checked is None)
                 if checked is None:
                     yield from invocation.stream()

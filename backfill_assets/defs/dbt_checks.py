@@ -95,8 +95,6 @@ class CheckedDays:
 
     days: dict[AssetKey, list[str]]
     targets: dict | None = None
-    builds: bool = True
-    """The run builds (or reads) just its own partitions: it takes their day locks."""
 
     @property
     def span(self) -> list[str]:
@@ -136,7 +134,7 @@ def checked_days(
             description=f"No partition of {names} has been materialized yet, so there is "
             "nothing to check: materialize partitions, and their checks run with them."
         )
-    return CheckedDays(days, targets, builds=False)
+    return CheckedDays(days, targets)
 
 
 def per_partition_check_events(

@@ -22,8 +22,8 @@ class PostgresResource(ConfigurableResource):
     def setup_for_execution(self, context: InitResourceContext) -> None:
         """Record the run's worker (host, pid) as the run starts, so run monitoring can tell a
         dead one, whoever launched the run (``run_launcher.record_worker``)."""
-        if context.instance is not None and context.run_id:
-            record_worker(context.instance, context.run_id)
+        if context.instance is not None and context.run is not None:
+            record_worker(context.instance, context.run.run_id)
 
     def resolved_url(self) -> str:
         return self.url or settings.data_url()

@@ -7,12 +7,22 @@
   transaction: the same contract as backfill_assets.writer.replace_partition.
   The literals stay untyped, as in dbt's own event-time filter, so they take the column's type
   (date) and the day boundaries do not depend on the session time zone.
+
+  The batch's first statement locks (model, day) for the rest of its transaction, with the key
+  the tables' writer uses for (table, partition) (backfill_assets/core/writer.py lock_partition):
+  two dbt invocations building the same day at once (by hand, in CI, beside a backfill) would
+  otherwise both DELETE before either INSERT is visible, and the day would hold its rows twice.
+  Whoever runs dbt, builds of one day take turns.
 #}
 {% macro postgres__get_incremental_microbatch_sql(arg_dict) %}
   {%- set target = arg_dict["target_relation"] -%}
   {%- set source = arg_dict["temp_relation"] -%}
   {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
   {%- set event_time = adapter.quote(model.config.event_time) -%}
+  {%- set partition_key = (model.batch.event_time_start | string)[:10] -%}
+  select pg_advisory_xact_lock(
+    hashtext('{{ target.schema }}.{{ target.identifier }}'), hashtext('{{ partition_key }}')
+  );
   delete from {{ target }}
   where {{ event_time }} >= '{{ model.batch.event_time_start }}'
     and {{ event_time }} < '{{ model.batch.event_time_end }}'
