@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_URL_ENV = "BACKFILL_PG_URL"
 DAGSTER_URL_ENV = "BACKFILL_DAGSTER_PG_URL"
 PGDATA_ENV = "BACKFILL_PGDATA"
+LOCK_TIMEOUT_ENV = "BACKFILL_LOCK_TIMEOUT_MS"
+STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
 
 DATA_DATABASE = "backfill"
 DAGSTER_DATABASE = "dagster"
@@ -94,6 +96,19 @@ def dagster_storage_url() -> str:
     else:
         url = with_database(data_url(), DAGSTER_DATABASE)
     return to_sqlalchemy(url)
+
+
+def milliseconds(variable: str, default: int) -> int:
+    """A duration in milliseconds from ``variable`` (``default`` when unset): 1 .. 86400000."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= 86_400_000:
+        raise SettingsError(
+            f"{variable}={text!r} is not a number of milliseconds from 1 to 86400000 (a day); "
+            f"e.g. {variable}={default}, or unset it for that default"
+        )
+    return int(text)
 
 
 def with_database(url: str, dbname: str) -> str:

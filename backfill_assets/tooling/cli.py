@@ -15,12 +15,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from backfill_assets.core import settings
+from backfill_assets.core import session_limits, settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
 from backfill_assets.core.registry import load_registry
+from backfill_assets.core.session_limits import timed
+from backfill_assets.core.tables import Timeouts
 from backfill_assets.project import job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.environment import prepare
+
+AUDIT_TABLE = "backfill_audit.backfill_runs"
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -65,7 +69,7 @@ def _seed(args: argparse.Namespace) -> int:
     from backfill_assets.tooling.demo_data import seed
 
     prepare()
-    with connect(settings.data_url()) as conn:
+    with connect(settings.data_url(), limits=Timeouts().session()) as conn:
         summary = seed(conn, orders_per_day=args.orders_per_day)
     print(f"seeded {summary.orders} orders over {summary.days} days, {summary.customers} customers")
     return 0
@@ -183,7 +187,8 @@ def _audit(args: argparse.Namespace) -> int:
     from backfill_assets.core.audit import close_abandoned, recent_rows
 
     prepare()
-    with connect(settings.data_url()) as conn:
+    limits = session_limits.bookkeeping()
+    with timed(AUDIT_TABLE, limits), connect(settings.data_url(), limits=limits) as conn:
         if args.close_abandoned:
             closed = close_abandoned(conn)
             print(f"closed {len(closed)} abandoned audit row(s) as failed: {closed or '-'}")
@@ -206,7 +211,11 @@ def _snapshots(args: argparse.Namespace) -> int:
 
     tables = list(load_registry())
     prepare()
-    with connect(settings.data_url()) as conn:
+    limits = session_limits.snapshots_of(t.timeouts for t in tables)
+    with (
+        timed("the snapshot tables", limits),
+        connect(settings.data_url(), limits=limits) as conn,
+    ):
         if args.action == "expire":
             for table in tables:
                 expired = snapshots.expire(conn, table, args.days)
@@ -479,7 +488,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     numbers_file = out.suffix.lower() == ".json"  # the JSON there, not the page
     prepare()
-    with connect(settings.data_url()) as conn:
+    with timed(AUDIT_TABLE), connect(settings.data_url()) as conn:
         changes = backfill_changes(conn, args.backfill_id)
     if not changes:
         from dagster import DagsterInstance
@@ -806,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with timed("a table this command reads or writes"):
+            return args.func(args)
     except (settings.SettingsError, DatabaseUnavailableError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
