@@ -11,7 +11,7 @@ import logging
 import time
 
 import psycopg
-from support import FCT_ORDERS, other_session
+from support import FCT_ORDERS, fingerprints, other_session
 
 from backfill_assets.core import settings, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo, ensure_audit_table
@@ -100,6 +100,34 @@ def test_a_snapshot_expiry_from_the_cli_fails_within_the_lock_timeout_in_one_lin
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: the snapshot tables: a lock was not granted within 1000 ms")
     holder.join()
+
+
+def test_a_write_whose_audit_insert_times_out_is_rolled_back_and_the_warning_says_so(
+    data_url, conn, monkeypatch
+):
+    monkeypatch.setenv(settings.LOCK_TIMEOUT_ENV, "500")
+    ensure_table(conn, FCT_ORDERS)
+    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
+    window = FCT_ORDERS.partitioning.window(DAY)
+    params = params_for(FCT_ORDERS, {})
+    warnings: list[str] = []
+    run = RunInfo("run-audit-locked", None, "tester", {})
+    with AuditTrail(data_url, warn=warnings.append) as audit:
+        guarded = guard(conn, FCT_ORDERS, window, params)
+        assert write_verified(conn, audit, run, FCT_ORDERS, window, params, guarded).succeeded
+        before = fingerprints(conn, [DAY])
+        conn.execute("UPDATE app.orders SET net_amount = net_amount + 1")
+        guarded = guard(conn, FCT_ORDERS, window, params)
+        holder = hold(data_url, "backfill_audit.backfill_runs", seconds=8.0)
+        outcome = write_verified(conn, audit, run, FCT_ORDERS, window, params, guarded)
+    holder.join()
+
+    assert not outcome.succeeded and "the write was rolled back" in outcome.error
+    assert fingerprints(conn, [DAY]) == before
+    (warning,) = warnings
+    assert f"of analytics.fct_orders {DAY} not written" in warning
+    assert "the write was rolled back: nothing changed in the partition" in warning
+    assert "goes on" not in warning
 
 
 def test_a_writer_waits_for_its_turn_on_a_partition_longer_than_the_session_lock_timeout(

@@ -10,7 +10,8 @@ autocommit connection; a problem there is logged as a warning. Rollbacks audit t
 The audit never holds a write up for long: its statements wait at most the bookkeeping lock
 timeout (``session_limits.bookkeeping()``, 5 s) for a lock on the audit table. A write whose audit
 row cannot be inserted (locked table, revoked privilege, a raising trigger) is rolled back with
-``AuditUnavailable`` saying why.
+``AuditUnavailable`` saying why; the failure's own row, tried after, is then usually lost too,
+and the warning says that the partition kept its rows.
 """
 
 from __future__ import annotations
@@ -226,13 +227,16 @@ class AuditTrail:
         started_at: datetime,
         conn: psycopg.Connection | None = None,
         audit_id: int | None = None,
+        effect: str = "",
         **fields: object,
     ) -> int | None:
         """Insert one complete row (``status`` plus any of rows_*, checksum_*, snapshot_rows,
         error); returns its id.
 
         With ``conn`` the row joins the transaction open there and errors propagate: the write
-        fails rather than commit unaudited. Without, it goes through the trail's own connection.
+        fails rather than commit unaudited. Without, it goes through the trail's own connection,
+        after the data's fate is decided: a row that cannot be written there is a warning that
+        says so, and ``effect`` (what happened to the partition's rows) as it happened.
         """
         columns = {
             "id": audit_id,
@@ -266,22 +270,20 @@ class AuditTrail:
                 return conn.execute(query, list(columns.values())).fetchone()[0]
             except psycopg.Error as exc:
                 raise _unavailable(exc) from exc
-        return self._execute(query, list(columns.values()), returning=True)
-
-    def _execute(
-        self, query: sql.Composed, params: list[object], *, returning: bool = False
-    ) -> int | None:
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = connect(self._url, application_name="backfill_assets.core.audit")
-                ensure_audit_table(self._conn)
-            cursor = self._conn.execute(query, params)
-            return cursor.fetchone()[0] if returning else None
+            return self._insert(query, list(columns.values()))
         except Exception as exc:
             self._warn(
-                f"audit trail not written ({type(exc).__name__}: {exc}); the data write goes on"
+                f"audit row ({status}) of {table} {partition} not written "
+                f"({type(exc).__name__}: {str(exc).strip()}); {effect or 'see the run log'}"
             )
             return None
+
+    def _insert(self, query: sql.Composed, params: list[object]) -> int:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._url, application_name="backfill_assets.core.audit")
+            ensure_audit_table(self._conn)
+        return self._conn.execute(query, params).fetchone()[0]
 
 
 REPORT_COLUMNS = (

@@ -685,6 +685,7 @@ def write_in_place(
             started_at=datetime.now(UTC),
             rows_before=guard_outcome.metadata.get("target_rows_before"),
             error=error,
+            effect=f"the write stopped: {error}",
         )
         return PartitionOutcome(
             window, "failed", guard_outcome, error=error, halt=isinstance(exc, ThrottleTimeout)
