@@ -198,6 +198,15 @@ def ensure_database(url: str, *, create: bool = True, variable: str = "the URL")
                 "name, or create it: `backfill-assets db start` creates the databases the URLs "
                 "name (the role needs CREATEDB)"
             ) from None
-    with connect(with_database(url, "postgres")) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    with connect(with_database(url, "postgres"), variable=variable) as conn:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        except psycopg.errors.InsufficientPrivilege:
+            user = conn.info.user
+            raise DatabaseUnavailableError(
+                f"database {dbname!r} does not exist ({variable}: {redact(url)}) and role "
+                f"{user!r} may not create it (no CREATEDB). Create it as a superuser "
+                f'(CREATE DATABASE "{dbname}" OWNER "{user}"), or grant the role CREATEDB, or '
+                f"correct the name in {variable}"
+            ) from None
     return True

@@ -145,6 +145,15 @@ def to_uri(params: dict, *, mask_password: bool = False) -> str:
     return f"postgresql://{netloc}/{quote(str(params.get('dbname', '')), safe='')}{suffix}"
 
 
+def password_to_env(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its password, and the environment that gives the password to a libpq
+    child process (``PGPASSWORD``): a process's arguments are visible to every user of the
+    machine (``ps``), its environment only to its owner."""
+    params = conninfo_to_dict(to_libpq(url))
+    password = params.pop("password", None)
+    return to_uri(params), ({"PGPASSWORD": str(password)} if password else {})
+
+
 def to_sqlalchemy(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:

@@ -43,8 +43,11 @@ def _db(args: argparse.Namespace) -> int:
             print(
                 f"{settings.DATA_URL_ENV} is set: using that server, not starting an embedded one"
             )
-        for url in (settings.data_url(), settings.to_libpq(settings.dagster_storage_url())):
-            ensure_database(url)
+        for url, variable in (
+            (settings.data_url(), settings.DATA_URL_ENV),
+            (settings.to_libpq(settings.dagster_storage_url()), settings.DAGSTER_URL_ENV),
+        ):
+            ensure_database(url, variable=variable)
         if embedded_server:
             print(f"embedded PostgreSQL running in {pgdata}")
         print(settings.redact(settings.data_url()))
@@ -52,8 +55,9 @@ def _db(args: argparse.Namespace) -> int:
         print("stopped" if embedded.stop(pgdata) else f"not running ({pgdata})")
     elif args.action == "psql":
         prepare()
+        url, env = settings.password_to_env(settings.data_url())
         return subprocess.run(
-            [embedded.psql_path(), settings.data_url(), *args.psql_args]
+            [embedded.psql_path(), url, *args.psql_args], env={**os.environ, **env}
         ).returncode
     elif args.action == "status":
         running = embedded.is_running(pgdata)
@@ -265,6 +269,7 @@ def _tables(_: argparse.Namespace) -> int:
     if not len(registry):
         print("no tables declared; add a YAML file and its SQL to tables/ (see README.md)")
         return 0
+    unreachable = ""
     try:
         conn = connect(settings.data_url())
     except (settings.SettingsError, DatabaseUnavailableError) as exc:
@@ -281,11 +286,14 @@ def _tables(_: argparse.Namespace) -> int:
             print("  strategy: partition_swap (natively partitioned, partitions swapped in)")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
-        status = check_table(conn, table) if conn else f"not checked: {unreachable}"
+        status = check_table(conn, table) if conn else "not checked: no database (see below)"
         failed += status.startswith("error")
         print(f"  contract: {status}")
     if conn:
         conn.close()
+    if unreachable:
+        print(f"error: contracts not checked: {unreachable}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 
