@@ -3,15 +3,22 @@ holds, and nothing uploaded as telemetry."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill_assets.core import settings
@@ -160,3 +167,72 @@ def test_the_daemon_the_project_starts_uploads_nothing_from_dagster_home_logs(
 
     assert _Recorder.received == []
     assert probe.exists(), "Dagster moves the folder away when it uploads it"
+
+
+def command_lines() -> list[str]:
+    """Every process's arguments, as ``ps -eo args`` shows them to any user of the machine."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # the process ended meanwhile
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return lines
+
+
+def test_psql_gets_the_password_through_its_environment_never_its_arguments(dagster_env):
+    url = with_password(dagster_env[settings.DATA_URL_ENV], PASSWORD)
+    env = {**os.environ, **dagster_env, settings.DATA_URL_ENV: url}
+    command = [str(Path(sys.executable).parent / "backfill-assets"), "db", "psql"]
+    psql = subprocess.Popen(
+        [*command, "-c", "SELECT pg_sleep(4)"], env=env, stdout=subprocess.DEVNULL
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while psql.poll() is None and time.monotonic() < deadline:
+        seen += [line for line in command_lines() if "pg_sleep" in line or MARKER in line]
+        time.sleep(0.1)
+
+    assert psql.wait(60) == 0
+    assert any("psql" in line and "pg_sleep" in line for line in seen), "psql was sampled"
+    assert [line for line in seen if MARKER in line] == []
+
+
+def test_db_start_for_a_role_that_may_not_create_the_missing_database_says_so_in_one_line(
+    cluster, dagster_env, monkeypatch, capsys
+):
+    role = f"no_createdb_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cluster, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB").format(sql.Identifier(role)))
+    try:
+        params = conninfo_to_dict(cluster)
+        missing = f"postgresql://{role}@/missing_{role}?host={params['host']}"
+        monkeypatch.setenv(settings.DATA_URL_ENV, missing)
+        monkeypatch.setenv(settings.DAGSTER_URL_ENV, missing)
+
+        code = cli.main(["db", "start"])
+    finally:
+        with psycopg.connect(cluster, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"database 'missing_{role}' does not exist" in err and "CREATEDB" in err
+    assert settings.DATA_URL_ENV in err
+
+
+def test_tables_exits_non_zero_with_one_line_when_the_database_cannot_be_reached(
+    monkeypatch, capsys
+):
+    with socket.socket() as probe:  # a port of 127.0.0.1 where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://alice:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/shop"
+    monkeypatch.setenv(settings.DATA_URL_ENV, url)
+
+    code = cli.main(["tables"])
+
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: contracts not checked: cannot connect")
+    assert f"127.0.0.1:{port}" in err and "Connection refused" in err
+    assert MARKER not in out + err

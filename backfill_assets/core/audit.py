@@ -7,9 +7,11 @@ the sequence before the transaction, so the snapshot the DELETE fills can carry 
 happen after a rollback (failed, refused, interrupted) are recorded through the trail's own
 autocommit connection; a problem there is logged as a warning. Rollbacks audit the same way.
 
-The audit never holds a write up for long: its statements wait at most ``LOCK_TIMEOUT`` for a lock
-on the audit table. A write whose audit row cannot be inserted (locked table, revoked privilege,
-a raising trigger) is rolled back with ``AuditUnavailable`` saying why.
+The audit never holds a write up for long: its statements wait at most the bookkeeping lock
+timeout (``session_limits.bookkeeping()``, 5 s) for a lock on the audit table. A write whose audit
+row cannot be inserted (locked table, revoked privilege, a raising trigger) is rolled back with
+``AuditUnavailable`` saying why; the failure's own row, tried after, is then usually lost too,
+and the warning says that the partition kept its rows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core.database import connect, schema_changes
+from backfill_assets.core.session_limits import bookkeeping
 from backfill_assets.core.settings import REPO_ROOT
 
 SCHEMA = "backfill_audit"
@@ -79,7 +82,6 @@ NEWEST_COLUMN = re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", DDL)[-1]
 
 log = logging.getLogger(__name__)
 
-LOCK_TIMEOUT = "5s"
 ABANDONED = (
     "abandoned: the process recording it ended without closing it (killed); its transaction "
     "rolled back, nothing of it was committed"
@@ -121,7 +123,7 @@ def close_abandoned(conn: psycopg.Connection) -> list[int]:
         return []  # the usual case: a read, no lock that could hold a run up
     try:
         with conn.transaction():
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
+            _limit_lock_wait(conn)
             rows = conn.execute(
                 sql.SQL(
                     "UPDATE {} SET status = 'failed', ended_at = clock_timestamp(), "
@@ -135,11 +137,17 @@ def close_abandoned(conn: psycopg.Connection) -> list[int]:
     return sorted(row[0] for row in rows)
 
 
+def _limit_lock_wait(conn: psycopg.Connection) -> None:
+    """The bookkeeping lock timeout for the rest of the transaction open on ``conn`` (a write's
+    session may run under its table's longer one)."""
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{bookkeeping().lock_ms}ms"])
+
+
 def _unavailable(exc: psycopg.Error) -> AuditUnavailable:
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         reason = (
-            f"{SCHEMA}.backfill_runs stayed locked by another session for {LOCK_TIMEOUT} (find "
-            "it in pg_locks and pg_stat_activity)"
+            f"{SCHEMA}.backfill_runs stayed locked by another session for "
+            f"{bookkeeping().lock_ms} ms (find it in pg_locks and pg_stat_activity)"
         )
     elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
         reason = (
@@ -219,13 +227,16 @@ class AuditTrail:
         started_at: datetime,
         conn: psycopg.Connection | None = None,
         audit_id: int | None = None,
+        effect: str = "",
         **fields: object,
     ) -> int | None:
         """Insert one complete row (``status`` plus any of rows_*, checksum_*, snapshot_rows,
         error); returns its id.
 
         With ``conn`` the row joins the transaction open there and errors propagate: the write
-        fails rather than commit unaudited. Without, it goes through the trail's own connection.
+        fails rather than commit unaudited. Without, it goes through the trail's own connection,
+        after the data's fate is decided: a row that cannot be written there is a warning that
+        says so, and ``effect`` (what happened to the partition's rows) as it happened.
         """
         columns = {
             "id": audit_id,
@@ -255,27 +266,24 @@ class AuditTrail:
         )
         if conn is not None:
             try:
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", [LOCK_TIMEOUT])
+                _limit_lock_wait(conn)
                 return conn.execute(query, list(columns.values())).fetchone()[0]
             except psycopg.Error as exc:
                 raise _unavailable(exc) from exc
-        return self._execute(query, list(columns.values()), returning=True)
-
-    def _execute(
-        self, query: sql.Composed, params: list[object], *, returning: bool = False
-    ) -> int | None:
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = connect(self._url, application_name="backfill_assets.core.audit")
-                self._conn.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_TIMEOUT])
-                ensure_audit_table(self._conn)
-            cursor = self._conn.execute(query, params)
-            return cursor.fetchone()[0] if returning else None
+            return self._insert(query, list(columns.values()))
         except Exception as exc:
             self._warn(
-                f"audit trail not written ({type(exc).__name__}: {exc}); the data write goes on"
+                f"audit row ({status}) of {table} {partition} not written "
+                f"({type(exc).__name__}: {str(exc).strip()}); {effect or 'see the run log'}"
             )
             return None
+
+    def _insert(self, query: sql.Composed, params: list[object]) -> int:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._url, application_name="backfill_assets.core.audit")
+            ensure_audit_table(self._conn)
+        return self._conn.execute(query, params).fetchone()[0]
 
 
 REPORT_COLUMNS = (

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import errors, sql
 
 from backfill_assets.core.database import column_names
+from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
 from backfill_assets.core.tables import TableSpec
 
 PLACEHOLDERS = ("start", "end")
@@ -258,7 +259,10 @@ def check_contracts(tables: Iterable[TableSpec], url: str) -> list[str]:
     """Check every table's contract; returns why a table could not be checked (no database, no
     source yet). A mismatch raises ``ContractError``: the definitions must not load with it."""
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        limits = definitions_load()
+        conn = psycopg.connect(
+            url, autocommit=True, connect_timeout=10, options=limits.options(url)
+        )
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [f"SQL contracts not checked at load, the database is not reachable: {reason}"]
@@ -266,7 +270,13 @@ def check_contracts(tables: Iterable[TableSpec], url: str) -> list[str]:
     with conn:
         for table in tables:
             try:
-                check_contract(conn, table)
+                with timed(f"{table.qualified_name}'s source", limits):
+                    check_contract(conn, table)
+            except TimedOut as exc:
+                unchecked.append(
+                    f"SQL contract not checked at load: {exc}; it is checked again before each "
+                    "run writes"
+                )
             except SourceNotReady as exc:
                 unchecked.append(
                     f"{table.qualified_name}: SQL contract not checked at load ({exc}); "

@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from backfill_assets.core.session_limits import WAITING_FOR_TURN, SessionLimits, bookkeeping
 from backfill_assets.core.settings import redact, with_database
 
 
@@ -21,14 +22,19 @@ def connect(
     *,
     application_name: str = "backfill_assets",
     variable: str = "BACKFILL_PG_URL",
+    limits: SessionLimits | None = None,
 ) -> psycopg.Connection:
     """An autocommit connection: every write path opens its own explicit transaction.
 
-    A failure names the server, the URL's ``variable`` and libpq's own reason ("Connection
-    refused", "password authentication failed ...").
+    Its statements run under ``limits`` (``session_limits.bookkeeping()`` unless given): none
+    waits for a lock, or runs, without end. A failure names the server, the URL's ``variable``
+    and libpq's own reason ("Connection refused", "password authentication failed ...").
     """
+    options = (limits or bookkeeping()).options(url)
     try:
-        return psycopg.connect(url, autocommit=True, application_name=application_name)
+        return psycopg.connect(
+            url, autocommit=True, application_name=application_name, options=options
+        )
     except psycopg.OperationalError as exc:
         reason = libpq_reason(exc)
         hint = (
@@ -63,13 +69,34 @@ def schema_changes(conn: psycopg.Connection) -> Iterator[None]:
     names up in the catalog as it was when it began, miss what the other run just created, and
     fail on it all the same.
     """
-    conn.execute("SELECT pg_advisory_lock(hashtext('backfill_assets.schema_changes'))")
+    with waiting_for_turn(conn):
+        conn.execute("SELECT pg_advisory_lock(hashtext('backfill_assets.schema_changes'))")
     try:
         with conn.transaction():
             yield
     finally:
         if not conn.closed and not conn.broken:
             conn.execute("SELECT pg_advisory_unlock(hashtext('backfill_assets.schema_changes'))")
+
+
+@contextmanager
+def waiting_for_turn(conn: psycopg.Connection) -> Iterator[None]:
+    """No lock or statement timeout for the body's advisory lock waits (outside a transaction):
+    runs take turns by them, as long as the other run's bounded statements take. The session's
+    limits apply again after."""
+    limits = conn.execute(
+        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+    ).fetchone()
+    conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, false), "
+                "set_config('statement_timeout', %s, false)",
+                list(limits),
+            )
 
 
 def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
@@ -114,7 +141,9 @@ def first_build_lock(
         yield missing
         return
     key = f"backfill_assets.first_build.{name}"
-    with connect(url, application_name="backfill_assets.first_build") as conn:
+    with connect(
+        url, application_name="backfill_assets.first_build", limits=WAITING_FOR_TURN
+    ) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [key])
         try:
             yield missing_relations(conn, missing)
@@ -143,6 +172,15 @@ def ensure_database(url: str, *, create: bool = True, variable: str = "the URL")
                 "name, or create it: `backfill-assets db start` creates the databases the URLs "
                 "name (the role needs CREATEDB)"
             ) from None
-    with connect(with_database(url, "postgres")) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    with connect(with_database(url, "postgres"), variable=variable) as conn:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        except psycopg.errors.InsufficientPrivilege:
+            user = conn.info.user
+            raise DatabaseUnavailableError(
+                f"database {dbname!r} does not exist ({variable}: {redact(url)}) and role "
+                f"{user!r} may not create it (no CREATEDB). Create it as a superuser "
+                f'(CREATE DATABASE "{dbname}" OWNER "{user}"), or grant the role CREATEDB, or '
+                f"correct the name in {variable}"
+            ) from None
     return True

@@ -39,7 +39,7 @@ from psycopg import sql
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.control import SCHEMA as CONTROL_SCHEMA
-from backfill_assets.core.database import relation_exists, schema_changes
+from backfill_assets.core.database import relation_exists, schema_changes, waiting_for_turn
 from backfill_assets.core.fingerprint import ROW_HASH, Fingerprint, checksum_of, sums_of
 from backfill_assets.core.guards import SourceStats
 from backfill_assets.core.outcomes import CheckOutcome
@@ -377,9 +377,11 @@ def update_partition(
     """
     guard_outcome, _ = guarded
     started = time.perf_counter()
-    conn.execute(
-        "SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))", [table.qualified_name, window.key]
-    )
+    with waiting_for_turn(conn):
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))",
+            [table.qualified_name, window.key],
+        )
     try:
         cursor = open_cursor(conn, audit, table, window)
         resumed_after = cursor.batches if cursor.resumed else 0
@@ -683,6 +685,7 @@ def write_in_place(
             started_at=datetime.now(UTC),
             rows_before=guard_outcome.metadata.get("target_rows_before"),
             error=error,
+            effect=f"the write stopped: {error}",
         )
         return PartitionOutcome(
             window, "failed", guard_outcome, error=error, halt=isinstance(exc, ThrottleTimeout)

@@ -28,6 +28,7 @@ from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition, with_lock_retries
 
 STRATEGY = "delete_insert"
+ROLLED_BACK = "the write was rolled back: nothing changed in the partition, it keeps its rows"
 
 
 class VerificationFailed(Exception):
@@ -143,6 +144,7 @@ def record_refusal(
         started_at=datetime.now(UTC),
         rows_before=outcome.metadata.get("target_rows_before"),
         error=outcome.message,
+        effect="the guard refused the partition before it was touched: it keeps its rows",
     )
 
 
@@ -230,6 +232,7 @@ class VerifiedWrite:
             rows_before=self.rows_before,
             checksum_before=self.verification.before.checksum if self.verification else None,
             error=error,
+            effect=ROLLED_BACK,
         )
 
     def outcome(

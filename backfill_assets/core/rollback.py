@@ -33,6 +33,7 @@ from backfill_assets.core.writer import (
 )
 
 STRATEGY = "rollback"
+NOT_APPLIED = "the rollback was rolled back: nothing changed, every partition keeps its rows"
 KEPT_WRITE = sql.SQL(
     "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
 )
@@ -266,12 +267,17 @@ def restore(
         results = with_lock_retries(restore_all, first, refs[0].partition_key, log)
     except (psycopg.Error, AuditUnavailable) as exc:
         for ref in refs:
-            record(ref, status="failed", error=f"rollback not applied: {exc}".strip())
+            record(
+                ref,
+                status="failed",
+                error=f"rollback not applied: {exc}".strip(),
+                effect=NOT_APPLIED,
+            )
         raise RollbackError(f"rollback failed and changed nothing: {exc}") from exc
     except BaseException as exc:
         # Interrupted (a terminated run, Ctrl-C): the transaction rolled back; say so, go on.
         for ref in refs:
-            record(ref, status="failed", error=f"rollback not applied: {exc!r}")
+            record(ref, status="failed", error=f"rollback not applied: {exc!r}", effect=NOT_APPLIED)
         raise
     return results
 

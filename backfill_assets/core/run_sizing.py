@@ -27,6 +27,8 @@ UNMEASURED_PER_RUN = 31
 """A month of days per run until the audit has seen the table written."""
 HISTORY = 200
 """How many recent successful writes of a table its median is taken over."""
+HISTORY_TABLE = "backfill_audit.backfill_runs"
+"""Where the history is read from (the audit trail)."""
 
 
 def write_history(conn: psycopg.Connection) -> dict[str, tuple[float, int]]:

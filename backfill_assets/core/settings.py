@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_URL_ENV = "BACKFILL_PG_URL"
 DAGSTER_URL_ENV = "BACKFILL_DAGSTER_PG_URL"
 PGDATA_ENV = "BACKFILL_PGDATA"
+LOCK_TIMEOUT_ENV = "BACKFILL_LOCK_TIMEOUT_MS"
+STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
 
 DATA_DATABASE = "backfill"
 DAGSTER_DATABASE = "dagster"
@@ -96,6 +98,19 @@ def dagster_storage_url() -> str:
     return to_sqlalchemy(url)
 
 
+def milliseconds(variable: str, default: int) -> int:
+    """A duration in milliseconds from ``variable`` (``default`` when unset): 1 .. 86400000."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= 86_400_000:
+        raise SettingsError(
+            f"{variable}={text!r} is not a number of milliseconds from 1 to 86400000 (a day); "
+            f"e.g. {variable}={default}, or unset it for that default"
+        )
+    return int(text)
+
+
 def with_database(url: str, dbname: str) -> str:
     """The same server and credentials as ``url``, another database."""
     params = conninfo_to_dict(url)
@@ -128,6 +143,15 @@ def to_uri(params: dict, *, mask_password: bool = False) -> str:
             query[key] = str(value)
     suffix = f"?{urlencode(query, safe='/')}" if query else ""
     return f"postgresql://{netloc}/{quote(str(params.get('dbname', '')), safe='')}{suffix}"
+
+
+def password_to_env(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its password, and the environment that gives the password to a libpq
+    child process (``PGPASSWORD``): a process's arguments are visible to every user of the
+    machine (``ps``), its environment only to its owner."""
+    params = conninfo_to_dict(to_libpq(url))
+    password = params.pop("password", None)
+    return to_uri(params), ({"PGPASSWORD": str(password)} if password else {})
 
 
 def to_sqlalchemy(url: str) -> str:

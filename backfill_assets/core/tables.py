@@ -18,6 +18,7 @@ from psycopg import sql
 
 from backfill_assets.core.database import schema_changes
 from backfill_assets.core.partitioning import Partitioning
+from backfill_assets.core.session_limits import SessionLimits
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Timeouts:
     lock_ms: int = 5_000
     statement_ms: int = 30 * 60_000
     lock_retries: int = 8
+
+    def session(self) -> SessionLimits:
+        """The limits a connection doing this table's work starts with (before any write sets
+        them per transaction)."""
+        return SessionLimits(self.lock_ms, self.statement_ms)
 
     def describe(self) -> str:
         return (

@@ -149,6 +149,8 @@ def lock_partition(cur: psycopg.Cursor, table: TableSpec, window: PartitionWindo
     partition a second time. With the lock the second writer starts only after the first
     committed, and its DELETE sees the first one's rows.
     """
+    # No limit on this wait (the session's would end it): the caller applies the table's after.
+    cur.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
     cur.execute(
         "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))",
         [table.qualified_name, window.key],

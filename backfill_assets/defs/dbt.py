@@ -22,6 +22,7 @@ from backfill_assets.core.database import first_build_lock
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import TABLES_PATH_ENV, DeclarationError, Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
+from backfill_assets.core.session_limits import of_tables
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.core.tables import Timeouts
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -127,10 +128,8 @@ def _timeout_options(registry: Registry) -> str:
     timeouts (the shortest lock timeout, the longest statement timeout), so a mart's DELETE or
     INSERT never queues behind a lock longer than a table's own write would; kept after any
     options already in the environment."""
-    tables = list(registry) or []
-    lock_ms = min((t.timeouts.lock_ms for t in tables), default=Timeouts().lock_ms)
-    statement_ms = max((t.timeouts.statement_ms for t in tables), default=Timeouts().statement_ms)
-    ours = f"-c lock_timeout={lock_ms}ms -c statement_timeout={statement_ms}ms"
+    limits = of_tables(t.timeouts for t in registry) if len(registry) else Timeouts().session()
+    ours = f"-c lock_timeout={limits.lock_ms}ms -c statement_timeout={limits.statement_ms}ms"
     return " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), ours]))
 
 

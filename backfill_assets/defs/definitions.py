@@ -9,7 +9,13 @@ from backfill_assets.core import settings
 from backfill_assets.core.contract import check_contracts
 from backfill_assets.core.database import DatabaseUnavailableError, connect
 from backfill_assets.core.registry import Registry
-from backfill_assets.core.run_sizing import seconds_per_partition, sizes
+from backfill_assets.core.run_sizing import (
+    HISTORY_TABLE,
+    UNMEASURED_PER_RUN,
+    seconds_per_partition,
+    sizes,
+)
+from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
 from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
 from backfill_assets.defs.jobs import table_jobs
 from backfill_assets.defs.late_data import late_data_sensor
@@ -56,10 +62,23 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
 
 
 def measured_costs() -> dict[str, float]:
-    """Seconds per partition of each table's recent writes; none when the database is away."""
+    """Seconds per partition of each table's recent writes; none when the database is away, or
+    when the history cannot be read within the load's limits (a lock held on it): the load never
+    waits on it longer, and says so."""
+    limits = definitions_load()
     try:
-        with connect(settings.data_url(), application_name="backfill_assets.load") as conn:
+        with (
+            timed(HISTORY_TABLE, limits),
+            connect(
+                settings.data_url(), application_name="backfill_assets.load", limits=limits
+            ) as conn,
+        ):
             return seconds_per_partition(conn)
+    except TimedOut as exc:
+        log.warning(
+            f"runs sized without measurements: {exc}. Until the next load, tables without "
+            f"partitions_per_run get {UNMEASURED_PER_RUN} partitions per run"
+        )
     except (settings.SettingsError, DatabaseUnavailableError, psycopg.Error) as exc:
         log.debug(f"runs sized without measurements ({exc})")
-        return {}
+    return {}

@@ -27,6 +27,7 @@ from dagster import (
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.core.params import LAUNCHED_BY, REASON
+from backfill_assets.core.session_limits import timed
 from backfill_assets.core.staleness import staleness
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.dagster_internals import (
@@ -70,7 +71,13 @@ def late_data_sensor(table: TableSpec) -> SensorDefinition:
                 f"backfill {in_flight[0].backfill_id} of changed partitions still runs"
             )
         keys = table.partitioning.all_keys()
-        with connect(settings.data_url(), application_name=f"backfill_assets.{name}") as conn:
+        limits = table.timeouts.session()
+        with (
+            timed(f"{table.qualified_name}'s written partitions and source", limits),
+            connect(
+                settings.data_url(), application_name=f"backfill_assets.{name}", limits=limits
+            ) as conn,
+        ):
             changed = [
                 s.partition_key
                 for s in staleness(conn, table, table.partitioning.windows(keys))

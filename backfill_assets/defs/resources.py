@@ -7,6 +7,7 @@ from dagster import ConfigurableResource, InitResourceContext
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.core.session_limits import SessionLimits
 from backfill_assets.defs.run_launcher import record_worker
 
 
@@ -28,5 +29,9 @@ class PostgresResource(ConfigurableResource):
     def resolved_url(self) -> str:
         return self.url or settings.data_url()
 
-    def connect(self) -> psycopg.Connection:
-        return connect(self.resolved_url(), application_name="backfill_assets.dagster")
+    def connect(self, limits: SessionLimits | None = None) -> psycopg.Connection:
+        """A connection under ``limits`` (a table's run passes its declared timeouts), else the
+        bookkeeping ones (``core/session_limits.py``)."""
+        return connect(
+            self.resolved_url(), application_name="backfill_assets.dagster", limits=limits
+        )

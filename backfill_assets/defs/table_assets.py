@@ -114,7 +114,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             reason=params.reason,
         )
         with (
-            postgres.connect() as conn,
+            postgres.connect(table.timeouts.session()) as conn,
             AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
         ):
             try:

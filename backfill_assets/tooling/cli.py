@@ -15,12 +15,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from backfill_assets.core import settings
+from backfill_assets.core import session_limits, settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
 from backfill_assets.core.registry import load_registry
+from backfill_assets.core.session_limits import timed
+from backfill_assets.core.tables import Timeouts
 from backfill_assets.project import job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.environment import prepare
+
+AUDIT_TABLE = "backfill_audit.backfill_runs"
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -39,8 +43,11 @@ def _db(args: argparse.Namespace) -> int:
             print(
                 f"{settings.DATA_URL_ENV} is set: using that server, not starting an embedded one"
             )
-        for url in (settings.data_url(), settings.to_libpq(settings.dagster_storage_url())):
-            ensure_database(url)
+        for url, variable in (
+            (settings.data_url(), settings.DATA_URL_ENV),
+            (settings.to_libpq(settings.dagster_storage_url()), settings.DAGSTER_URL_ENV),
+        ):
+            ensure_database(url, variable=variable)
         if embedded_server:
             print(f"embedded PostgreSQL running in {pgdata}")
         print(settings.redact(settings.data_url()))
@@ -48,8 +55,9 @@ def _db(args: argparse.Namespace) -> int:
         print("stopped" if embedded.stop(pgdata) else f"not running ({pgdata})")
     elif args.action == "psql":
         prepare()
+        url, env = settings.password_to_env(settings.data_url())
         return subprocess.run(
-            [embedded.psql_path(), settings.data_url(), *args.psql_args]
+            [embedded.psql_path(), url, *args.psql_args], env={**os.environ, **env}
         ).returncode
     elif args.action == "status":
         running = embedded.is_running(pgdata)
@@ -65,7 +73,7 @@ def _seed(args: argparse.Namespace) -> int:
     from backfill_assets.tooling.demo_data import seed
 
     prepare()
-    with connect(settings.data_url()) as conn:
+    with connect(settings.data_url(), limits=Timeouts().session()) as conn:
         summary = seed(conn, orders_per_day=args.orders_per_day)
     print(f"seeded {summary.orders} orders over {summary.days} days, {summary.customers} customers")
     return 0
@@ -183,7 +191,8 @@ def _audit(args: argparse.Namespace) -> int:
     from backfill_assets.core.audit import close_abandoned, recent_rows
 
     prepare()
-    with connect(settings.data_url()) as conn:
+    limits = session_limits.bookkeeping()
+    with timed(AUDIT_TABLE, limits), connect(settings.data_url(), limits=limits) as conn:
         if args.close_abandoned:
             closed = close_abandoned(conn)
             print(f"closed {len(closed)} abandoned audit row(s) as failed: {closed or '-'}")
@@ -206,7 +215,11 @@ def _snapshots(args: argparse.Namespace) -> int:
 
     tables = list(load_registry())
     prepare()
-    with connect(settings.data_url()) as conn:
+    limits = session_limits.snapshots_of(t.timeouts for t in tables)
+    with (
+        timed("the snapshot tables", limits),
+        connect(settings.data_url(), limits=limits) as conn,
+    ):
         if args.action == "expire":
             for table in tables:
                 expired = snapshots.expire(conn, table, args.days)
@@ -256,6 +269,7 @@ def _tables(_: argparse.Namespace) -> int:
     if not len(registry):
         print("no tables declared; add a YAML file and its SQL to tables/ (see README.md)")
         return 0
+    unreachable = ""
     try:
         conn = connect(settings.data_url())
     except (settings.SettingsError, DatabaseUnavailableError) as exc:
@@ -272,11 +286,14 @@ def _tables(_: argparse.Namespace) -> int:
             print("  strategy: partition_swap (natively partitioned, partitions swapped in)")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
-        status = check_table(conn, table) if conn else f"not checked: {unreachable}"
+        status = check_table(conn, table) if conn else "not checked: no database (see below)"
         failed += status.startswith("error")
         print(f"  contract: {status}")
     if conn:
         conn.close()
+    if unreachable:
+        print(f"error: contracts not checked: {unreachable}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 
@@ -479,7 +496,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     numbers_file = out.suffix.lower() == ".json"  # the JSON there, not the page
     prepare()
-    with connect(settings.data_url()) as conn:
+    with timed(AUDIT_TABLE), connect(settings.data_url()) as conn:
         changes = backfill_changes(conn, args.backfill_id)
     if not changes:
         from dagster import DagsterInstance
@@ -806,7 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with timed("a table this command reads or writes"):
+            return args.func(args)
     except (settings.SettingsError, DatabaseUnavailableError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

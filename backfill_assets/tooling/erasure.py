@@ -35,6 +35,7 @@ from backfill_assets.core.erasure import (
 )
 from backfill_assets.core.params import ALLOW_SHRINK, LAUNCHED_BY, REASON
 from backfill_assets.core.registry import Registry
+from backfill_assets.core.session_limits import snapshots_of
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.project import ensure_manifest
 from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill, wait_for_backfill
@@ -152,7 +153,8 @@ def erase(
                 "again (it continues from what remains). No erasure was recorded."
             )
 
-    with connect(data_url) as conn, conn.transaction():
+    limits = snapshots_of(t.timeouts for t in tables)
+    with connect(data_url, limits=limits) as conn, conn.transaction():
         purged = snapshots.erase_subject(conn, tables, subject)
         kept = [r for t in tables for r in snapshot_relations(conn, t)]
         checked = [r for r in relations + kept if exists(conn, r)]

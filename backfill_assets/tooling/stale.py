@@ -93,7 +93,7 @@ def find_stale(
     written: set[str] = set()
     table = registry.by_asset_path().get(tuple(asset.path))
     if table is not None:
-        with connect(data_url) as conn:
+        with connect(data_url, limits=table.timeouts.session()) as conn:
             for found in staleness(conn, table, table.partitioning.windows(keys)):
                 if found.never_written:
                     continue
