@@ -225,6 +225,40 @@ def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
     assert writes == [(DAYS[0], failed_id), (DAYS[1], retry_id), (DAYS[2], failed_id)]
 
 
+def test_a_refused_day_fails_alone_and_the_written_days_marts_are_built_in_the_same_backfill(
+    dagster_env, tmp_path, capsys, conn
+):
+    """One run writes the table and builds its marts. A day the table refuses used to leave every
+    day's marts unbuilt (Dagster skips the marts' step for the whole run); now the written days'
+    marts are built by runs the failing step queues in the backfill, one per stretch of days."""
+    bad_day = DAYS[1]
+    conn.execute(
+        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
+        "app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1)",
+        [bad_day, bad_day],
+    )
+    with running_daemon(dagster_env, tmp_path / "daemon.log"):
+        args = ["launch", "--select", "analytics/fct_orders", "--downstream", "--wait"]
+        assert cli.main([*args, "--from", DAYS[0], "--to", DAYS[-1]]) == 1
+        out = capsys.readouterr().out
+        backfill_id = launched_id(out)
+
+    written = {DAYS[0], DAYS[2]}
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        report = failed_run_report(instance, [r.run_id for r in runs], tmp_path / "daemon.log")
+        for key in (FCT_ORDERS, *MARTS):
+            assert instance.get_materialized_partitions(key) == written, f"{key}\n{report}"
+        follow_ups = [r for r in runs if r.tags.get("backfill_assets/downstream_of_run")]
+    assert sorted(r.tags.get("dagster/partition") for r in follow_ups) == sorted(written)
+    assert all(set(r.asset_selection) == set(MARTS) for r in follow_ups)
+    assert all(r.status.value == "SUCCESS" for r in follow_ups), report
+    assert "6/9 partitions materialized, 3 failed" in out, out
+    assert f"- {bad_day} keeps its previous rows: " in out
+    built = conn.execute("SELECT order_day::text FROM analytics.daily_revenue ORDER BY 1")
+    assert [day for (day,) in built] == sorted(written), "the refused day's marts are untouched"
+
+
 def test_status_says_why_a_run_failed_before_any_check_could(dagster_env, tmp_path, capsys):
     """A run that fails before writing (here a tag the UI let through) has no check to say why:
     ``status`` prints the run's own error, without Dagster's wrapper or the stack."""

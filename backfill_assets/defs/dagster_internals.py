@@ -27,9 +27,12 @@ from dagster._core.execution.retries import auto_reexecution_should_retry_run
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
     BACKFILL_ID_TAG,
     GRPC_INFO_TAG,
     PARENT_BACKFILL_ID_TAG,
+    PARTITION_NAME_TAG,
     ROOT_BACKFILL_ID_TAG,
     USER_TAG,
     WILL_RETRY_TAG,
@@ -51,10 +54,13 @@ def stale_status_resolver(instance, asset_graph) -> CachingStaleStatusResolver:
 
 
 __all__ = [
+    "ASSET_PARTITION_RANGE_END_TAG",
+    "ASSET_PARTITION_RANGE_START_TAG",
     "BACKFILL_ID_TAG",
     "BULK_ACTION_TERMINAL_STATUSES",
     "GRPC_INFO_TAG",
     "PARENT_BACKFILL_ID_TAG",
+    "PARTITION_NAME_TAG",
     "ROOT_BACKFILL_ID_TAG",
     "USER_TAG",
     "WILL_RETRY_TAG",

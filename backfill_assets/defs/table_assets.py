@@ -48,6 +48,7 @@ from backfill_assets.core.tables import TableSpec, ensure_table
 from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
+from backfill_assets.defs.downstream import queue_downstream_of_written
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
 
@@ -273,6 +274,13 @@ def _partial_run(
         lines.append(
             f"- {', '.join(unattempted)} keep their previous rows: not attempted, {stopped}"
         )
+    # This step's failure skips the run's downstream steps for every partition: the written
+    # partitions' downstream is built by runs of its own, in the same backfill.
+    for follow_up, first, last in queue_downstream_of_written(
+        context, [o.window.key for o in committed]
+    ):
+        span = first if first == last else f"{first}..{last}"
+        lines.append(f"- what is built from {span} is built by run {follow_up}")
     lines.append(_how_to_rerun(run, table, [o.window.key for o in failed] + unattempted))
     raise Failure(
         description="\n".join(lines),
