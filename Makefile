@@ -27,9 +27,12 @@ demo: setup
 test: setup $(CHROMIUM) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true.
+# 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true;
+# then 15 of CLI materializes, daemon-launched runs and dbt builds (make test: 3): the queue drains.
 soak: setup
-	BACKFILL_SOAK_TRIALS=$${BACKFILL_SOAK_TRIALS:-300} $(BIN)/pytest -s tests/test_kill_soak.py
+	BACKFILL_SOAK_TRIALS=$${BACKFILL_SOAK_TRIALS:-300} \
+	BACKFILL_QUEUE_SOAK_TRIALS=$${BACKFILL_QUEUE_SOAK_TRIALS:-15} \
+		$(BIN)/pytest -s tests/test_kill_soak.py tests/test_queue_soak.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -24,6 +24,7 @@ from backfill_assets.defs.dagster_internals import PartitionKeyFilter
 from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
 from backfill_assets.defs.rollback import rollback_job
 from backfill_assets.defs.table_assets import table_asset
+from backfill_assets.project import dbt_env
 
 # The demo's declarations (tables/), whatever BACKFILL_TABLES_PATH says.
 REGISTRY = load_registry([DEFAULT_TABLES_DIR])
@@ -200,3 +201,13 @@ def running_webserver(env: dict[str, str], log_path) -> Iterator[str]:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def plain_dbt_env(data_url: str) -> dict[str, str]:
+    """What a person running dbt by hand against ``data_url`` has: the profile's variables."""
+    return {
+        **os.environ,
+        **settings.connection_parts(data_url).as_dbt_env(),
+        **dbt_env(),
+        "DBT_PROFILES_DIR": str(settings.DBT_PROJECT_DIR),
+    }

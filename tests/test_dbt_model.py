@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import time
 from datetime import date, timedelta
 
-from support import dbt_models, fct_orders, materialize_days, step_failure_message
+from support import (
+    dbt_models,
+    fct_orders,
+    materialize_days,
+    plain_dbt_env,
+    step_failure_message,
+)
 
 from backfill_assets.core.database import connect
-from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
-from backfill_assets.project import DBT_EXECUTABLE, dbt_env
+from backfill_assets.core.settings import DBT_PROJECT_DIR
+from backfill_assets.project import DBT_EXECUTABLE
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
 MARTS = ("customer_daily_orders", "daily_revenue")
@@ -29,16 +34,6 @@ def daily_revenue(conn) -> dict:
 def mart_rows(conn, mart: str) -> list[tuple]:
     """Every row of a mart, in a stable order: what a rebuild must reproduce exactly."""
     return conn.execute(f"SELECT * FROM analytics.{mart} ORDER BY 1, 2").fetchall()
-
-
-def plain_dbt_env(data_url: str) -> dict[str, str]:
-    """What a person running dbt by hand against ``data_url`` has: the profile's variables."""
-    return {
-        **os.environ,
-        **connection_parts(data_url).as_dbt_env(),
-        **dbt_env(),
-        "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
-    }
 
 
 def build(assets, postgres, instance, first, last):

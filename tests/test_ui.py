@@ -29,6 +29,7 @@ SELECTION = 'key:"analytics/fct_orders"+'  # the table and everything built from
 RANGE = "[2024-04-01...2024-04-03]"  # the syntax the README gives
 REFUSED_DAY = "2024-04-02"
 REVENUE = AssetKey(["analytics", "daily_revenue"])
+MARTS = ("daily_revenue", "customer_daily_orders")
 
 
 class Ui:
@@ -178,6 +179,11 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         ui.launch_from_lineage()
         second = newest_backfill_id({first})
         ui.follow_backfill(second, "Failed", "5-backfill-failed")
+        # The refused day fails alone, downstream too: the page counts each mart's other two
+        # days succeeded (targeted, in progress, succeeded, failed).
+        for mart in MARTS:
+            row = page.get_by_role("row").filter(has_text=f"analytics / {mart}")
+            assert row.inner_text().split()[-4:] == ["3", "0", "2", "1"], row.inner_text()
         body = ui.check_partition(
             "fct_orders", "source_guard", REFUSED_DAY, "guard refused", "6-refused-day"
         )
@@ -214,7 +220,13 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
     )
     with DagsterInstance.get() as instance:
         assert instance.get_backfill(first).status == BulkActionStatus.COMPLETED_SUCCESS
-        assert instance.get_backfill(second).status == BulkActionStatus.COMPLETED_FAILED
+        failed = instance.get_backfill(second)
+        assert failed.status == BulkActionStatus.COMPLETED_FAILED
+        built_by_failed = {
+            (key.asset_key.path[-1], key.partition_key)
+            for key in failed.asset_backfill_data.materialized_subset.iterate_asset_partitions()
+            if key.asset_key.path[-1] in MARTS
+        }
         reexecution = instance.get_backfill(third)
         assert reexecution.status == BulkActionStatus.COMPLETED_SUCCESS
         assert run.status == DagsterRunStatus.SUCCESS, run.run_id
@@ -223,9 +235,12 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         (key.asset_key.path[-1], key.partition_key)
         for key in reexecution.asset_backfill_data.target_subset.iterate_asset_partitions()
     }
-    days = ["2024-04-01", REFUSED_DAY, "2024-04-03"]
-    marts = {(mart, day) for mart in ("daily_revenue", "customer_daily_orders") for day in days}
-    assert targeted == {("fct_orders", REFUSED_DAY)} | marts, "what the failed backfill left"
+    marts = {(mart, day) for mart in MARTS for day in ("2024-04-01", REFUSED_DAY, "2024-04-03")}
+    refused = {("fct_orders", REFUSED_DAY)} | {(mart, REFUSED_DAY) for mart in MARTS}
+    # The failed backfill built the marts of the days it wrote (a bad day fails alone,
+    # downstream too); what it left is the refused day and what is built from it.
+    assert built_by_failed == marts - refused
+    assert targeted == refused, "what the failed backfill left"
     held = conn.execute("SELECT count(*) FROM app.refused_day_orders").fetchone()[0]
     assert held > 0 and day_rows(conn) == held, "the refused day holds its source's rows now"
     writer = conn.execute(
