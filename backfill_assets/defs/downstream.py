@@ -39,7 +39,7 @@ def downstream_in_run(context: AssetExecutionContext) -> set[AssetKey]:
     """The assets this run builds from the step's own (its downstream in the run's selection)."""
     own = set(context.assets_def.keys)
     graph = context.repository_def.asset_graph
-    selected = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
+    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
     return (AssetSelection.assets(*own).downstream().resolve(graph) & set(selected)) - own
 
 

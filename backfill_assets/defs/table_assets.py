@@ -276,9 +276,15 @@ def _partial_run(
         )
     # This step's failure skips the run's downstream steps for every partition: the written
     # partitions' downstream is built by runs of its own, in the same backfill.
-    for follow_up, first, last in queue_downstream_of_written(
-        context, [o.window.key for o in committed]
-    ):
+    try:
+        follow_ups = queue_downstream_of_written(context, [o.window.key for o in committed])
+    except Exception as exc:  # the failure below must still be raised, with its reasons
+        follow_ups = []
+        lines.append(
+            f"- what is built from the written partitions was not queued ({exc}); the "
+            "re-run below builds it"
+        )
+    for follow_up, first, last in follow_ups:
         span = first if first == last else f"{first}..{last}"
         lines.append(f"- what is built from {span} is built by run {follow_up}")
     lines.append(_how_to_rerun(run, table, [o.window.key for o in failed] + unattempted))
