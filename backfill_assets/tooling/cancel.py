@@ -6,15 +6,17 @@ backfill COMPLETED as soon as it has queued the runs, so the daemon never cancel
 queued and write once a daemon dequeues them. Here the runs are canceled as Dagster's own backfill
 cancel does it (``cancel_backfill_runs_and_cancellation_complete``): queued ones from the queue
 first, so the daemon cannot start them meanwhile, then running ones through the run coordinator
-(the launcher asks the worker to stop; a partition mid-write rolls back).
+(the launcher asks the worker to stop; a partition mid-write rolls back). A run still STARTING is
+waited for until it runs: stopped before its worker is up, it ends FAILED and is retried.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from backfill_assets.defs.dagster_internals import (
     BULK_ACTION_TERMINAL_STATUSES,
@@ -22,19 +24,21 @@ from backfill_assets.defs.dagster_internals import (
     get_current_timestamp,
 )
 from backfill_assets.tooling.report import (
+    FINISHED,
     backfill_runs,
     existing_backfill,
     has_ended,
     run_status,
 )
 
-# Queued before started: a run still waiting cannot be dequeued while the running ones are stopped.
+# Queued first: a run still waiting cannot be dequeued while the running ones are stopped.
 CANCEL_ORDER = (
     DagsterRunStatus.NOT_STARTED,
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
 )
+DEQUEUED, STOPPING, STARTING = "dequeued", "stopping", "starting"
 NOT_SUBMITTED = "Canceled before it was queued: its backfill was canceled (backfill-assets cancel)."
 
 
@@ -51,11 +55,15 @@ class Cancellation:
     """Runs canceled before they started."""
     stopping: int
     """Running runs asked to stop."""
+    starting: int = 0
+    """Runs still being started when the cancel gave up waiting for them to run."""
 
     def lines(self) -> list[str]:
         what = f"backfill {self.backfill_id}: canceled {self.dequeued} queued run(s)"
         if self.stopping:
             what += f", stopping {self.stopping} running (a partition mid-write rolls back)"
+        if self.starting:
+            what += f"; {self.starting} still starting: cancel again once they run"
         if self.status == BulkActionStatus.CANCELING.value:
             what += "; CANCELING: the daemon stops what it launches meanwhile, then closes it"
         else:
@@ -92,29 +100,53 @@ def cancel_backfill(
         else:
             request(backfill_id)
         backfill = existing_backfill(instance, backfill_id)
-    dequeued = stopping = 0
-    for run in sorted(
-        (run for run in runs if run.status in CANCEL_ORDER),
-        key=lambda run: CANCEL_ORDER.index(run.status),
-    ):
-        if run.status == DagsterRunStatus.NOT_STARTED:
-            # Created but never submitted (its launcher stopped midway): the coordinator would
-            # hand it to the launcher, which has no worker to stop.
-            instance.report_run_canceled(run, message=NOT_SUBMITTED)
-            dequeued += 1
-        elif _cancel_run(instance, run.run_id):
-            dequeued += run.status == DagsterRunStatus.QUEUED
-            stopping += run.status != DagsterRunStatus.QUEUED
+    outcomes = _cancel_runs(instance, [run for run in runs if run.status in CANCEL_ORDER])
     if backfill.status == BulkActionStatus.COMPLETED:
         backfill = backfill.with_status(BulkActionStatus.CANCELED).with_end_timestamp(
             get_current_timestamp()
         )
         instance.update_backfill(backfill)
-    return Cancellation(backfill_id, backfill.status.value, dequeued, stopping)
+    return Cancellation(
+        backfill_id,
+        backfill.status.value,
+        dequeued=outcomes.count(DEQUEUED),
+        stopping=outcomes.count(STOPPING),
+        starting=outcomes.count(STARTING),
+    )
 
 
-def _cancel_run(instance: DagsterInstance, run_id: str) -> bool:
-    """The run coordinator's cancel, as the UI's "Terminate": a queued run is canceled from the
-    queue, a started one is terminated by the launcher. The run is read again there, so one the
-    daemon dequeued meanwhile is terminated instead."""
-    return instance.run_coordinator.cancel_run(run_id)
+def _cancel_runs(
+    instance: DagsterInstance, runs: list[DagsterRun], *, start_timeout_s: float = 60
+) -> list[str]:
+    """Each run's outcome: queued ones first, so the daemon cannot start them while the running
+    ones are stopped; a run being started is waited for until it runs (or ``start_timeout_s``)."""
+    runs = sorted(runs, key=lambda run: CANCEL_ORDER.index(run.status))
+    outcomes = {run.run_id: _cancel_run(instance, run.run_id) for run in runs}
+    deadline = time.monotonic() + start_timeout_s
+    while STARTING in outcomes.values() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        for run_id, outcome in outcomes.items():
+            if outcome == STARTING:
+                outcomes[run_id] = _cancel_run(instance, run_id)
+    return list(outcomes.values())
+
+
+def _cancel_run(instance: DagsterInstance, run_id: str) -> str | None:
+    """Cancel one run as its status allows, read just now (the daemon may have dequeued it)."""
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.status in FINISHED or run.status == DagsterRunStatus.CANCELING:
+        return None
+    if run.status == DagsterRunStatus.NOT_STARTED:
+        # Created but never submitted (its launcher stopped midway): the launcher has no worker
+        # to stop, so it is canceled outright.
+        instance.report_run_canceled(run, message=NOT_SUBMITTED)
+        return DEQUEUED
+    if run.status == DagsterRunStatus.STARTING:
+        # Not yet: a termination sent before the worker is up makes the worker exit at once, and
+        # the run is then FAILED (and retried), not canceled. Dagster's own backfill cancel skips
+        # such runs too.
+        return STARTING
+    # The run coordinator's cancel, as the UI's "Terminate": a queued run is canceled from the
+    # queue, a started one is terminated by the launcher (a partition mid-write rolls back).
+    instance.run_coordinator.cancel_run(run_id)
+    return DEQUEUED if run.status == DagsterRunStatus.QUEUED else STOPPING
