@@ -443,7 +443,8 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
         for run_id, failure in sorted(report.failures.items()):
             print(f"  run {run_id} failed: {failure}")
         if report.error:
-            print(f"  Dagster failed the backfill: {report.error}")
+            ended = "was stopped" if report.daemon_status == "CANCELED" else "failed"
+            print(f"  the backfill {ended}: {report.error}")
             if "no longer does" in report.error:
                 print(
                     "  the running daemon's definitions lack an asset of this backfill: check "

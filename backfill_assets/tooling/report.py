@@ -118,7 +118,8 @@ class BackfillReport:
     failures: dict[str, str] = field(default_factory=dict)
     """run id -> why it failed, for failed runs whose checks do not say it"""
     error: str | None = None
-    """Why the daemon failed the backfill itself (definitions that no longer load, say)."""
+    """Why the backfill itself failed (definitions the daemon no longer loads, say) or was
+    stopped (a job backfill refused by the run coordinator)."""
     now: float = field(default_factory=get_current_timestamp)
 
     def count(self, status: str) -> int:
