@@ -211,3 +211,27 @@ def plain_dbt_env(data_url: str) -> dict[str, str]:
         **dbt_env(),
         "DBT_PROFILES_DIR": str(settings.DBT_PROJECT_DIR),
     }
+
+
+def dagster_job_backfill(
+    env: Mapping[str, str], job: str, *args: str
+) -> subprocess.CompletedProcess:
+    """Dagster's stock ``dagster job backfill -j JOB ARGS --noprompt``, as a user types it."""
+    command = ["dagster", "job", "backfill", "-w", str(settings.WORKSPACE_FILE), "-j", job]
+    return subprocess.run(
+        [*command, *args, "--noprompt"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def launched_job_backfill(completed: subprocess.CompletedProcess) -> str:
+    """The id ``dagster job backfill`` printed, or a failure with what it printed."""
+    marker = "Launched backfill job `"
+    assert completed.returncode == 0 and marker in completed.stdout, (
+        completed.stdout[-2000:],
+        completed.stderr[-2000:],
+    )
+    return completed.stdout.split(marker, 1)[1].split("`", 1)[0]

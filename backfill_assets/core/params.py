@@ -21,7 +21,10 @@ SNAPSHOTS = PREFIX + "snapshots"
 LAUNCHED_BY = PREFIX + "launched_by"
 REASON = PREFIX + "reason"
 """Why the backfill runs (a sentence, a ticket): stored with every audit row it leaves."""
-KNOWN_TAGS = (ALLOW_SHRINK, MAX_SHRINK, DIFF_WARN, SNAPSHOTS, LAUNCHED_BY, REASON)
+FULL_REBUILD = PREFIX + "full_rebuild"
+"""A job backfill may select every partition of its job, or more than BACKFILL_MAX_PARTITIONS
+(``defs/run_coordinator.py``)."""
+KNOWN_TAGS = (ALLOW_SHRINK, MAX_SHRINK, DIFF_WARN, SNAPSHOTS, LAUNCHED_BY, REASON, FULL_REBUILD)
 MAX_REASON = 500
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -59,6 +62,10 @@ def params_for(table: TableSpec, tags: Mapping[str, str]) -> BackfillParams:
         launched_by=launched_by(tags),
         reason=reason(tags),
     )
+
+
+def full_rebuild(tags: Mapping[str, str]) -> bool:
+    return _flag(tags, FULL_REBUILD, False)
 
 
 def reason(tags: Mapping[str, str]) -> str | None:

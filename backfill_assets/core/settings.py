@@ -27,6 +27,10 @@ DAGSTER_URL_ENV = "BACKFILL_DAGSTER_PG_URL"
 PGDATA_ENV = "BACKFILL_PGDATA"
 LOCK_TIMEOUT_ENV = "BACKFILL_LOCK_TIMEOUT_MS"
 STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
+MAX_PARTITIONS_ENV = "BACKFILL_MAX_PARTITIONS"
+DEFAULT_MAX_PARTITIONS = 400
+"""The most partitions a ``dagster job backfill`` (one run per partition) may select without the
+tag ``backfill_assets/full_rebuild=true``: a little over a year of days."""
 
 DATA_DATABASE = "backfill"
 DAGSTER_DATABASE = "dagster"
@@ -230,6 +234,19 @@ def process_env() -> dict[str, str]:
         # stop them.
         "DAGSTER_DISABLE_TELEMETRY": "1",
     }
+
+
+def max_job_backfill_partitions() -> int:
+    """``BACKFILL_MAX_PARTITIONS``, else ``DEFAULT_MAX_PARTITIONS``."""
+    value = os.environ.get(MAX_PARTITIONS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PARTITIONS
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(
+            f"{MAX_PARTITIONS_ENV}={value!r} is not a positive whole number; set it to the most "
+            f"partitions a job backfill may select (default {DEFAULT_MAX_PARTITIONS}) or unset it"
+        )
+    return int(value)
 
 
 def _validate(url: str, variable: str) -> None:

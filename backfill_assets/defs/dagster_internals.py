@@ -40,6 +40,7 @@ from dagster._core.storage.tags import (
 from dagster._core.utils import make_new_backfill_id
 from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_datetime, get_current_timestamp
+from dagster._utils.error import SerializableErrorInfo
 
 
 def stale_status_resolver(instance, asset_graph) -> CachingStaleStatusResolver:
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigurableClassData",
     "PartitionBackfill",
     "PartitionKeyFilter",
+    "SerializableErrorInfo",
     "StaleCause",
     "StaleCauseCategory",
     "StaleStatus",

@@ -460,7 +460,8 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
         for run_id, failure in sorted(report.failures.items()):
             print(f"  run {run_id} failed: {failure}")
         if report.error:
-            print(f"  Dagster failed the backfill: {report.error}")
+            ended = "was stopped" if report.daemon_status == "CANCELED" else "failed"
+            print(f"  the backfill {ended}: {report.error}")
             if "no longer does" in report.error:
                 print(
                     "  the running daemon's definitions lack an asset of this backfill: check "
@@ -523,16 +524,13 @@ def _cancel(args: argparse.Namespace) -> int:
     prepare()
     from dagster import DagsterInstance
 
-    from backfill_assets.tooling.launch import cancel_backfill
+    from backfill_assets.tooling.cancel import cancel_backfill
 
     with DagsterInstance.get() as instance:
         server = _webserver(args)
-        if server:
-            server.cancel(args.backfill_id)
-        else:
-            cancel_backfill(instance, args.backfill_id)
-    print(f"backfill {args.backfill_id}: cancel requested; the daemon stops its runs")
-    print(f"  follow it: backfill-assets status {args.backfill_id} --wait")
+        request = server.cancel if server else None
+        canceled = cancel_backfill(instance, args.backfill_id, request=request)
+    print("\n".join(canceled.lines()))
     return 0
 
 
@@ -762,7 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="the numbers as JSON, for scripts")
     report.set_defaults(func=_report)
 
-    cancel = commands.add_parser("cancel", help="cancel a running backfill (the daemon stops it)")
+    cancel = commands.add_parser(
+        "cancel", help="cancel a backfill: its queued runs, and stop its running ones"
+    )
     cancel.add_argument("backfill_id")
     _webserver_argument(cancel)
     cancel.set_defaults(func=_cancel)

@@ -33,7 +33,6 @@ from backfill_assets.core.partitioning import Partitioning, UnknownPartitionErro
 from backfill_assets.core.settings import WORKSPACE_FILE
 from backfill_assets.defs.dagster_internals import (
     BACKFILL_ID_TAG,
-    BULK_ACTION_TERMINAL_STATUSES,
     PARENT_BACKFILL_ID_TAG,
     ROOT_BACKFILL_ID_TAG,
     USER_TAG,
@@ -42,7 +41,14 @@ from backfill_assets.defs.dagster_internals import (
     get_current_timestamp,
     make_new_backfill_id,
 )
-from backfill_assets.tooling.report import FINISHED, BackfillWatcher, existing_backfill
+from backfill_assets.tooling.report import (
+    FINISHED,
+    BackfillWatcher,
+    backfill_runs,
+    existing_backfill,
+    has_ended,
+    run_status,
+)
 
 
 class BackfillLaunchError(RuntimeError):
@@ -150,17 +156,6 @@ def with_user(tags: Mapping[str, str] | None) -> dict[str, str]:
     return tags
 
 
-def cancel_backfill(instance: DagsterInstance, backfill_id: str) -> None:
-    """Ask the daemon to cancel the backfill, as the UI's "Cancel backfill" does: it requests no
-    more runs and terminates the queued and running ones; a partition mid-write rolls back."""
-    backfill = existing_backfill(instance, backfill_id)
-    if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
-        raise BackfillLaunchError(
-            f"backfill {backfill_id} already ended ({backfill.status.value}); nothing to cancel"
-        )
-    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
-
-
 def retry_backfill(instance: DagsterInstance, backfill_id: str, definitions: Definitions) -> str:
     """A new backfill of exactly what the ended one did not materialize (failed, canceled or never
     run), with its tags; as the UI's "Re-execute from failure". Returns the new id."""
@@ -197,27 +192,34 @@ def retry_backfill(instance: DagsterInstance, backfill_id: str, definitions: Def
 
 
 def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
-    """The backfill once the daemon has closed it. Its runs may all have ended a tick (30 s)
-    before the daemon records that, and what it materialized is only final then; so a backfill
-    whose runs all ended is waited for, one that is still running is refused."""
-    backfill = existing_backfill(instance, backfill_id)
-    if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
-        return backfill
-    if not BackfillWatcher(instance, backfill_id).report().finished:
+    """The backfill once it has ended (``report.has_ended``): what it materialized is only final
+    then. Its runs may all have ended a tick (30 s) before the daemon records it, so a backfill
+    whose runs all ended is waited for; one with runs in flight is refused, even when Dagster
+    already calls it COMPLETED (a job backfill, once its runs are queued)."""
+    report = BackfillWatcher(instance, backfill_id).report()
+    if report.ended:
+        return existing_backfill(instance, backfill_id)
+    if not report.finished:
+        in_flight = sum(status not in FINISHED for status in report.runs.values())
         raise BackfillLaunchError(
-            f"backfill {backfill_id} is still running; wait for it "
-            f"(backfill-assets status {backfill_id} --wait) or cancel it first"
+            f"backfill {backfill_id} is still running ({in_flight} run(s) queued or running, "
+            f"Dagster: {report.daemon_status}); wait for it (backfill-assets status "
+            f"{backfill_id} --wait) or cancel it first (backfill-assets cancel {backfill_id})"
         )
     deadline = time.monotonic() + grace_s
-    while backfill.status not in BULK_ACTION_TERMINAL_STATUSES:
+    while True:
+        backfill = existing_backfill(instance, backfill_id)
+        statuses = [
+            run_status(run, backfill.status.value) for run in backfill_runs(instance, backfill_id)
+        ]
+        if has_ended(backfill.status.value, statuses):
+            return backfill
         if time.monotonic() > deadline:
             raise BackfillLaunchError(
                 f"backfill {backfill_id}: its runs ended but the daemon has not closed it after "
                 f"{grace_s:.0f}s; is `dagster-daemon run` running?"
             )
         time.sleep(1)
-        backfill = existing_backfill(instance, backfill_id)
-    return backfill
 
 
 def asset_selection(
@@ -298,10 +300,8 @@ class BackfillProgress:
 
     @property
     def done(self) -> bool:
-        """The backfill launched all its runs (job backfills: at once) and every run ended."""
-        return self.backfill_status in BULK_ACTION_TERMINAL_STATUSES and self.finished == len(
-            self.statuses
-        )
+        """The backfill has ended (``report.has_ended``)."""
+        return has_ended(self.backfill_status.value, self.statuses.values())
 
     def line(self) -> str:
         running = sum(s == DagsterRunStatus.STARTED for s in self.statuses.values())
@@ -313,8 +313,9 @@ class BackfillProgress:
 
 def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
     backfill = existing_backfill(instance, backfill_id)
-    runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
-    return BackfillProgress(backfill_id, backfill.status, {run.run_id: run.status for run in runs})
+    status = backfill.status.value
+    statuses = {run.run_id: run_status(run, status) for run in backfill_runs(instance, backfill_id)}
+    return BackfillProgress(backfill_id, backfill.status, statuses)
 
 
 def wait_for_backfill(

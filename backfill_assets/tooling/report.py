@@ -12,12 +12,14 @@ partition is accounted for, not at the daemon's next tick.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dagster import (
     AssetCheckSeverity,
     DagsterEventType,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     RunsFilter,
 )
@@ -36,8 +38,32 @@ ANY_ASSET = "*"
 """Asset of a job backfill's partitions: the job names no assets up front."""
 
 
+TERMINAL = frozenset(s.value for s in BULK_ACTION_TERMINAL_STATUSES)
+
+
 class UnknownBackfillError(RuntimeError):
     pass
+
+
+def run_status(run: DagsterRun, backfill_status: str) -> DagsterRunStatus:
+    """The run's status as its backfill sees it: a failed run that Dagster's run retries will
+    launch again counts as queued. Run retries skip the runs of a backfill whose status is
+    terminal, so then a failed run is just failed."""
+    if run.is_complete_and_waiting_to_retry and backfill_status not in TERMINAL:
+        return DagsterRunStatus.QUEUED
+    return run.status
+
+
+def has_ended(backfill_status: str, run_statuses: Iterable[DagsterRunStatus]) -> bool:
+    """The one definition of a backfill's end, shared by ``status``, ``cancel`` and ``retry``:
+    Dagster closed it (a terminal status) and none of its runs is in flight. Dagster's status
+    alone is not enough: ``dagster job backfill`` marks its backfill COMPLETED as soon as it has
+    queued the runs, before any of them ran."""
+    return backfill_status in TERMINAL and all(s in FINISHED for s in run_statuses)
+
+
+def backfill_runs(instance: DagsterInstance, backfill_id: str) -> list[DagsterRun]:
+    return list(instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})))
 
 
 def existing_backfill(instance: DagsterInstance, backfill_id: str):
@@ -92,7 +118,8 @@ class BackfillReport:
     failures: dict[str, str] = field(default_factory=dict)
     """run id -> why it failed, for failed runs whose checks do not say it"""
     error: str | None = None
-    """Why the daemon failed the backfill itself (definitions that no longer load, say)."""
+    """Why the backfill itself failed (definitions the daemon no longer loads, say) or was
+    stopped (a job backfill refused by the run coordinator)."""
     now: float = field(default_factory=get_current_timestamp)
 
     def count(self, status: str) -> int:
@@ -111,14 +138,20 @@ class BackfillReport:
         return max(self.now - self.created, 0.0)
 
     @property
+    def ended(self) -> bool:
+        """Closed by Dagster and nothing in flight (``has_ended``): what ``cancel`` and
+        ``retry`` go by."""
+        return has_ended(self.daemon_status, self.runs.values())
+
+    @property
     def finished(self) -> bool:
-        """Every run ended and every partition is materialized or failed (or the daemon says the
-        backfill is over)."""
-        runs_ended = all(status in FINISHED for status in self.runs.values())
-        if self.daemon_status in {s.value for s in BULK_ACTION_TERMINAL_STATUSES}:
-            return runs_ended
+        """Ended, or every run ended and every partition is materialized or failed while the
+        daemon has yet to record it (at its next tick)."""
+        if self.daemon_status in TERMINAL:
+            return self.ended
         if self.daemon_status == "CANCELING":
             return False  # the daemon is still stopping runs; it says when it is done
+        runs_ended = all(status in FINISHED for status in self.runs.values())
         accounted = self.count("materialized") + self.count("failed") == self.total
         return bool(self.runs) and runs_ended and accounted
 
@@ -126,8 +159,9 @@ class BackfillReport:
         """Finished or running, with Dagster's own status of the backfill: the daemon records
         the end at its next tick, up to 30 s after the last partition."""
         if not self.finished:
-            return f"running (Dagster: {self.daemon_status})"
-        if self.daemon_status in {s.value for s in BULK_ACTION_TERMINAL_STATUSES}:
+            stopping = self.daemon_status in {"CANCELING", "CANCELED"}
+            return f"{'canceling' if stopping else 'running'} (Dagster: {self.daemon_status})"
+        if self.ended:
             return f"finished (Dagster: {self.daemon_status})"
         return (
             f"finished (Dagster still says {self.daemon_status} until its daemon's next tick, "
@@ -176,6 +210,7 @@ class BackfillReport:
             "backfill_id": self.backfill_id,
             "daemon_status": self.daemon_status,
             "finished": self.finished,
+            "ended": self.ended,
             "succeeded": self.succeeded,
             "elapsed_s": round(self.elapsed_s, 1),
             "eta_s": None if self.eta_s() is None else round(self.eta_s(), 1),
@@ -209,13 +244,12 @@ class BackfillWatcher:
     def report(self) -> BackfillReport:
         backfill = existing_backfill(self.instance, self.backfill_id)
         partitions = {key: PartitionState(*key) for key in _targets(backfill)}
-        runs = self.instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: self.backfill_id}))
+        runs = backfill_runs(self.instance, self.backfill_id)
         statuses, failures = {}, {}
         for run in sorted(runs, key=lambda r: r.run_id):
-            if run.is_complete_and_waiting_to_retry:
-                # Failed, and Dagster's run retries will launch its retry: its partitions are
-                # not failed yet (the backfill daemon waits for the retry too).
-                run = run.with_status(DagsterRunStatus.QUEUED)
+            # A failed run that run retries will launch again: its partitions are not failed yet
+            # (the backfill daemon waits for the retry too).
+            run = run.with_status(run_status(run, backfill.status.value))
             statuses[run.run_id] = run.status
             events = self._ended.get(run.run_id) or self._read(run)
             if run.status in FINISHED:
