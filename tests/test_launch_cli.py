@@ -19,6 +19,15 @@ FCT_ORDERS = AssetKey(["analytics", "fct_orders"])
 MARTS = [AssetKey(["analytics", "daily_revenue"]), AssetKey(["analytics", "customer_daily_orders"])]
 
 
+def break_one_order(conn, day: str) -> None:
+    """A source row the table's CHECK (net_amount >= 0) refuses: the day fails its write."""
+    conn.execute(
+        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
+        "app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1)",
+        [day, day],
+    )
+
+
 def launched_id(out: str) -> str:
     return out.split("launched asset backfill ", 1)[1].split(":", 1)[0]
 
@@ -191,11 +200,7 @@ def test_retry_reruns_exactly_the_partitions_a_failed_backfill_did_not_write(
     dagster_env, tmp_path, capsys, conn
 ):
     bad_day = DAYS[1]
-    conn.execute(
-        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
-        "app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1)",
-        [bad_day, bad_day],
-    )
+    break_one_order(conn, bad_day)
     with running_daemon(dagster_env, tmp_path / "daemon.log"):
         span = ["--from", DAYS[0], "--to", DAYS[-1]]
         assert cli.main(["launch", "--select", "analytics/fct_orders", *span, "--wait"]) == 1
@@ -232,11 +237,7 @@ def test_a_refused_day_fails_alone_and_the_written_days_marts_are_built_in_the_s
     day's marts unbuilt (Dagster skips the marts' step for the whole run); now the written days'
     marts are built by runs the failing step queues in the backfill, one per stretch of days."""
     bad_day = DAYS[1]
-    conn.execute(
-        "UPDATE app.orders SET net_amount = -1 WHERE order_id = (SELECT min(order_id) FROM "
-        "app.orders WHERE ordered_at >= %s::date AND ordered_at < %s::date + 1)",
-        [bad_day, bad_day],
-    )
+    break_one_order(conn, bad_day)
     with running_daemon(dagster_env, tmp_path / "daemon.log"):
         args = ["launch", "--select", "analytics/fct_orders", "--downstream", "--wait"]
         assert cli.main([*args, "--from", DAYS[0], "--to", DAYS[-1]]) == 1

@@ -34,6 +34,13 @@ def hold(url: str, table: str, seconds: float = HELD_S):
     return other_session(url, f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE", seconds)
 
 
+def ready_to_write(conn):
+    """fct_orders and its snapshot table created; the day's window and default parameters."""
+    ensure_table(conn, FCT_ORDERS)
+    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
+    return FCT_ORDERS.partitioning.window(DAY), params_for(FCT_ORDERS, {})
+
+
 def test_connections_start_under_the_bookkeeping_limits_unless_configured(conn, monkeypatch):
     settings_now = conn.execute(
         "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
@@ -106,10 +113,7 @@ def test_a_write_whose_audit_insert_times_out_is_rolled_back_and_the_warning_say
     data_url, conn, monkeypatch
 ):
     monkeypatch.setenv(settings.LOCK_TIMEOUT_ENV, "500")
-    ensure_table(conn, FCT_ORDERS)
-    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
-    window = FCT_ORDERS.partitioning.window(DAY)
-    params = params_for(FCT_ORDERS, {})
+    window, params = ready_to_write(conn)
     warnings: list[str] = []
     run = RunInfo("run-audit-locked", None, "tester", {})
     with AuditTrail(data_url, warn=warnings.append) as audit:
@@ -135,10 +139,7 @@ def test_a_writer_waits_for_its_turn_on_a_partition_longer_than_the_session_lock
 ):
     """Writers of one partition take turns by an advisory lock: waiting is the point there."""
     monkeypatch.setenv(settings.LOCK_TIMEOUT_ENV, "300")
-    ensure_table(conn, FCT_ORDERS)
-    snapshots.ensure_snapshot_table(conn, FCT_ORDERS)
-    window = FCT_ORDERS.partitioning.window(DAY)
-    params = params_for(FCT_ORDERS, {})
+    window, params = ready_to_write(conn)
     key = [FCT_ORDERS.qualified_name, DAY]
     holder = other_session(
         data_url,
