@@ -93,8 +93,8 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         failed. Run monitoring and the backfill daemon both tick at once when a daemon starts,
         so after a restart that race was lost every time (seen in the tests).
         """
-        if not self._instance.run_retries_enabled:
-            return
+        if not self._instance.run_retries_enabled or run.remote_job_origin is None:
+            return  # a CLI's in-process run has no code location to be retried from
         failed = run.with_status(DagsterRunStatus.FAILURE)
         if auto_reexecution_should_retry_run(self._instance, failed, None):
             self._instance.add_run_tags(run.run_id, {WILL_RETRY_TAG: "true"})
