@@ -250,7 +250,7 @@ def test_a_refused_day_fails_alone_and_the_written_days_marts_are_built_in_the_s
         report = failed_run_report(instance, [r.run_id for r in runs], tmp_path / "daemon.log")
         for key in (FCT_ORDERS, *MARTS):
             assert instance.get_materialized_partitions(key) == written, f"{key}\n{report}"
-        follow_ups = [r for r in runs if r.tags.get("backfill_assets/downstream_of_run")]
+        follow_ups = [r for r in runs if r.tags.get(".backfill_assets/downstream_of_run")]
     assert sorted(r.tags.get("dagster/partition") for r in follow_ups) == sorted(written)
     assert all(set(r.asset_selection) == set(MARTS) for r in follow_ups)
     assert all(r.status.value == "SUCCESS" for r in follow_ups), report

@@ -30,8 +30,10 @@ from backfill_assets.defs.dagster_internals import (
     USER_TAG,
 )
 
-FOLLOWS_RUN_TAG = "backfill_assets/downstream_of_run"
-"""On a run queued for the written days' downstream: the run whose step refused a day."""
+FOLLOWS_RUN_TAG = ".backfill_assets/downstream_of_run"
+"""On a run queued for the written days' downstream: the run whose step refused a day. Hidden
+(a leading dot, as Dagster's own bookkeeping tags), and no ``backfill_assets/`` parameter, which
+a run checks against the known ones."""
 _KEPT_SYSTEM_TAGS = {BACKFILL_ID_TAG, USER_TAG}
 
 
@@ -71,7 +73,7 @@ def queue_downstream_of_written(context: AssetExecutionContext, written: Sequenc
     tags = {
         name: value
         for name, value in run.tags.items()
-        if name in _KEPT_SYSTEM_TAGS or not name.startswith(("dagster/", ".dagster"))
+        if name in _KEPT_SYSTEM_TAGS or not name.startswith(("dagster/", "."))
     }
     queued = []
     for first, last in stretches(all_keys, written):

@@ -13,7 +13,7 @@ the run, and ``run_retries`` in dagster.yaml retries it (selected there, with th
 Monitoring asks the instance's launcher about *every* started run, also those it never launched:
 a ``dagster asset materialize`` from the command line runs in the CLI's own process and records
 no "Started process" event. Such runs record their worker when their resources start (the tag
-``backfill_assets/worker``: host, pid, time; ``record_worker``), and in-process execution logs
+``.backfill_assets/worker``: host, pid, time; ``record_worker``), and in-process execution logs
 "Executing steps in process (pid: N)"; either serves. Without them a SIGKILLed CLI run stayed
 ``STARTED`` for good, and two of them filled ``max_concurrent_runs``.
 
@@ -48,7 +48,9 @@ from backfill_assets.defs.dagster_internals import (
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 STARTED_PROCESS = "Started process for run"
 IN_PROCESS = "Executing steps in process"
-WORKER_TAG = "backfill_assets/worker"
+WORKER_TAG = ".backfill_assets/worker"
+"""Hidden (a leading dot, as Dagster's ``.dagster/grpc_info``), and no ``backfill_assets/``
+parameter: a retry inherits its parent's tags, and a run refuses parameters it does not know."""
 # A worker's start time is read in clock ticks (10 ms); the event is stored just after it starts.
 START_SLACK_S = 2.0
 
