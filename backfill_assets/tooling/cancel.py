@@ -28,7 +28,6 @@ from backfill_assets.tooling.report import (
     backfill_runs,
     existing_backfill,
     has_ended,
-    run_status,
 )
 
 # Queued first: a run still waiting cannot be dequeued while the running ones are stopped.
@@ -87,8 +86,8 @@ def cancel_backfill(
     """
     backfill = existing_backfill(instance, backfill_id)
     status = backfill.status.value
-    runs = backfill_runs(instance, backfill_id)
-    if has_ended(status, [run_status(run, status) for run in runs]):
+    runs = backfill_runs(instance, backfill)
+    if has_ended(status, [run.status for run in runs]):
         raise NothingToCancelError(
             f"backfill {backfill_id} already ended ({status}) and none of its runs is queued or "
             f"running; nothing to cancel (what it did not write: backfill-assets status "

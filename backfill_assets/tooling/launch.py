@@ -47,7 +47,6 @@ from backfill_assets.tooling.report import (
     backfill_runs,
     existing_backfill,
     has_ended,
-    run_status,
 )
 
 
@@ -209,9 +208,7 @@ def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
     deadline = time.monotonic() + grace_s
     while True:
         backfill = existing_backfill(instance, backfill_id)
-        statuses = [
-            run_status(run, backfill.status.value) for run in backfill_runs(instance, backfill_id)
-        ]
+        statuses = [run.status for run in backfill_runs(instance, backfill)]
         if has_ended(backfill.status.value, statuses):
             return backfill
         if time.monotonic() > deadline:
@@ -313,8 +310,7 @@ class BackfillProgress:
 
 def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
     backfill = existing_backfill(instance, backfill_id)
-    status = backfill.status.value
-    statuses = {run.run_id: run_status(run, status) for run in backfill_runs(instance, backfill_id)}
+    statuses = {run.run_id: run.status for run in backfill_runs(instance, backfill)}
     return BackfillProgress(backfill_id, backfill.status, statuses)
 
 

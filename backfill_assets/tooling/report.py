@@ -45,10 +45,11 @@ class UnknownBackfillError(RuntimeError):
     pass
 
 
-def run_status(run: DagsterRun, backfill_status: str) -> DagsterRunStatus:
+def _seen_status(run: DagsterRun, backfill_status: str) -> DagsterRunStatus:
     """The run's status as its backfill sees it: a failed run that Dagster's run retries will
-    launch again counts as queued. Run retries skip the runs of a backfill whose status is
-    terminal, so then a failed run is just failed."""
+    launch again counts as queued (its partitions are not failed yet; the backfill daemon waits
+    for the retry too). Run retries skip the runs of a backfill whose status is terminal, so
+    then a failed run is just failed."""
     if run.is_complete_and_waiting_to_retry and backfill_status not in TERMINAL:
         return DagsterRunStatus.QUEUED
     return run.status
@@ -62,8 +63,10 @@ def has_ended(backfill_status: str, run_statuses: Iterable[DagsterRunStatus]) ->
     return backfill_status in TERMINAL and all(s in FINISHED for s in run_statuses)
 
 
-def backfill_runs(instance: DagsterInstance, backfill_id: str) -> list[DagsterRun]:
-    return list(instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})))
+def backfill_runs(instance: DagsterInstance, backfill) -> list[DagsterRun]:
+    """The backfill's runs, each with its status as the backfill sees it (``_seen_status``)."""
+    runs = instance.get_runs(filters=RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id}))
+    return [run.with_status(_seen_status(run, backfill.status.value)) for run in runs]
 
 
 def existing_backfill(instance: DagsterInstance, backfill_id: str):
@@ -244,12 +247,9 @@ class BackfillWatcher:
     def report(self) -> BackfillReport:
         backfill = existing_backfill(self.instance, self.backfill_id)
         partitions = {key: PartitionState(*key) for key in _targets(backfill)}
-        runs = backfill_runs(self.instance, self.backfill_id)
+        runs = backfill_runs(self.instance, backfill)
         statuses, failures = {}, {}
         for run in sorted(runs, key=lambda r: r.run_id):
-            # A failed run that run retries will launch again: its partitions are not failed yet
-            # (the backfill daemon waits for the retry too).
-            run = run.with_status(run_status(run, backfill.status.value))
             statuses[run.run_id] = run.status
             events = self._ended.get(run.run_id) or self._read(run)
             if run.status in FINISHED:
