@@ -28,6 +28,9 @@ PGDATA_ENV = "BACKFILL_PGDATA"
 LOCK_TIMEOUT_ENV = "BACKFILL_LOCK_TIMEOUT_MS"
 STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
 MAX_PARTITIONS_ENV = "BACKFILL_MAX_PARTITIONS"
+DAEMON_INTERVAL_ENV = "BACKFILL_DAEMON_INTERVAL_S"
+DEFAULT_DAEMON_INTERVAL_S = 1.0
+"""Seconds between the project daemon's backfill passes (Dagster's own daemon: a fixed 30)."""
 DEFAULT_MAX_PARTITIONS = 400
 """The most partitions a ``dagster job backfill`` (one run per partition) may select without the
 tag ``backfill_assets/full_rebuild=true``: a little over a year of days."""
@@ -247,6 +250,23 @@ def max_job_backfill_partitions() -> int:
             f"partitions a job backfill may select (default {DEFAULT_MAX_PARTITIONS}) or unset it"
         )
     return int(value)
+
+
+def daemon_interval_s() -> float:
+    """``BACKFILL_DAEMON_INTERVAL_S``, else ``DEFAULT_DAEMON_INTERVAL_S``: 0.1 .. 300 seconds."""
+    text = os.environ.get(DAEMON_INTERVAL_ENV, "").strip()
+    if not text:
+        return DEFAULT_DAEMON_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 300:
+        raise SettingsError(
+            f"{DAEMON_INTERVAL_ENV}={text!r} is not a number of seconds from 0.1 to 300; e.g. "
+            f"{DAEMON_INTERVAL_ENV}={DEFAULT_DAEMON_INTERVAL_S:g}, or unset it for that default"
+        )
+    return value
 
 
 def _validate(url: str, variable: str) -> None:

@@ -38,9 +38,19 @@ from dagster._core.storage.tags import (
     WILL_RETRY_TAG,
 )
 from dagster._core.utils import make_new_backfill_id
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster._daemon.backfill import execute_backfill_iteration
+from dagster._daemon.controller import (
+    DEFAULT_DAEMON_INTERVAL_SECONDS,
+    create_daemon_of_type,
+    daemon_controller_from_instance,
+)
+from dagster._daemon.daemon import BackfillDaemon, SpanMarker
+from dagster._daemon.utils import DaemonErrorCapture
 from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_datetime, get_current_timestamp
 from dagster._utils.error import SerializableErrorInfo
+from dagster._utils.interrupts import capture_interrupts, setup_interrupt_handlers
 
 
 def stale_status_resolver(instance, asset_graph) -> CachingStaleStatusResolver:
@@ -59,6 +69,7 @@ __all__ = [
     "ASSET_PARTITION_RANGE_START_TAG",
     "BACKFILL_ID_TAG",
     "BULK_ACTION_TERMINAL_STATUSES",
+    "DEFAULT_DAEMON_INTERVAL_SECONDS",
     "GRPC_INFO_TAG",
     "PARENT_BACKFILL_ID_TAG",
     "PARTITION_NAME_TAG",
@@ -69,19 +80,28 @@ __all__ = [
     "AssetCheckExecutionRecordStatus",
     "AssetGraphSubset",
     "AssetKeyPartitionKey",
+    "BackfillDaemon",
     "BulkActionStatus",
     "BulkActionsFilter",
     "CheckRunHealthResult",
     "ConfigurableClassData",
+    "DaemonErrorCapture",
     "PartitionBackfill",
     "PartitionKeyFilter",
     "SerializableErrorInfo",
+    "SpanMarker",
     "StaleCause",
     "StaleCauseCategory",
     "StaleStatus",
     "WorkerStatus",
+    "WorkspaceFileTarget",
     "auto_reexecution_should_retry_run",
+    "capture_interrupts",
+    "create_daemon_of_type",
+    "daemon_controller_from_instance",
+    "execute_backfill_iteration",
     "get_current_timestamp",
     "make_new_backfill_id",
+    "setup_interrupt_handlers",
     "stale_status_resolver",
 ]

@@ -96,10 +96,43 @@ def _exec(args: argparse.Namespace) -> int:
     os.execvp(command[0], command)
 
 
-def _dev(args: argparse.Namespace) -> int:
+def _daemon(args: argparse.Namespace) -> int:
+    from backfill_assets.defs.daemon import run_daemon
+
+    interval_s = settings.daemon_interval_s() if args.interval is None else args.interval
     prepare()
-    command = ["dagster", "dev", "-w", str(settings.WORKSPACE_FILE), "-h", "127.0.0.1"]
-    os.execvp("dagster", [*command, "-p", str(args.port)])
+    print(f"dagster daemons running, a backfill pass every {interval_s:g}s (Ctrl-C stops)")
+    run_daemon(settings.WORKSPACE_FILE, interval_s)
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    """The UI and the project's daemon (``dagster dev`` would start Dagster's, 30 s a pass)."""
+    from backfill_assets.tooling.launch import running_daemon
+
+    env = prepare()
+    command = ["dagster-webserver", "-w", str(settings.WORKSPACE_FILE), "-h", "127.0.0.1"]
+    with running_daemon(env, settings.LOG_DIR / "daemon.log"):
+        print(f"daemon log: {settings.LOG_DIR / 'daemon.log'}")
+        try:
+            return subprocess.call([*command, "-p", str(args.port)], env={**os.environ, **env})
+        except KeyboardInterrupt:
+            return 0
+
+
+def seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {low:g} to {high:g}")
+        return value
+
+    return parse
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -441,8 +474,8 @@ def _follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) ->
     if wait:
         if not daemon_is_alive(instance):
             print(
-                "warning: no dagster-daemon heartbeat in the last minute; start one (`make ui`, "
-                "or `backfill-assets exec -- dagster-daemon run -w workspace.yaml`)",
+                "warning: no daemon heartbeat in the last minute; start one (`make ui`, or "
+                "`backfill-assets daemon`)",
                 file=sys.stderr,
             )
         show = None if as_json else (lambda r: print(r.line(), flush=True))
@@ -668,7 +701,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(func=_exec)
 
-    dev = commands.add_parser("dev", help="open the Dagster UI on 127.0.0.1")
+    daemon = commands.add_parser(
+        "daemon",
+        help="run Dagster's daemons with a backfill pass every second (dagster-daemon: 30 s)",
+    )
+    daemon.add_argument(
+        "--interval",
+        type=seconds_between(0.1, 300),
+        default=None,
+        help="seconds between backfill passes (default: BACKFILL_DAEMON_INTERVAL_S, else 1)",
+    )
+    daemon.set_defaults(func=_daemon)
+
+    dev = commands.add_parser("dev", help="open the Dagster UI on 127.0.0.1, with the daemon")
     dev.add_argument("--port", type=bounded(1, 65_535), default=3000)
     dev.set_defaults(func=_dev)
 

@@ -56,11 +56,12 @@ class BackfillLaunchError(RuntimeError):
 
 @contextmanager
 def running_daemon(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """``dagster-daemon run`` in the background for the duration of the block, then stopped."""
+    """``backfill-assets daemon`` (Dagster's daemons, a backfill pass every second) in the
+    background for the duration of the block, then stopped."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            ["dagster-daemon", "run", "-w", str(WORKSPACE_FILE)],
+            ["backfill-assets", "daemon"],
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -214,7 +215,7 @@ def closed(instance: DagsterInstance, backfill_id: str, *, grace_s: float = 75):
         if time.monotonic() > deadline:
             raise BackfillLaunchError(
                 f"backfill {backfill_id}: its runs ended but the daemon has not closed it after "
-                f"{grace_s:.0f}s; is `dagster-daemon run` running?"
+                f"{grace_s:.0f}s; is `backfill-assets daemon` running?"
             )
         time.sleep(1)
 
@@ -334,7 +335,7 @@ def wait_for_backfill(
             return progress
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"{progress.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
+                f"{progress.line()} after {timeout_s:.0f}s; is `backfill-assets daemon` running? "
                 "The demo's daemon log is logs/daemon.log"
             )
         time.sleep(poll_s)

@@ -401,7 +401,7 @@ def watch(
             return report
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"{report.line()} after {timeout_s:.0f}s; is `dagster-daemon run` running? "
+                f"{report.line()} after {timeout_s:.0f}s; is `backfill-assets daemon` running? "
                 "The demo's daemon log is logs/daemon.log"
             )
         time.sleep(poll_s)

@@ -1,0 +1,105 @@
+"""The project's Dagster daemon: Dagster's own daemons, with a backfill pass every second.
+
+Dagster 1.13's backfill daemon sleeps a fixed 30 s between passes
+(``DEFAULT_DAEMON_INTERVAL_SECONDS``, read inside ``execute_backfill_iteration_loop``; no instance
+setting changes it). A pass is what submits an asset backfill's next runs and closes a backfill
+whose runs ended, so every backfill waited up to 30 s for its first run and again after each run:
+29 s of a 48 s ``launch --wait`` of 90 days. Here the backfill daemon is Dagster's
+``BackfillDaemon`` (same thread pools, same pass, ``execute_backfill_iteration``), only its loop
+waits ``interval_s`` (``BACKFILL_DAEMON_INTERVAL_S``, 1 s by default) instead. Every other daemon
+(run queue, monitoring, retries, sensors, schedules) is created exactly as ``dagster-daemon run``
+creates it, from the instance's dagster.yaml.
+
+A user who runs Dagster's own ``dagster-daemon run`` gets the same results, each backfill pass 30 s
+apart. Everything private this needs comes from ``dagster_internals`` and is pinned by
+``tests/test_daemon.py``, which fails when a Dagster upgrade moves it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+from dagster import DagsterInstance
+
+from backfill_assets.defs.dagster_internals import (
+    BackfillDaemon,
+    DaemonErrorCapture,
+    SpanMarker,
+    WorkspaceFileTarget,
+    capture_interrupts,
+    create_daemon_of_type,
+    daemon_controller_from_instance,
+    execute_backfill_iteration,
+    get_current_timestamp,
+    setup_interrupt_handlers,
+)
+
+
+class PromptBackfillDaemon(BackfillDaemon):
+    """Dagster's backfill daemon whose passes are ``interval_s`` apart instead of 30 s.
+
+    The loop is ``dagster._daemon.backfill.execute_backfill_iteration_loop`` with the interval as a
+    parameter: the same pass, the same error capture and spans, the same shutdown.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], interval_s: float) -> None:
+        super().__init__(settings)
+        self.interval_s = interval_s
+
+    def core_loop(self, workspace_process_context, shutdown_event: Event) -> Iterator:
+        backfill_futures: dict[str, Future] = {}
+        while True:
+            started = get_current_timestamp()
+            yield SpanMarker.START_SPAN
+            try:
+                yield from execute_backfill_iteration(
+                    workspace_process_context,
+                    self._logger,
+                    threadpool_executor=self._threadpool_executor,
+                    backfill_futures=backfill_futures,
+                    submit_threadpool_executor=self._submit_threadpool_executor,
+                )
+            except Exception:
+                yield DaemonErrorCapture.process_exception(
+                    exc_info=sys.exc_info(),
+                    logger=self._logger,
+                    log_message="BackfillDaemon caught an error",
+                )
+            yield SpanMarker.END_SPAN
+            shutdown_event.wait(max(0.0, self.interval_s - (get_current_timestamp() - started)))
+            yield None
+
+
+def project_daemons(instance: DagsterInstance, interval_s: float) -> list:
+    """The daemons ``dagster-daemon run`` would start for ``instance``, the backfill one prompt."""
+    return [
+        PromptBackfillDaemon(instance.get_backfill_settings(), interval_s)
+        if daemon_type == BackfillDaemon.daemon_type()
+        else create_daemon_of_type(daemon_type, instance)
+        for daemon_type in instance.get_required_daemon_types()
+    ]
+
+
+def run_daemon(workspace_file: Path, interval_s: float, *, log_level: str = "info") -> None:
+    """Run the daemons until interrupted (Ctrl-C, SIGTERM), as ``dagster-daemon run -w`` does."""
+    setup_interrupt_handlers()
+    try:
+        with (
+            capture_interrupts(),
+            DagsterInstance.get() as instance,
+            daemon_controller_from_instance(
+                instance,
+                workspace_load_target=WorkspaceFileTarget(paths=[str(workspace_file)]),
+                gen_daemons=lambda inst: project_daemons(inst, interval_s),
+                log_level=log_level,
+                code_server_log_level="warning",
+            ) as controller,
+        ):
+            controller.check_daemon_loop()
+    except KeyboardInterrupt:
+        return

@@ -1,0 +1,81 @@
+"""The project's daemon: Dagster's daemons with a backfill pass every second, not every 30 s.
+
+The first test pins what ``defs/daemon.py`` takes from Dagster's private daemon modules, so an
+upgrade that moves it fails here by name rather than as a daemon that silently never passes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+from dagster import AssetKey, DagsterInstance
+from support import failed_run_report
+
+from backfill_assets.defs import dagster_internals
+from backfill_assets.defs.daemon import PromptBackfillDaemon, project_daemons
+from backfill_assets.tooling.launch import (
+    daemon_is_alive,
+    launch_asset_backfill,
+    running_daemon,
+    wait_for_backfill,
+)
+
+FCT_ORDERS = AssetKey(["analytics", "fct_orders"])
+
+
+def test_the_dagster_internals_the_daemon_relies_on_are_where_they_were(instance):
+    """Dagster upgraded? Each assertion names what moved; fix ``defs/daemon.py`` to match."""
+    iteration = inspect.signature(dagster_internals.execute_backfill_iteration).parameters
+    for name in (
+        "workspace_process_context",
+        "logger",
+        "threadpool_executor",
+        "submit_threadpool_executor",
+        "backfill_futures",
+    ):
+        assert name in iteration, f"execute_backfill_iteration lost its parameter {name!r}"
+    stock_loop = inspect.getsource(
+        inspect.getmodule(dagster_internals.execute_backfill_iteration)
+    ).split("def execute_backfill_iteration_loop", 1)[1]
+    assert "DEFAULT_DAEMON_INTERVAL_SECONDS" in stock_loop, (
+        "Dagster's backfill loop no longer sleeps the fixed DEFAULT_DAEMON_INTERVAL_SECONDS: "
+        "it may have a setting now; prefer it over PromptBackfillDaemon"
+    )
+    assert dagster_internals.DEFAULT_DAEMON_INTERVAL_SECONDS == 30
+
+    daemons = project_daemons(instance, interval_s=1.0)
+    try:
+        stock = list(instance.get_required_daemon_types())
+        assert [d.daemon_type() for d in daemons] == stock, "every daemon dagster-daemon starts"
+        (backfill,) = [d for d in daemons if d.daemon_type() == "BACKFILL"]
+        assert isinstance(backfill, PromptBackfillDaemon) and backfill.interval_s == 1.0
+        # The pass is handed the thread pools the stock BackfillDaemon builds from the settings.
+        assert hasattr(backfill, "_threadpool_executor")
+        assert hasattr(backfill, "_submit_threadpool_executor")
+    finally:
+        for daemon in daemons:
+            daemon.__exit__(None, None, None)
+
+
+def test_a_backfill_is_closed_within_seconds_of_its_last_run_ending(dagster_env, tmp_path):
+    """Under dagster-daemon the backfill's first run waits for the next 30 s pass, and so does
+    its closing after the last run; here both follow within a couple of passes."""
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_env, log), DagsterInstance.get() as instance:
+        started = time.time()
+        while not daemon_is_alive(instance, within_s=time.time() - started):
+            assert time.time() - started < 120, "the daemon never reported its backfill loop"
+            time.sleep(0.2)
+        backfill_id = launch_asset_backfill(instance, [FCT_ORDERS], "2024-05-01", "2024-05-02")
+        wait_for_backfill(instance, backfill_id, timeout_s=300, poll_s=0.2)
+        backfill = instance.get_backfill(backfill_id)
+        runs = instance.get_run_records()
+        ids = [record.dagster_run.run_id for record in runs]
+        assert backfill.status.value == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+        assert len(runs) == 1
+        (run,) = runs
+        first_run_wait = run.create_timestamp.timestamp() - backfill.backfill_timestamp
+        closing_wait = backfill.backfill_end_timestamp - run.end_time
+    assert first_run_wait < 10, f"first run submitted {first_run_wait:.1f}s after the launch"
+    assert closing_wait < 10, f"backfill closed {closing_wait:.1f}s after its run ended"
