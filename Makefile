@@ -24,8 +24,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/backfill-assets demo
 
+# Tests run on TEST_WORKERS pytest-xdist workers side by side (each test has its own databases),
+# then those marked serial alone. PYTEST_ARGS runs just what it names, in one process.
+TEST_WORKERS ?= 2
 test: setup $(CHROMIUM) lint
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
+	$(BIN)/pytest -m serial
+else
 	$(BIN)/pytest $(PYTEST_ARGS)
+endif
 
 # 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true;
 # then 15 of CLI materializes, daemon-launched runs and dbt builds (make test: 3): the queue drains.

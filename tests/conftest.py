@@ -2,7 +2,8 @@
 
 The cluster lives in ``.pgdata-test`` (git-ignored) and is started once per session. Every test gets
 its own databases, cloned from templates (seeded demo data; an empty Dagster storage schema), so
-tests never see each other's rows or runs and cloning costs milliseconds instead of a re-seed.
+tests never see each other's rows or runs and cloning costs milliseconds instead of a re-seed; so
+``make test`` runs them on pytest-xdist workers side by side, except those marked ``serial``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ORDERS_PER_DAY = 40
 DATA_TEMPLATE = "backfill_template"
 DAGSTER_TEMPLATE = "dagster_template"
 _counter = itertools.count()
+_STARTED_CLUSTER = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,13 +45,12 @@ def _isolated_environment() -> Iterator[None]:
     os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[str]:
-    """Admin URL of the running test cluster, with both templates prepared.
-
-    A cluster this session started is stopped at its end; one already running is left running.
-    """
-    started_here = not embedded.is_running(TEST_PGDATA)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the test cluster and build both templates once, before any test (and before
+    pytest-xdist starts its workers: they share the cluster and clone the same templates)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    session.config.stash[_STARTED_CLUSTER] = not embedded.is_running(TEST_PGDATA)
     embedded.start(TEST_PGDATA)
     admin = settings.embedded_url(TEST_PGDATA, "postgres")
     with connect(admin) as conn:
@@ -69,9 +70,22 @@ def cluster() -> Iterator[str]:
     storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
     with instance_for_test(overrides=storage_overrides(storage_url)):
         pass
-    yield admin
-    if started_here:
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A cluster this session started is stopped at its end; one already running is left."""
+    if not hasattr(session.config, "workerinput") and session.config.stash.get(
+        _STARTED_CLUSTER, False
+    ):
         embedded.stop(TEST_PGDATA)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> str:
+    """Admin URL of the running test cluster, with both templates prepared."""
+    if not embedded.is_running(TEST_PGDATA):  # a test stopped it and could not start it again
+        embedded.start(TEST_PGDATA)
+    return settings.embedded_url(TEST_PGDATA, "postgres")
 
 
 def storage_overrides(storage_url: str) -> dict[str, dict]:

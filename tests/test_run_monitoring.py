@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import TEST_PGDATA
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from support import failed_run_report, wait_for
@@ -111,6 +112,7 @@ def test_a_run_whose_worker_died_with_the_daemon_is_failed_retried_and_its_backf
     assert audit == [("succeeded", 1)], "the killed write left no audit row"
 
 
+@pytest.mark.serial  # stops and starts the test cluster every other test uses
 def test_a_backfill_interrupted_by_a_database_restart_completes_on_retry_without_duplicates(
     dagster_env, tmp_path, capsys, data_url
 ):

@@ -232,6 +232,7 @@ def stale_days(out: str, asset: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.serial  # edits the repository's dbt model daily_revenue.sql for its length
 def test_a_logic_change_marks_exactly_the_partitions_written_before_it_stale(
     conn, dagster_env, monkeypatch, tmp_path, capsys
 ):

@@ -55,13 +55,19 @@ class BackfillLaunchError(RuntimeError):
 
 
 @contextmanager
-def running_daemon(env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+def running_daemon(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    command: Sequence[str] = ("backfill-assets", "daemon"),
+) -> Iterator[subprocess.Popen]:
     """``backfill-assets daemon`` (Dagster's daemons, a backfill pass every second) in the
-    background for the duration of the block, then stopped."""
+    background for the duration of the block, then stopped. The benchmark passes Dagster's own
+    ``dagster-daemon run -w workspace.yaml`` as ``command`` to compare."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            ["backfill-assets", "daemon"],
+            list(command),
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
