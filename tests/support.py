@@ -154,21 +154,33 @@ def wait_for(condition, timeout_s: float, what: str, *, poll_s: float = 0.1):
     return found
 
 
-def other_session(url: str, statement: str, seconds: float) -> threading.Thread:
+class OtherSession(threading.Thread):
+    """A session holding its transaction open in a thread; ``release`` ends it early."""
+
+    def __init__(self, url: str, statement: str, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.statement, self.seconds = url, statement, seconds
+        self.opened, self.released = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, application_name="other_session") as other:
+            other.execute(self.statement)  # the transaction stays open until the block ends
+            self.opened.set()
+            self.released.wait(self.seconds)
+
+    def release(self) -> None:
+        self.released.set()
+        self.join()
+
+
+def other_session(url: str, statement: str, seconds: float) -> OtherSession:
     """Another session (an application, a maintenance job) that runs ``statement`` and keeps its
-    transaction, with whatever locks it took, open for ``seconds``; returns once it is open."""
-    opened = threading.Event()
-
-    def run() -> None:
-        with psycopg.connect(url, application_name="other_session") as other:
-            other.execute(statement)  # the transaction stays open until the block ends
-            opened.set()
-            time.sleep(seconds)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert opened.wait(30)
-    return thread
+    transaction, with whatever locks it took, open for ``seconds`` (or until released); returns
+    once it is open."""
+    session = OtherSession(url, statement, seconds)
+    session.start()
+    assert session.opened.wait(30)
+    return session
 
 
 @contextmanager
