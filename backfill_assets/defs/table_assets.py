@@ -30,21 +30,15 @@ from backfill_assets.core.contract import (
     check_target,
 )
 from backfill_assets.core.control import wait_while_paused
-from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
-from backfill_assets.core.partition_write import (
-    PartitionOutcome,
-    record_refusal,
-    run_guards,
-    write_verified,
-)
+from backfill_assets.core.partition_write import record_refusal, run_guards
 from backfill_assets.core.privileges import PrivilegeError, require_data_grants
 from backfill_assets.core.progress import Progress
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.snapshots import ensure_snapshot_table
-from backfill_assets.core.swap import swap_partition
-from backfill_assets.core.tables import TableSpec, ensure_table
+from backfill_assets.core.strategies import PartitionOutcome, WriteHooks, strategy_of
+from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -106,6 +100,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
         context: AssetExecutionContext, postgres: PostgresResource
     ) -> Iterator[object]:
         windows = table.partitioning.windows(context.partition_keys)
+        strategy = strategy_of(table)
         params = params_for(table, context.run.tags)
         run = RunInfo(
             dagster_run_id=context.run.run_id,
@@ -123,13 +118,13 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     conn,
                     table.upstream,
                     settings.DATA_URL_ENV,
-                    [table.qualified_name] if table.in_place else [],
+                    strategy.updated_tables(table),
                 )
                 check_contract(conn, table)
                 check_target(conn, table)
             except (PrivilegeError, ContractError, SourceNotReady) as exc:
                 raise Failure(description=f"{exc}. Nothing was written.") from None
-            ensure_table(conn, table)
+            strategy.ensure_target(conn, table)
             ensure_snapshot_table(conn, table)
             abandoned = close_abandoned(conn)
             if abandoned:
@@ -158,6 +153,7 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                 # Read last: a pause given during the throttle's wait holds this write.
                 paused[0] += wait_while_paused(conn, run.backfill_id, log)
 
+            hooks = WriteHooks(context.log.info, log, hold_back)
             for window in windows:
                 if not guarded[window.key][0].passed:
                     continue
@@ -170,26 +166,9 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
                     stopped = str(exc)
                     break
                 held_before = paused[0] + throttle.paused_s
-                if table.in_place:
-                    outcome = write_in_place(
-                        conn,
-                        audit,
-                        run,
-                        table,
-                        window,
-                        params,
-                        guarded[window.key],
-                        context.log.info,
-                        between_batches=hold_back,
-                    )
-                elif table.swapped:
-                    outcome = swap_partition(
-                        conn, audit, run, table, window, params, guarded[window.key], log
-                    )
-                else:
-                    outcome = write_verified(
-                        conn, audit, run, table, window, params, guarded[window.key], log
-                    )
+                outcome = strategy.write(
+                    conn, audit, run, table, window, params, guarded[window.key], hooks
+                )
                 held = paused[0] + throttle.paused_s - held_before
                 if held:  # pauses and back-off between an in-place write's batches
                     outcome = dataclasses.replace(outcome, held_back_s=held)
