@@ -33,7 +33,7 @@ DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
 KEYS = {
     "table": "schema.name of the table to build (required)",
     "description": "what a row is, for the UI",
-    "strategy": "how a partition is written (the strategies: keys())",
+    "strategy": "how a partition is written",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
     "partitions": "column, every (day | month), start, optional end (exclusive)",
@@ -74,8 +74,8 @@ class DeclarationError(ValueError):
 
 
 def keys() -> dict[str, str]:
-    """Every key a declaration may have, with its help text: ``KEYS``, and after ``strategy``
-    the strategies' names and their own blocks (``batched_update:``)."""
+    """Every key a declaration may have, with its help text: ``KEYS``, with ``strategy``
+    listing the strategies, and after it their own blocks (``batched_update:``)."""
     strategies = all_strategies()
     described = " | ".join(f"{s.name} ({s.summary})" for s in strategies)
     own = {key: text for s in strategies for key, text in s.declaration_keys.items()}
