@@ -15,7 +15,7 @@ Phases:
   delete_insert_paced  the same with ``throttle: {pause: 50ms}`` between partitions;
   batched_update the project's in-place strategy on the live table itself: ``app.orders``'
                  new ``bench_total`` filled for the year, a day at a time in key-ordered batches
-                 sized to 50 ms statements (``core/in_place.py``);
+                 sized to 50 ms statements (``core/strategies/in_place.py``);
   batched_update_paced  the same with ``throttle: {pause: 20ms}`` between batches;
   naive_update   one ``UPDATE app.orders SET total = ...`` over the year (the live table itself);
   classic_loop   the copy-pasted fix for that: a PL/pgSQL loop updating 10,000 rows, COMMIT,
@@ -48,12 +48,12 @@ from psycopg.conninfo import conninfo_to_dict
 from backfill_assets.core import settings
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.database import connect
-from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import run_guards, write_verified
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.snapshots import ensure_snapshot_table
-from backfill_assets.core.swap import swap_partition
+from backfill_assets.core.strategies.in_place import write_in_place
+from backfill_assets.core.strategies.swap import swap_partition
 from backfill_assets.core.tables import TableSpec, ThrottleLimits, ensure_table
 from backfill_assets.core.throttle import Throttle
 from backfill_assets.tooling import embedded

@@ -1,7 +1,7 @@
 """An in-place writer to kill: ``python tests/in_place_writer.py URL TABLES_DIR DAY`` fills the
-day of ``app.orders`` through the same path as a backfill run (``core/in_place.py``), printing
-``batch N`` after each committed batch and then waiting half a second, so a killer knows how far
-it got.
+day of ``app.orders`` through the same path as a backfill run (``core/strategies/in_place.py``),
+printing ``batch N`` after each committed batch and then waiting half a second, so a killer knows
+how far it got.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from backfill_assets.core import snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.database import connect
 from backfill_assets.core.guards import guard
-from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
 from backfill_assets.core.registry import load_registry
+from backfill_assets.core.strategies.in_place import write_in_place
 
 
 def main(url: str, tables_dir: str, day: str) -> None:

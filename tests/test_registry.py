@@ -141,7 +141,7 @@ def _in_place(tmp_path: Path, replace: tuple[str, str]) -> Path:
 def test_an_in_place_declaration_reads_its_expressions_and_batch_limits():
     table = load_registry([IN_PLACE.parent]).table("app.orders")
 
-    assert table.in_place and table.sql_path is None
+    assert table.strategy == "batched_update" and table.sql_path is None
     spec = table.batched_update
     assert spec.set == (("total_price", "net_amount + tax_amount"),)
     assert (spec.batch_start, spec.batch_min, spec.batch_max, spec.target_ms) == (10, 5, 1000, 50)

@@ -16,6 +16,7 @@ from psycopg import errors, sql
 
 from backfill_assets.core.database import column_names
 from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
+from backfill_assets.core.strategies import strategy_of
 from backfill_assets.core.tables import TableSpec
 
 PLACEHOLDERS = ("start", "end")
@@ -116,11 +117,14 @@ def check_measures(conn: psycopg.Connection, table: TableSpec) -> None:
 
 def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
     """Raise ``ContractError`` naming unknown types, unsummable measures, missing and extra
-    columns; ``SourceNotReady`` if the sources do not exist yet."""
+    columns; ``SourceNotReady`` if the sources do not exist yet. What the table's SQL must yield
+    is its strategy's to check (``check_query`` for a SELECT per window)."""
     check_measures(conn, table)
-    if table.in_place:
-        check_in_place(conn, table)
-        return
+    strategy_of(table).check_contract(conn, table)
+
+
+def check_query(conn: psycopg.Connection, table: TableSpec) -> None:
+    """The table's SQL file filters on the window and yields exactly the declared columns."""
     check_placeholders(table)
     check_types(conn, table)
     yielded = result_columns(conn, table)
@@ -143,72 +147,16 @@ def check_contract(conn: psycopg.Connection, table: TableSpec) -> None:
         )
 
 
-def check_in_place(conn: psycopg.Connection, table: TableSpec) -> None:
-    """A table updated in place exists with every declared column, and its ``set`` expressions and
-    ``needs_update`` condition run on it (described, no row read)."""
-    check_types(conn, table)
-    existing = column_names(conn, table.schema, table.name)
-    if not existing:
-        raise SourceNotReady(
-            f"table {table.qualified_name} does not exist; batched_update fills columns of an "
-            "existing table (create it, and add the columns to fill, first)"
-        )
-    missing = [c.name for c in table.columns if c.name not in existing]
-    if missing:
-        raise ContractError(
-            f"table {table.qualified_name} has no column(s) {', '.join(missing)} (declared in "
-            f"{table.declared_in}); add them first, e.g. ALTER TABLE {table.qualified_name} ADD "
-            f"COLUMN {missing[0]} {table.columns[table.column_names.index(missing[0])].type} "
-            "(nullable: batched_update fills it, `backfill-assets finish-column` makes it NOT NULL)"
-        )
-    rows = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
-        "to_regtype(d.declared) = a.atttypid FROM pg_attribute AS a "
-        "JOIN unnest(%s::text[], %s::text[]) AS d (name, declared) ON d.name = a.attname "
-        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-        [
-            list(table.column_names),
-            [c.type for c in table.columns],
-            table.identifier.as_string(conn),
-        ],
-    ).fetchall()
-    differ = [(name, actual) for name, actual, same in rows if not same]
-    if differ:
-        declared = {c.name: c.type for c in table.columns}
-        raise ContractError(
-            f"table {table.qualified_name}: the declaration ({table.declared_in}) gives "
-            + ", ".join(f"{n} the type {declared[n]!r}, the table has {a}" for n, a in differ)
-            + "; declare the table's own types (batched_update keeps old values in them)"
-        )
-    assert table.batched_update is not None
-    condition = sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 0").format(
-        table.identifier, sql.SQL(table.batched_update.needs_update_sql)
-    )
-    window = {"start": table.partitioning.start, "end": table.partitioning.start}
-    for what, query in (
-        (
-            "batched_update.set",
-            sql.SQL("SELECT * FROM ({}) AS src LIMIT 0").format(table.source_query),
-        ),
-        ("batched_update.needs_update", condition),
-    ):
-        try:
-            with conn.transaction():
-                conn.execute(query, window)
-        except psycopg.Error as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ContractError(
-                f"table {table.qualified_name}: {what} in {table.declared_in} does not run on the "
-                f"table: {reason}"
-            ) from None
-
-
 def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
     """An existing target table must have every declared column (a declaration that gained a
     column needs the table altered first); raises ``ContractError`` saying how."""
     existing = column_names(conn, table.schema, table.name)
     if existing:
-        _check_partitioned(conn, table)
+        kind = conn.execute(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
+            [table.identifier.as_string(conn)],
+        ).fetchone()
+        strategy_of(table).check_target_kind(table, kind is not None and kind[0] == "p")
     missing = [c for c in table.columns if existing and c.name not in existing]
     if missing:
         alters = "; ".join(
@@ -221,20 +169,10 @@ def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
         )
 
 
-def _check_partitioned(conn: psycopg.Connection, table: TableSpec) -> None:
-    """A ``partition_swap`` target must be natively partitioned, and only such a target."""
-    kind = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
-        [table.identifier.as_string(conn)],
-    ).fetchone()
-    partitioned = kind is not None and kind[0] == "p"
-    if table.swapped and not partitioned:
-        raise ContractError(
-            f"table {table.qualified_name} exists and is not partitioned, but its declaration "
-            f"({table.declared_in}) says strategy: partition_swap. Rename or drop the table to "
-            "have it created partitioned (then backfill it), or keep strategy: delete_insert"
-        )
-    if partitioned and not table.swapped:
+def refuse_partitioned(table: TableSpec, partitioned: bool) -> None:
+    """``Strategy.check_target_kind`` of the strategies that write a plain table: a natively
+    partitioned one is ``partition_swap``'s."""
+    if partitioned:
         raise ContractError(
             f"table {table.qualified_name} is natively partitioned; declare it with strategy: "
             f"partition_swap in {table.declared_in}"
@@ -250,9 +188,7 @@ def check_table(conn: psycopg.Connection, table: TableSpec) -> str:
         return f"error: {exc}"
     except SourceNotReady as exc:
         return f"not checked yet: {exc} (the source does not exist)"
-    if table.in_place:
-        return "ok: the table has the declared columns and types, the expressions run on it"
-    return "ok: the SQL yields exactly the declared columns"
+    return f"ok: {strategy_of(table).contract_kept}"
 
 
 def check_contracts(tables: Iterable[TableSpec], url: str) -> list[str]:

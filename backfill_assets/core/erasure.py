@@ -24,7 +24,7 @@ from backfill_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from backfill_assets.core.database import relation_exists
 from backfill_assets.core.guards import per_window
 from backfill_assets.core.snapshots import SCHEMA as SNAPSHOT_SCHEMA
-from backfill_assets.core.snapshots import snapshot_relation, swapped_snapshots
+from backfill_assets.core.strategies import strategy_of
 from backfill_assets.core.tables import TableSpec
 
 ERASURES = sql.Identifier(AUDIT_SCHEMA, "erasures")
@@ -147,14 +147,10 @@ def subject_type(table: TableSpec) -> str:
 
 
 def snapshot_relations(conn: psycopg.Connection, table: TableSpec) -> list[SubjectRelation]:
-    """The snapshot tables that may hold the table's old rows (a swapped table keeps one per
-    write), as subject relations."""
+    """The snapshot tables that may hold the table's old rows (one, or one per write: its
+    strategy knows), as subject relations."""
     assert table.subject_column is not None
-    if table.swapped:
-        names = swapped_snapshots(conn, table)
-    else:
-        schema, name = snapshot_relation(table)
-        names = [name] if relation_exists(conn, schema, name) else []
+    names = strategy_of(table).snapshot_tables(conn, table)
     return [SubjectRelation(SNAPSHOT_SCHEMA, n, table.subject_column, None) for n in names]
 
 

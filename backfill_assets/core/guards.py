@@ -8,30 +8,16 @@ would wipe good data. Intended shrinks (a GDPR erasure, a cleanup) pass with the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import Decimal
-
 import psycopg
 from psycopg import sql
 
 from backfill_assets.core.database import relation_exists
 from backfill_assets.core.fingerprint import sums_of
-from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import ALLOW_SHRINK, BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
+from backfill_assets.core.strategies import strategy_of
 from backfill_assets.core.tables import TableSpec
-
-
-@dataclass(frozen=True)
-class SourceStats:
-    """The source's rows for one window, measured once and reused by the reconciliation."""
-
-    rows: int
-    null_keys: int
-    sums: dict[str, Decimal]
-    null_required: int = 0
-    """Rows whose computed value of a required column is NULL (in-place updates only)."""
-
 
 WINDOW = sql.Identifier("backfill_window")
 """Alias of the VALUES list of windows in the one-statement measurements below."""
@@ -199,7 +185,7 @@ def _failed_source(
     table: TableSpec, window: PartitionWindow, error: str, current: int
 ) -> tuple[CheckOutcome, SourceStats]:
     """The guard's verdict on a window whose query fails: refused, nothing touched."""
-    action = "update" if table.in_place else "replace"
+    action = strategy_of(table).verb
     message = (
         f"guard refused to {action} {table.qualified_name} {window.key}: the table's SQL fails "
         f"for this partition ({error}). Nothing was changed. Fix {table.sql_source} (or the "
@@ -251,21 +237,19 @@ def _judge(
     }
     if overridden:
         metadata["override"] = f"{shrink_problem}; allowed by {ALLOW_SHRINK}=true"
-    if problems and table.in_place:
-        message = (
-            f"guard refused to update {table.qualified_name} {window.key}: "
-            + "; ".join(problems)
-            + f". Nothing was updated. Fix the expression in {table.declared_in} (or the rows)."
-        )
-    elif problems:
-        message = (
-            f"guard refused to replace {table.qualified_name} {window.key}: "
-            + "; ".join(problems)
-            + ". Nothing was deleted. Fix the source, or for an intended shrink re-run with the "
-            f"tag {ALLOW_SHRINK}=true"
-        )
     if problems:
+        message = strategy_of(table).refusal(table, window, "; ".join(problems))
         return CheckOutcome(
             False, metadata | {"problems": "; ".join(problems)}, message=message
         ), stats
     return CheckOutcome(True, metadata), stats
+
+
+def refused_replace(table: TableSpec, window: PartitionWindow, problems: str) -> str:
+    """``Strategy.refusal`` of the strategies that replace a partition whole: nothing was
+    deleted, and an intended shrink passes with the override tag."""
+    return (
+        f"guard refused to replace {table.qualified_name} {window.key}: {problems}. Nothing was "
+        f"deleted. Fix the source, or for an intended shrink re-run with the tag "
+        f"{ALLOW_SHRINK}=true"
+    )

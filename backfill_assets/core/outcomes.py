@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal
 
 Severity = Literal["ERROR", "WARN"]
@@ -23,3 +24,15 @@ class CheckDeclaration:
     name: str
     description: str
     blocking: bool
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """The source's rows for one window, measured once by the guard and reused by the
+    reconciliation."""
+
+    rows: int
+    null_keys: int
+    sums: dict[str, Decimal]
+    null_required: int = 0
+    """Rows whose computed value of a required column is NULL (in-place updates only)."""

@@ -17,13 +17,13 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core import snapshots
-from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo, code_version
-from backfill_assets.core.change_report import PartitionChange
-from backfill_assets.core.guards import SourceStats, guard_all
-from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
+from backfill_assets.core.guards import guard_all
+from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
+from backfill_assets.core.strategies.base import PartitionOutcome
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition, with_lock_retries
 
@@ -39,75 +39,6 @@ class VerificationFailed(Exception):
         super().__init__(
             f"blocking check(s) failed, partition rolled back: {verification.failure_details()}"
         )
-
-
-@dataclass(frozen=True)
-class PartitionOutcome:
-    window: PartitionWindow
-    status: str
-    """succeeded | failed | guard_failed"""
-    guard: CheckOutcome
-    write: WriteResult | None = None
-    verification: Verification | None = None
-    snapshot_rows: int | None = None
-    audit_id: int | None = None
-    error: str | None = None
-    halt: bool = False
-    """The run's remaining partitions should not be attempted (the throttle gave up)."""
-    resumed_after: int = 0
-    """Batches of an interrupted in-place write this one resumed after."""
-    held_back_s: float = 0.0
-    """Seconds the write waited inside itself for a pause or the throttle (between batches)."""
-    committed: bool = False
-    """Its changes are committed whatever its checks said (an in-place update's batches); a
-    failed one does not hold its previous rows any more."""
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "succeeded"
-
-    def check_outcomes(self) -> dict[str, CheckOutcome]:
-        after = self.verification.outcomes if self.verification else {}
-        return {"source_guard": self.guard, **after}
-
-    def change(self, table: TableSpec, run: RunInfo) -> PartitionChange:
-        """What this write changed, as the backfill report shows it (the audit row's numbers)."""
-        verification = self.verification
-        return PartitionChange.of(
-            {
-                "table_name": table.qualified_name,
-                "partition_key": self.window.key,
-                "status": self.status,
-                "rows_before": verification.before.rows if verification else None,
-                "rows_after": verification.after.rows if verification else None,
-                "changes": verification.changes() if verification and self.succeeded else None,
-                "reason": run.reason,
-                "launched_by": run.launched_by,
-                "sql_hash": table.sql_hash,
-                "code_version": code_version(),
-                "error": self.error,
-            }
-        )
-
-    def as_metadata(self) -> dict[str, object]:
-        metadata: dict[str, object] = dict(self.write.as_metadata()) if self.write else {}
-        if self.verification:
-            metadata |= {
-                "rows_before": self.verification.before.rows,
-                "rows_after": self.verification.after.rows,
-                "checksum_before": self.verification.before.checksum,
-                "checksum_after": self.verification.after.checksum,
-                **self.verification.diff.as_metadata(),
-            }
-        if self.audit_id is not None:
-            metadata["audit_id"] = self.audit_id
-        if self.snapshot_rows is not None:
-            metadata["snapshot_rows"] = self.snapshot_rows
-        if self.resumed_after:
-            metadata["resumed_after_batches"] = self.resumed_after
-        if self.held_back_s:
-            metadata["held_back_s"] = round(self.held_back_s, 1)
-        return metadata
 
 
 def run_guards(
@@ -153,7 +84,8 @@ class VerifiedWrite:
     """What every strategy that replaces a partition whole shares around its own write: the
     verification that raises to roll it back, the audit row that joins its transaction, and the
     failure recorded after a rollback. ``write_verified`` (DELETE-INSERT) and
-    ``swap.swap_partition`` (a swapped-in child) differ only in how the rows are put there."""
+    ``strategies/swap.swap_partition`` (a rebuilt child attached in place of the old one) differ
+    only in how the rows are put there."""
 
     conn: psycopg.Connection
     audit: AuditTrail

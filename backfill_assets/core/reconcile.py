@@ -23,8 +23,7 @@ from backfill_assets.core.fingerprint import (
     row_text,
     sums_of,
 )
-from backfill_assets.core.guards import SourceStats
-from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec

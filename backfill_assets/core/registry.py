@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date
 from functools import cache
@@ -21,14 +21,11 @@ import yaml
 from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
 from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
-from backfill_assets.core.tables import (
-    STRATEGIES,
-    BatchedUpdate,
-    Column,
-    TableSpec,
-    ThrottleLimits,
-    Timeouts,
-)
+from backfill_assets.core.strategies import DEFAULT as DEFAULT_STRATEGY
+from backfill_assets.core.strategies import NAMES as STRATEGIES
+from backfill_assets.core.strategies import all_strategies
+from backfill_assets.core.strategies import get as strategy_named
+from backfill_assets.core.tables import Column, TableSpec, ThrottleLimits, Timeouts
 
 TABLES_PATH_ENV = "BACKFILL_TABLES_PATH"
 DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
@@ -36,10 +33,7 @@ DEFAULT_TABLES_DIR = REPO_ROOT / "tables"
 KEYS = {
     "table": "schema.name of the table to build (required)",
     "description": "what a row is, for the UI",
-    "strategy": "delete_insert (default: the project rebuilds the table) | batched_update "
-    "(fill columns of a live table in place) | partition_swap (natively partitioned)",
-    "batched_update": "set {column: expression}, needs_update, batch {start, min, max, target}, "
-    "triggers (keep | replica), defer_constraints",
+    "strategy": "how a partition is written",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
     "partitions": "column, every (day | month), start, optional end (exclusive)",
@@ -56,9 +50,6 @@ KEYS = {
     "max_replica_lag, max_wait: when writes hold back",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
-BATCHED_KEYS = ("set", "needs_update", "batch", "triggers", "defer_constraints")
-BATCH_KEYS = ("start", "min", "max", "target")
-TRIGGER_MODES = ("keep", "replica")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
 SNAPSHOT_KEYS = ("keep", "retention_days")
 TIMEOUT_KEYS = ("lock", "statement", "lock_retries")
@@ -80,6 +71,17 @@ _NOT_NULL = re.compile(r"\s+not\s+null\s*$", re.IGNORECASE)
 
 class DeclarationError(ValueError):
     """A table declaration that cannot be used; the message names the file and the field."""
+
+
+def keys() -> dict[str, str]:
+    """Every key a declaration may have, with its help text: ``KEYS``, with ``strategy``
+    listing the strategies, and after it their own blocks (``batched_update:``)."""
+    strategies = all_strategies()
+    described = " | ".join(f"{s.name} ({s.summary})" for s in strategies)
+    own = {key: text for s in strategies for key, text in s.declaration_keys.items()}
+    ordered = list(KEYS.items())
+    at = list(KEYS).index("strategy")
+    return dict([*ordered[:at], ("strategy", described), *own.items(), *ordered[at + 1 :]])
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def parse_declaration(path: Path) -> TableSpec:
 
 
 def _spec(path: Path, doc: object) -> TableSpec:
-    doc = _mapping(doc, "the file", KEYS)
+    doc = _mapping(doc, "the file", keys())
     schema, name = _qualified(_required(doc, "table"), "table")
     partitions = _mapping(_required(doc, "partitions"), "partitions", PARTITION_KEYS)
     columns = _columns(_required(doc, "columns"))
@@ -204,43 +206,20 @@ def _spec(path: Path, doc: object) -> TableSpec:
     except ValueError as exc:
         raise DeclarationError(f"partitions: {exc}") from None
 
-    strategy = str(doc.get("strategy") or "delete_insert")
-    if strategy not in STRATEGIES:
-        raise DeclarationError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    declared = str(doc.get("strategy") or DEFAULT_STRATEGY)
+    if declared not in STRATEGIES:
+        raise DeclarationError(f"strategy: {declared!r} is not one of {', '.join(STRATEGIES)}")
+    strategy = strategy_named(declared)
     unique_key = known_columns("unique_key", _names(_required(doc, "unique_key"), "unique_key"))
-    batched, sql_path = None, None
-    if strategy == "batched_update":
-        if doc.get("sql"):
-            raise DeclarationError(
-                "sql: a batched_update table has no SQL file; its new values are the "
-                "expressions of batched_update.set, computed from each row"
-            )
-        batched = _batched(_required(doc, "batched_update"), known_columns)
-        fixed = [c for c in batched.columns if c in unique_key or c == column]
-        if fixed:
-            raise DeclarationError(
-                f"batched_update.set: {', '.join(fixed)} is the unique key or the partition "
-                "column, which batches walk and filter on; they cannot be set"
-            )
-    else:
-        if strategy == "partition_swap" and column not in [
-            c.name for c in columns if not c.nullable
-        ]:
-            raise DeclarationError(
-                f"partitions.column: {column} must be declared not null for partition_swap "
-                "(a natively partitioned table has no partition for NULL)"
-            )
-        if doc.get("batched_update") is not None:
-            raise DeclarationError(
-                "batched_update: only for strategy: batched_update (add that key, or remove "
-                "this block)"
-            )
-        sql_path = path.parent / str(doc.get("sql") or f"{path.stem}.sql")
-        if not sql_path.is_file():
-            raise DeclarationError(
-                f"sql: {sql_path} does not exist; write the SELECT that yields one window's rows "
-                "there"
-            )
+    for other in all_strategies():
+        for key in other.declaration_keys:
+            if other is not strategy and doc.get(key) is not None:
+                raise DeclarationError(
+                    f"{key}: only for strategy: {other.name} (add that key, or remove this block)"
+                )
+    written = strategy.read_declaration(
+        Declaration(path, doc, columns, column, unique_key, known_columns)
+    )
     measures = known_columns("measures", _names(doc.get("measures") or [], "measures"))
     subject = doc.get("subject_column")
     if subject is not None:
@@ -257,7 +236,6 @@ def _spec(path: Path, doc: object) -> TableSpec:
         partitioning=partitioning,
         columns=columns,
         unique_key=unique_key,
-        sql_path=sql_path,
         description=str(doc.get("description") or ""),
         upstream=upstream,
         declared_in=path,
@@ -271,8 +249,8 @@ def _spec(path: Path, doc: object) -> TableSpec:
         partitions_per_run=_per_run(doc.get("partitions_per_run")),
         timeouts=_timeouts(doc.get("timeouts") or {}),
         throttle=_throttle(doc.get("throttle") or {}),
-        strategy=strategy,
-        batched_update=batched,
+        strategy=declared,
+        **written,
         owners=_owners(doc.get("owners") or []),
     )
 
@@ -293,74 +271,6 @@ def _owners(value: object) -> tuple[str, ...]:
                 "kinds of owner Dagster shows"
             )
     return tuple(owners)
-
-
-def _batched(value: object, known_columns) -> BatchedUpdate:
-    doc = _mapping(value, "batched_update", BATCHED_KEYS)
-    assignments = _mapping(_required(doc, "set"), "batched_update.set", _AnyKey())
-    odd = [str(name) for name in assignments if not _NAME.match(str(name))]
-    if odd:
-        raise DeclarationError(
-            f"batched_update.set: {odd[0]!r} is not a column name. In a one-line mapping a comma "
-            "separates entries: quote an expression holding commas, e.g. set: {total: "
-            '"amount + coalesce(fee, 0)"}, or write one column per line'
-        )
-    known_columns("batched_update.set", [str(name) for name in assignments])
-    for name, expression in assignments.items():
-        if not isinstance(expression, str) or not expression.strip():
-            raise DeclarationError(
-                f"batched_update.set.{name}: {expression!r} is not a SQL expression "
-                "(e.g. net_amount + tax_amount)"
-            )
-    needs = doc.get("needs_update")
-    if needs is not None and (not isinstance(needs, str) or not needs.strip()):
-        raise DeclarationError(
-            f"batched_update.needs_update: {needs!r} is not a SQL condition (e.g. total_price IS "
-            "NULL)"
-        )
-    batch = _mapping(doc.get("batch") or {}, "batched_update.batch", BATCH_KEYS)
-    default = BatchedUpdate(set=())
-    sizes = {
-        key: _batch_size(batch, key, getattr(default, f"batch_{key}")) for key in BATCH_KEYS[:3]
-    }
-    if not sizes["min"] <= sizes["start"] <= sizes["max"]:
-        raise DeclarationError(
-            f"batched_update.batch: start {sizes['start']} is not between min {sizes['min']} "
-            f"and max {sizes['max']}"
-        )
-    triggers = str(doc.get("triggers", "keep"))
-    if triggers not in TRIGGER_MODES:
-        raise DeclarationError(
-            f"batched_update.triggers: {triggers!r} is not one of {', '.join(TRIGGER_MODES)}"
-        )
-    return BatchedUpdate(
-        set=tuple((str(name), str(expr).strip()) for name, expr in assignments.items()),
-        needs_update=needs.strip() if needs else None,
-        batch_start=sizes["start"],
-        batch_min=sizes["min"],
-        batch_max=sizes["max"],
-        target_ms=_duration(
-            batch, "target", default.target_ms, 10, 600_000, "batched_update.batch"
-        ),
-        triggers=triggers,
-        defer_constraints=_flag(doc, "defer_constraints", False),
-    )
-
-
-class _AnyKey:
-    """Allowed keys of a mapping whose keys are names checked elsewhere."""
-
-    def __contains__(self, _: object) -> bool:
-        return True
-
-
-def _batch_size(doc: Mapping, key: str, default: int) -> int:
-    value = doc.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
-        raise DeclarationError(
-            f"batched_update.batch.{key}: {value!r} is not a whole number of rows, 1..1000000"
-        )
-    return value
 
 
 def _throttle(value: object) -> ThrottleLimits:
@@ -434,7 +344,7 @@ def _mapping(value: object, field: str, allowed) -> Mapping:
 
 def _required(doc: Mapping, key: str) -> object:
     if doc.get(key) in (None, "", [], {}):
-        hint = KEYS.get(key, "")
+        hint = keys().get(key, "")
         raise DeclarationError(f"{key} is missing" + (f" ({hint})" if hint else ""))
     return doc[key]
 
@@ -524,3 +434,54 @@ def _days(doc: Mapping, key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 36500:
         raise DeclarationError(f"{key}: {value!r} is not a whole number of days (1 to 36500)")
     return value
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One declaration as its strategy reads its own fields from it (``Strategy.read_declaration``),
+    with the readers the rest of the declaration uses, so that a strategy's mistakes read like
+    any other field's."""
+
+    path: Path
+    doc: Mapping
+    columns: tuple[Column, ...]
+    partition_column: str
+    unique_key: tuple[str, ...]
+    _known_columns: Callable[[str, list[str]], tuple[str, ...]]
+
+    def known_columns(self, field: str, names: list[str]) -> tuple[str, ...]:
+        return self._known_columns(field, names)
+
+    def sql_file(self) -> Path:
+        sql_path = self.path.parent / str(self.doc.get("sql") or f"{self.path.stem}.sql")
+        if not sql_path.is_file():
+            raise DeclarationError(
+                f"sql: {sql_path} does not exist; write the SELECT that yields one window's rows "
+                "there"
+            )
+        return sql_path
+
+    @staticmethod
+    def mapping(value: object, field: str, allowed) -> Mapping:
+        """``value`` as a mapping with only ``allowed`` keys (anything with ``in``)."""
+        return _mapping(value, field, allowed)
+
+    @staticmethod
+    def required(doc: Mapping, key: str) -> object:
+        return _required(doc, key)
+
+    @staticmethod
+    def flag(doc: Mapping, key: str, default: bool) -> bool:
+        return _flag(doc, key, default)
+
+    @staticmethod
+    def duration(
+        doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int, block: str
+    ) -> int:
+        """A duration such as ``250ms``, ``5s``, ``2min``, ``1h`` in milliseconds."""
+        return _duration(doc, key, default_ms, low_ms, high_ms, block)
+
+    @staticmethod
+    def is_name(text: str) -> bool:
+        """A plain SQL name (a column's)."""
+        return bool(_NAME.match(text))

@@ -1,18 +1,19 @@
 """Rollback: put partitions back to the snapshot taken before a write, and audit it.
 
-A rollback is a write like any other: it goes through ``writer.replace_partition`` with the
-snapshot as its source, keeps a snapshot of what it replaces (so a rollback can itself be undone)
-and gets its own audit row (strategy ``rollback``, ``restored_from`` = the write it undoes).
-Rolling back a whole backfill is one transaction: either every partition is restored or none.
+A rollback is a write like any other: the table's strategy puts the kept rows back its own way
+(``Strategy.restore``: ``delete_insert`` through ``writer.replace_partition`` with the snapshot
+as its source), keeps a snapshot of what it replaces (so a rollback can itself be undone) and
+records its own audit row (strategy ``rollback``, ``restored_from`` = the write it undoes). This
+module finds what to restore, checks it, and runs every partition in one transaction: either
+every partition is restored or none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import psycopg
 from psycopg import sql
@@ -23,47 +24,33 @@ from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.registry import Registry
-from backfill_assets.core.swap import build_staging, child_name, swap_in
-from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.writer import (
-    apply_timeouts,
-    lock_partition,
-    replace_partition,
-    with_lock_retries,
+from backfill_assets.core.strategies import (
+    RollbackResult,
+    SnapshotRef,
+    all_strategies,
+    strategy_of,
 )
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.writer import apply_timeouts, lock_partition, with_lock_retries
 
 STRATEGY = "rollback"
 NOT_APPLIED = "the rollback was rolled back: nothing changed, every partition keeps its rows"
-KEPT_WRITE = sql.SQL(
-    "(status = 'succeeded' OR (strategy = 'batched_update' AND snapshot_rows IS NOT NULL))"
-)
-"""Audit rows of writes whose rows a rollback can restore: succeeded ones, and in-place updates
-whose committed batches kept a snapshot even though a check failed."""
+
+
+def kept_write() -> sql.Composed:
+    """Audit rows of writes whose rows a rollback can restore: succeeded ones, and those of
+    strategies that commit before verifying (``keeps_failed_writes``: an in-place update's
+    batches) that kept a snapshot even though a check failed."""
+    names = [s.name for s in all_strategies() if s.keeps_failed_writes]
+    if not names:
+        return sql.SQL("(status = 'succeeded')")
+    return sql.SQL(
+        "(status = 'succeeded' OR (strategy IN ({}) AND snapshot_rows IS NOT NULL))"
+    ).format(sql.SQL(", ").join(sql.Literal(name) for name in names))
 
 
 class RollbackError(RuntimeError):
     """The rollback cannot be done as asked; nothing was changed."""
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    audit_id: int
-    table: TableSpec
-    partition_key: str
-    snapshot_rows: int
-    write_id: UUID | None = None
-    """The write's random id (None for writes recorded before write ids existed)."""
-
-
-@dataclass(frozen=True)
-class RollbackResult:
-    snapshot: SnapshotRef
-    audit_id: int | None
-    rows_deleted: int
-    rows_restored: int
-    checksum_before: str
-    checksum_after: str
-    snapshot_rows: int | None
 
 
 def snapshots_of_backfill(
@@ -75,7 +62,7 @@ def snapshots_of_backfill(
             "SELECT DISTINCT ON (table_name, partition_key) id, table_name, partition_key, "
             "snapshot_rows, write_id FROM {} WHERE backfill_id = %s "
             "AND strategy <> 'rollback' AND {} ORDER BY table_name, partition_key, id"
-        ).format(AUDIT_TABLE, KEPT_WRITE),
+        ).format(AUDIT_TABLE, kept_write()),
         [backfill_id],
     ).fetchall()
     if not rows:
@@ -106,7 +93,7 @@ def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
             "coalesce(n.backfill_id, 'run ' || n.dagster_run_id, 'the CLI') "
             "FROM ours JOIN {audit} n USING (table_name, partition_key) "
             "WHERE n.id >= ours.first_id AND {kept} ORDER BY table_name, partition_key, n.id"
-        ).format(audit=AUDIT_TABLE, kept=KEPT_WRITE),  # ours has none of its columns
+        ).format(audit=AUDIT_TABLE, kept=kept_write()),  # ours has none of its columns
         {"id": backfill_id},
     ).fetchall()
     problems = []
@@ -114,12 +101,12 @@ def _refuse_newer_writes(conn: psycopg.Connection, backfill_id: str) -> None:
         held_before: dict[int, int | None] = {}
         holder: int | None = None  # None: the rows from before the backfill (or unknown)
         ours: set[int] = set()
-        for _, _, audit_id, strategy, restored_from, is_ours, by in history:
+        for _, _, audit_id, kind, restored_from, is_ours, by in history:
             held_before[audit_id] = holder
-            holder = held_before.get(restored_from) if strategy == "rollback" else audit_id
+            holder = held_before.get(restored_from) if kind == STRATEGY else audit_id
             if is_ours:
                 ours.add(audit_id)
-            last = f"write {audit_id} ({strategy}) by {by}"
+            last = f"write {audit_id} ({kind}) by {by}"
         if holder not in ours:
             problems.append(f"- {table} {partition}: {last}")
     if not problems:
@@ -146,7 +133,7 @@ def snapshot_of_partition(
         sql.SQL(
             "SELECT id, table_name, partition_key, snapshot_rows, write_id FROM {} "
             "WHERE table_name = %s AND partition_key = %s AND {} ORDER BY id DESC LIMIT 1"
-        ).format(AUDIT_TABLE, KEPT_WRITE),
+        ).format(AUDIT_TABLE, kept_write()),
         [table.qualified_name, partition_key],
     ).fetchone()
     if row is None:
@@ -194,13 +181,11 @@ def _ref(registry: Registry, audit_id: int, table_name: str, partition_key: str,
     )
 
 
-def _check_available(conn: psycopg.Connection, ref: SnapshotRef) -> None:
-    """The snapshot is there and is only this write's: every row under the write's ids lies
+def check_kept_rows(conn: psycopg.Connection, ref: SnapshotRef) -> None:
+    """``Strategy.check_restorable`` of the strategies that keep rows in the table's snapshot
+    table: the snapshot is there and is only this write's: every row under the write's ids lies
     inside the partition's window, and there are no more of them than the audit row says the
     write kept (fewer is expected after an erasure purged a person's rows)."""
-    if ref.table.swapped:
-        _check_swapped(conn, ref)
-        return
     window = ref.table.partitioning.window(ref.partition_key)
     tagged, inside = conn.execute(
         sql.SQL("SELECT count(*), count(*) FILTER (WHERE {}) FROM {} WHERE {}").format(
@@ -237,7 +222,7 @@ def restore(
     claiming anything), and a refused audit insert rolls the restore back.
     """
     for ref in refs:
-        _check_available(conn, ref)
+        strategy_of(ref.table).check_restorable(conn, ref)
     ids = {ref.audit_id: (audit.reserve_id(conn), uuid4()) for ref in refs}
     started_at = datetime.now(UTC)
 
@@ -259,7 +244,10 @@ def restore(
 
     def restore_all() -> list[RollbackResult]:
         with conn.transaction():
-            return [_restore_one(conn, ref, *ids[ref.audit_id], record) for ref in refs]
+            return [
+                strategy_of(ref.table).restore(conn, ref, *ids[ref.audit_id], record)
+                for ref in refs
+            ]
 
     try:
         # A lock not granted within the table's timeout: the whole rollback is tried again.
@@ -282,55 +270,7 @@ def restore(
     return results
 
 
-def _restore_one(
-    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
-) -> RollbackResult:
-    if ref.table.in_place:
-        return _restore_columns(conn, ref, audit_id, write_id, record)
-    if ref.table.swapped:
-        return _swap_back(conn, ref, audit_id, write_id, record)
-    window = ref.table.partitioning.window(ref.partition_key)
-    kept_rows = snapshots.kept_rows(ref.table, audit_id, write_id)
-    kept: dict[str, object] = {}
-
-    def checksums_and_audit(connection: psycopg.Connection, write) -> None:
-        kept["after"] = fingerprint_of(connection, ref.table, ref.table.identifier, window).checksum
-        kept["before"] = fingerprint_of(
-            connection, ref.table, kept_rows.relation(ref.table), window
-        ).checksum
-        record(
-            ref,
-            conn=connection,
-            status="succeeded",
-            rows_deleted=write.rows_deleted,
-            rows_inserted=write.rows_inserted,
-            rows_after=write.rows_inserted,
-            checksum_before=kept["before"],
-            checksum_after=kept["after"],
-            snapshot_rows=write.rows_deleted,
-        )
-
-    result = replace_partition(
-        conn,
-        ref.table,
-        window,
-        source=snapshots.restore_source(ref.table),
-        params={"snapshot_id": ref.audit_id, "write_id": ref.write_id},
-        keep_previous=kept_rows,
-        before_commit=checksums_and_audit,
-    )
-    return RollbackResult(
-        ref,
-        audit_id,
-        result.rows_deleted,
-        result.rows_inserted,
-        checksum_before=kept["before"],
-        checksum_after=kept["after"],
-        snapshot_rows=result.rows_deleted,
-    )
-
-
-def _take_partition(
+def take_partition(
     conn: psycopg.Connection, table: TableSpec, window: PartitionWindow
 ) -> Fingerprint:
     """Make this transaction the partition's only writer under the table's limits, and
@@ -339,185 +279,3 @@ def _take_partition(
         lock_partition(cur, table, window)
         apply_timeouts(cur, table)
     return fingerprint_of(conn, table, table.identifier, window)
-
-
-def _restore_columns(
-    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
-) -> RollbackResult:
-    """Undo an in-place update: put back the old values of the columns it set, by key.
-
-    Only rows that still hold the values the write gave them are restored: a value the
-    application wrote since is kept (and so is a row it deleted). The values replaced now are
-    kept under the rollback's own ids first, with the values restored as the ones it wrote, so
-    the rollback can be undone like any write.
-    """
-    table, spec = ref.table, ref.table.batched_update
-    assert spec is not None
-    window = table.partitioning.window(ref.partition_key)
-    kept = snapshots.snapshot_table(table)
-    keys = [*table.unique_key]
-    taken = [*keys, table.partition_column, *spec.columns]
-    join = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("s", k)) for k in keys
-    )
-    of_write = sql.SQL(
-        "s.audit_id = %(snapshot_id)s AND s.write_id IS NOT DISTINCT FROM %(write_id)s::uuid "
-        "AND ROW({current}) IS NOT DISTINCT FROM ROW({written})"
-    ).format(
-        current=sql.SQL(", ").join(sql.Identifier("t", c) for c in spec.columns),
-        written=sql.SQL(", ").join(
-            sql.Identifier("s", snapshots.written_column(c)) for c in spec.columns
-        ),
-    )
-    bound = {
-        **window.as_params(),
-        "snapshot_id": ref.audit_id,
-        "write_id": ref.write_id,
-        "new_id": audit_id,
-        "new_write": write_id,
-    }
-    before = _take_partition(conn, table, window)
-    with conn.cursor() as cur:
-        cur.execute(
-            sql.SQL(
-                "INSERT INTO {kept} (audit_id, write_id, {columns}, {written}) "
-                "SELECT %(new_id)s, %(new_write)s, {current}, {restoring} FROM {table} AS t "
-                "JOIN {kept} AS s ON {join} WHERE {of_write}"
-            ).format(
-                kept=kept,
-                columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
-                written=sql.SQL(", ").join(
-                    sql.Identifier(snapshots.written_column(c)) for c in spec.columns
-                ),
-                current=sql.SQL(", ").join(sql.Identifier("t", c) for c in taken),
-                restoring=sql.SQL(", ").join(sql.Identifier("s", c) for c in spec.columns),
-                table=table.identifier,
-                join=join,
-                of_write=of_write,
-            ),
-            bound,
-        )
-        replaced = cur.rowcount
-        cur.execute(
-            sql.SQL(
-                "UPDATE {table} AS t SET {assignments} FROM {kept} AS s WHERE {join} AND {of_write}"
-            ).format(
-                table=table.identifier,
-                assignments=sql.SQL(", ").join(
-                    sql.SQL("{} = {}").format(sql.Identifier(c), sql.Identifier("s", c))
-                    for c in spec.columns
-                ),
-                kept=kept,
-                join=join,
-                of_write=of_write,
-            ),
-            bound,
-        )
-        restored = cur.rowcount
-    after = fingerprint_of(conn, table, table.identifier, window)
-    record(
-        ref,
-        conn=conn,
-        status="succeeded",
-        rows_deleted=0,
-        rows_inserted=0,
-        rows_updated=restored,
-        rows_after=after.rows,
-        checksum_before=before.checksum,
-        checksum_after=after.checksum,
-        snapshot_rows=replaced,
-    )
-    return RollbackResult(
-        ref, audit_id, 0, restored, before.checksum, after.checksum, snapshot_rows=replaced
-    )
-
-
-def _check_swapped(conn: psycopg.Connection, ref: SnapshotRef) -> None:
-    """The partition a swap replaced is still kept, with the rows its audit row counted."""
-    name = f"write {ref.audit_id} ({ref.table.qualified_name} {ref.partition_key})"
-    kept = snapshots.swapped_name(ref.table, ref.write_id) if ref.write_id else None
-    if ref.snapshot_rows == 0:
-        return  # the partition's first write: rolling it back leaves the partition empty
-    if kept is None or kept not in snapshots.swapped_snapshots(conn, ref.table):
-        raise RollbackError(
-            f"the partition replaced by {name} is no longer kept (expired after "
-            f"{ref.table.snapshot_retention_days} days, or snapshots were off)"
-        )
-    rows = conn.execute(
-        sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(snapshots.SCHEMA, kept))
-    ).fetchone()[0]
-    if rows > ref.snapshot_rows:
-        raise RollbackError(
-            f"the kept partition of {name} holds {rows} rows, its audit row says "
-            f"{ref.snapshot_rows}; nothing was restored"
-        )
-
-
-def _swap_back(
-    conn: psycopg.Connection, ref: SnapshotRef, audit_id: int, write_id: UUID, record
-) -> RollbackResult:
-    """Undo a swap by swapping the kept partition back in; the partition it replaces is kept
-    in turn (under the rollback's own id), so the rollback can be undone too."""
-    table = ref.table
-    window = table.partitioning.window(ref.partition_key)
-    kept = snapshots.swapped_name(table, ref.write_id)
-    child = sql.Identifier(table.schema, child_name(table, window))
-    before = _take_partition(conn, table, window)
-    staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
-    staging = sql.Identifier(table.schema, staging_name)
-    if kept in snapshots.swapped_snapshots(conn, table):
-        # The kept table goes back to the table's schema under a staging name, then the swap.
-        conn.execute(
-            sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
-                sql.Identifier(snapshots.SCHEMA, kept), sql.Identifier(table.schema)
-            )
-        )
-        conn.execute(
-            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-                sql.Identifier(table.schema, kept), sql.Identifier(staging_name)
-            )
-        )
-    else:
-        # The partition's first write replaced nothing: its rollback leaves it empty.
-        build_staging(conn, table, window, staging, fill=False)
-    restored = fingerprint_of(conn, table, staging, window)
-    had_child = bool(
-        conn.execute(
-            "SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(%s)",
-            [child.as_string(conn)],
-        ).fetchone()[0]
-    )
-    after: dict[str, object] = {}
-
-    def checksums_and_audit() -> None:
-        after["print"] = fingerprint_of(conn, table, table.identifier, window)
-        record(
-            ref,
-            conn=conn,
-            status="succeeded",
-            rows_deleted=before.rows,
-            rows_inserted=restored.rows,
-            rows_after=after["print"].rows,
-            checksum_before=before.checksum,
-            checksum_after=after["print"].checksum,
-            snapshot_rows=before.rows,
-        )
-
-    swap_in(
-        conn,
-        table,
-        window,
-        staging_name,
-        snapshots.swapped_name(table, write_id),
-        had_child,
-        checksums_and_audit,
-    )
-    return RollbackResult(
-        ref,
-        audit_id,
-        before.rows,
-        restored.rows,
-        checksum_before=before.checksum,
-        checksum_after=after["print"].checksum,
-        snapshot_rows=before.rows,
-    )

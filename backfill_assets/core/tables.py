@@ -69,13 +69,10 @@ class ThrottleLimits:
     max_wait_ms: int = 30 * 60_000
 
 
-STRATEGIES = ("delete_insert", "batched_update", "partition_swap")
-
-
 @dataclass(frozen=True)
 class BatchedUpdate:
     """How ``strategy: batched_update`` fills columns of a live table in place
-    (``core/in_place.py``).
+    (``core/strategies/batched_update.py``).
 
     ``set`` maps each column to the SQL expression over the row that computes it (trusted code,
     like a column's ``check``). Only rows for which ``needs_update`` holds are touched, and it is
@@ -158,19 +155,12 @@ class TableSpec:
     timeouts: Timeouts = Timeouts()
     throttle: ThrottleLimits = ThrottleLimits()
     strategy: str = "delete_insert"
-    """How a partition is replaced: ``delete_insert`` (the table is rebuilt by the project),
-    ``batched_update`` (a live table's columns filled in place; see ``batched_update``) or
-    ``partition_swap`` (a natively partitioned table; each partition built aside, swapped in)."""
+    """The name of how a partition is written: ``delete_insert`` (the table is rebuilt by the
+    project), ``batched_update`` (a live table's columns filled in place; see
+    ``batched_update``), ``partition_swap`` (a natively partitioned table; each partition built
+    aside, then exchanged for the old one). ``core.strategies.strategy_of(table)`` is its
+    implementation."""
     batched_update: BatchedUpdate | None = None
-
-    @property
-    def in_place(self) -> bool:
-        return self.strategy == "batched_update"
-
-    @property
-    def swapped(self) -> bool:
-        """Natively partitioned: a partition is rebuilt aside and swapped in (``core/swap.py``)."""
-        return self.strategy == "partition_swap"
 
     @property
     def identifier(self) -> sql.Identifier:
@@ -261,7 +251,9 @@ class TableSpec:
             digest.update(repr(self.batched_update.needs_update_sql).encode())
         return digest.hexdigest()[:12]
 
-    def create_statements(self) -> list[sql.Composed]:
+    def create_statements(self, *, partitioned: bool = False) -> list[sql.Composed]:
+        """The DDL of the table, its schema and its partition column's index; ``partitioned``:
+        ``PARTITION BY RANGE`` on the partition column (children are made by the writes)."""
         column_defs = []
         for column in self.columns:
             parts = [sql.Identifier(column.name), sql.SQL(column.type)]
@@ -276,7 +268,7 @@ class TableSpec:
                 self.identifier,
                 sql.SQL(", ").join(column_defs),
                 sql.SQL(" PARTITION BY RANGE ({})").format(sql.Identifier(self.partition_column))
-                if self.swapped
+                if partitioned
                 else sql.SQL(""),
             ),
             # The partition column is what every DELETE and every check filters on.
@@ -288,17 +280,18 @@ class TableSpec:
         ]
 
 
-def ensure_table(conn: psycopg.Connection, table: TableSpec) -> None:
-    """Create the table, its schema and its index if the table does not exist yet.
+def ensure_table(conn: psycopg.Connection, table: TableSpec, *, partitioned: bool = False) -> None:
+    """Create the table, its schema and its index if the table does not exist yet (for the
+    strategies that create their target: ``strategy_of(table).ensure_target``).
 
     An existing table is left alone, without DDL: ``CREATE ... IF NOT EXISTS`` still takes locks
     (and ``CREATE SCHEMA`` a privilege check) before it finds the object there, so running it at
     every run would queue the run behind readers of the table on a live database.
     """
-    if table.in_place or _has_partition_index(conn, table):
-        return  # a table updated in place is the application's: never created here
+    if _has_partition_index(conn, table):
+        return
     with schema_changes(conn):
-        for statement in table.create_statements():
+        for statement in table.create_statements(partitioned=partitioned):
             conn.execute(statement)
 
 

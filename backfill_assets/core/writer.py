@@ -40,7 +40,7 @@ class WriteResult:
     rows_inserted: int
     duration_s: float
     rows_updated: int = 0
-    """Rows changed in place (``core/in_place.py``), in ``batches`` transactions."""
+    """Rows changed in place (``strategy: batched_update``), in ``batches`` transactions."""
     batches: int = 0
 
     @property

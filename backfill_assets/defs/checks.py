@@ -28,7 +28,7 @@ from dagster import (
 )
 
 from backfill_assets.core.outcomes import CheckDeclaration
-from backfill_assets.core.partition_write import PartitionOutcome
+from backfill_assets.core.strategies import PartitionOutcome, strategy_of
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.dagster_internals import AssetCheckEvaluationTargetMaterializationData
 from backfill_assets.defs.partitions import partitions_def
@@ -70,20 +70,8 @@ CHECKS: tuple[CheckDeclaration, ...] = (
 BLOCKING = {check.name: check.blocking for check in CHECKS}
 
 
-IN_PLACE_DESCRIPTIONS = {
-    "source_guard": "Before the first batch: no required column's expression yields NULL, no "
-    "NULL keys. On failure nothing is updated.",
-    "rows_match_source": "After the last batch: no row of the partition still needs the update.",
-    "measures_reconcile": "Over the rows this write updated, each measure's sum equals its "
-    "expression's within the table's tolerance.",
-    "change_within_threshold": "Rows whose previous non-NULL values changed, and measure deltas; "
-    "WARN when the partition moved more than the threshold (filling NULLs is not a change).",
-}
-"""What the checks mean for a table updated in place (``strategy: batched_update``)."""
-
-
 def check_specs_for(table: TableSpec, key: AssetKey) -> list[AssetCheckSpec]:
-    described = IN_PLACE_DESCRIPTIONS if table.in_place else {}
+    described = strategy_of(table).check_descriptions
     return [
         AssetCheckSpec(
             check.name,

@@ -1,11 +1,12 @@
 """Declared tables as Dagster assets: one asset, its checks and its sources per declaration.
 
-An asset body says only *which* partitions to replace; the spec says what to compute and the writer
-how to replace it. A run may cover several partitions (see ``core/run_sizing.py``): each partition
-still commits in its own transaction and reports its own metadata and check results.
+An asset body says only *which* partitions to write and how Dagster hears of it: the run itself
+(checks, guards, the writes through the table's strategy, the pause and the throttle) is
+``core/run.py``'s, shared with every other driver. A run may cover several partitions (see
+``core/run_sizing.py``): each partition still commits in its own transaction and reports its own
+metadata and check results.
 """
 
-import dataclasses
 from collections.abc import Iterator
 
 from dagster import (
@@ -20,32 +21,14 @@ from dagster import (
     asset,
 )
 
-from backfill_assets.core import settings, snapshots
-from backfill_assets.core.audit import AuditTrail, RunInfo, close_abandoned
+from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.change_report import markdown
-from backfill_assets.core.contract import (
-    ContractError,
-    SourceNotReady,
-    check_contract,
-    check_target,
-)
-from backfill_assets.core.control import wait_while_paused
-from backfill_assets.core.in_place import write_in_place
 from backfill_assets.core.params import params_for
-from backfill_assets.core.partition_write import (
-    PartitionOutcome,
-    record_refusal,
-    run_guards,
-    write_verified,
-)
-from backfill_assets.core.privileges import PrivilegeError, require_data_grants
-from backfill_assets.core.progress import Progress
 from backfill_assets.core.registry import Registry
+from backfill_assets.core.run import RunHooks, RunRefused, RunResult, expire_snapshots, run_table
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
-from backfill_assets.core.snapshots import ensure_snapshot_table
-from backfill_assets.core.swap import swap_partition
-from backfill_assets.core.tables import TableSpec, ensure_table
-from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.strategies import PartitionOutcome
+from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.downstream import queue_downstream_of_written
@@ -114,115 +97,26 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             parameters={**params.as_json(), "partitions_in_run": len(windows)},
             reason=params.reason,
         )
+        hooks = RunHooks(context.log.info, context.log.warning, context.log.error)
         with (
             postgres.connect(table.timeouts.session()) as conn,
             AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
         ):
             try:
-                require_data_grants(
-                    conn,
-                    table.upstream,
-                    settings.DATA_URL_ENV,
-                    [table.qualified_name] if table.in_place else [],
-                )
-                check_contract(conn, table)
-                check_target(conn, table)
-            except (PrivilegeError, ContractError, SourceNotReady) as exc:
-                raise Failure(description=f"{exc}. Nothing was written.") from None
-            ensure_table(conn, table)
-            ensure_snapshot_table(conn, table)
-            abandoned = close_abandoned(conn)
-            if abandoned:
-                context.log.warning(
-                    f"closed audit rows left running by a killed process: {abandoned}"
-                )
-            guarded = run_guards(conn, table, windows, params)
-            outcomes: list[PartitionOutcome] = []
-            for window in windows:
-                guard = guarded[window.key][0]
-                if not guard.passed:
-                    record_refusal(audit, run, table, window, guard)
-                    outcomes.append(PartitionOutcome(window, "guard_failed", guard))
-                elif "override" in guard.metadata:
-                    context.log.warning(f"guard override: {guard.metadata['override']}")
-
-            progress = Progress(context.log.info, table.qualified_name, len(windows))
-            log = context.log.warning
-            throttle = Throttle(conn, table, log)
-            stopped, paused = None, [0.0]
-
-            def hold_back() -> None:
-                """The pause switch and the throttle: before each partition, and before each
-                batch of an in-place update."""
-                throttle.before_partition()
-                # Read last: a pause given during the throttle's wait holds this write.
-                paused[0] += wait_while_paused(conn, run.backfill_id, log)
-
-            for window in windows:
-                if not guarded[window.key][0].passed:
-                    continue
-                if conn.broken or conn.closed:
-                    stopped = "the database connection was lost"  # the rest would fail alike
-                    break
-                try:
-                    hold_back()
-                except ThrottleTimeout as exc:
-                    stopped = str(exc)
-                    break
-                held_before = paused[0] + throttle.paused_s
-                if table.in_place:
-                    outcome = write_in_place(
-                        conn,
-                        audit,
-                        run,
-                        table,
-                        window,
-                        params,
-                        guarded[window.key],
-                        context.log.info,
-                        between_batches=hold_back,
-                    )
-                elif table.swapped:
-                    outcome = swap_partition(
-                        conn, audit, run, table, window, params, guarded[window.key], log
-                    )
-                else:
-                    outcome = write_verified(
-                        conn, audit, run, table, window, params, guarded[window.key], log
-                    )
-                held = paused[0] + throttle.paused_s - held_before
-                if held:  # pauses and back-off between an in-place write's batches
-                    outcome = dataclasses.replace(outcome, held_back_s=held)
-                outcomes.append(outcome)
-                if outcome.succeeded:
-                    progress.wrote(window.key, outcome.write.rows_written)
-                else:
-                    context.log.error(f"{table.qualified_name} {window.key}: {outcome.error}")
-                if outcome.halt:
-                    stopped = outcome.error
-                    break
-            paused_s = paused[0]
-            if paused_s or throttle.paused_s:
-                context.log.info(
-                    f"{table.qualified_name}: held back {throttle.paused_s:.0f}s by the throttle "
-                    f"and {paused_s:.0f}s by a pause"
-                )
-            if not all(o.succeeded for o in outcomes) or len(outcomes) < len(windows):
-                yield from _partial_run(context, run, table, windows, outcomes, stopped)
+                result = run_table(conn, audit, run, table, windows, params, hooks)
+            except RunRefused as exc:
+                raise Failure(description=str(exc)) from None
+            if not result.complete:
+                yield from _partial_run(context, run, table, result)
                 return
-            for outcome in outcomes:
+            for outcome in result.outcomes:
                 context.add_asset_metadata(
                     report_metadata(outcome, table, run), partition_key=outcome.window.key
                 )
             yield MaterializeResult()
-            yield from evaluations(context, outcomes, materialized=True)
+            yield from evaluations(context, result.outcomes, materialized=True)
             yield from check_outputs(context)
-            expired = snapshots.expire(conn, table)
-            if expired:
-                context.log.info(
-                    f"expired {expired} snapshot rows older than "
-                    f"{table.snapshot_retention_days} days"
-                )
+            expire_snapshots(conn, table, hooks)
 
     return _partitioned_table
 
@@ -236,12 +130,7 @@ def report_metadata(outcome: PartitionOutcome, table: TableSpec, run: RunInfo) -
 
 
 def _partial_run(
-    context: AssetExecutionContext,
-    run: RunInfo,
-    table: TableSpec,
-    windows: list,
-    outcomes: list[PartitionOutcome],
-    stopped: str | None,
+    context: AssetExecutionContext, run: RunInfo, table: TableSpec, result: RunResult
 ) -> Iterator[object]:
     """Report a run in which some partitions were not written, then fail its step.
 
@@ -251,10 +140,7 @@ def _partial_run(
     ``backfill-assets retry`` re-runs only them.
     """
     key = context.assets_def.key
-    committed = [o for o in outcomes if o.succeeded]
-    failed = [o for o in outcomes if not o.succeeded]
-    attempted = {o.window.key for o in outcomes}
-    unattempted = [w.key for w in windows if w.key not in attempted]
+    committed, failed, unattempted = result.committed, result.failed, result.unattempted
     for outcome in committed:
         yield AssetMaterialization(
             asset_key=key,
@@ -264,15 +150,15 @@ def _partial_run(
     yield from evaluations(context, committed, materialized=True)
     yield from evaluations(context, failed, materialized=False)
     lines = [
-        f"{len(committed)} of {len(windows)} partition(s) of {table.qualified_name} were written "
-        "and committed; these were not:"
+        f"{len(committed)} of {len(result.windows)} partition(s) of {table.qualified_name} were "
+        "written and committed; these were not:"
     ]
     for outcome in failed:
         reason = outcome.guard.message if outcome.status == "guard_failed" else outcome.error
         lines.append(f"- {outcome.window.key} keeps its previous rows: {reason}")
     if unattempted:
         lines.append(
-            f"- {', '.join(unattempted)} keep their previous rows: not attempted, {stopped}"
+            f"- {', '.join(unattempted)} keep their previous rows: not attempted, {result.stopped}"
         )
     # This step's failure skips the run's downstream steps for every partition: the written
     # partitions' downstream is built by runs of its own, in the same backfill.

@@ -46,10 +46,12 @@ def _declared_sources() -> tuple[list[str], list[str]]:
     """The source tables the declarations read, and the tables they update in place (none when
     a declaration is broken: the commands that load them say what is wrong)."""
     from backfill_assets.core.registry import load_registry
+    from backfill_assets.core.strategies import strategy_of
 
     try:
         registry = load_registry()
     except ValueError:
         return [], []
     sources = [source for table in registry for source in table.upstream]
-    return sources, [table.qualified_name for table in registry if table.in_place]
+    updated = [name for table in registry for name in strategy_of(table).updated_tables(table)]
+    return sources, updated

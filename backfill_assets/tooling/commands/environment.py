@@ -122,6 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _tables(_: argparse.Namespace) -> int:
     """The declared tables, their partitions, jobs and whether their SQL keeps its contract."""
     from backfill_assets.core.contract import check_table
+    from backfill_assets.core.strategies import strategy_of
 
     registry = load_registry()
     if not len(registry):
@@ -136,12 +137,8 @@ def _tables(_: argparse.Namespace) -> int:
     for table in registry:
         print(f"{table.qualified_name}  ({table.declared_in})")
         print(f"  partitions: {table.partitioning.describe()} on {table.partition_column}")
-        if table.in_place:
-            print(f"  strategy: batched_update, sets {', '.join(table.batched_update.columns)}")
-        else:
-            print(f"  sql: {table.sql_path}")
-        if table.swapped:
-            print("  strategy: partition_swap (natively partitioned, partitions swapped in)")
+        for line in strategy_of(table).describe(table):
+            print(f"  {line}")
         print(f"  reads: {', '.join(table.upstream) or '-'}")
         print(f"  jobs: {job_name(table)}, {job_name(table, with_downstream=True)}")
         status = check_table(conn, table) if conn else "not checked: no database (see below)"

@@ -1,4 +1,5 @@
-"""In place: fill columns of a live table, one partition at a time, in short key-ordered batches.
+"""The writer of ``batched_update`` (``batched_update.py``): fill columns of a live table, one
+partition at a time, in short key-ordered batches.
 
 ``strategy: batched_update`` is for a table the application writes (``app.orders`` gaining
 ``total_price``): the project must not rebuild it, and one big ``UPDATE`` would hold row locks on
@@ -41,10 +42,8 @@ from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
 from backfill_assets.core.control import SCHEMA as CONTROL_SCHEMA
 from backfill_assets.core.database import relation_exists, schema_changes, waiting_for_turn
 from backfill_assets.core.fingerprint import ROW_HASH, Fingerprint, checksum_of, sums_of
-from backfill_assets.core.guards import SourceStats
-from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
-from backfill_assets.core.partition_write import PartitionOutcome
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import (
     PartitionDiff,
@@ -54,11 +53,12 @@ from backfill_assets.core.reconcile import (
     not_null_outcome,
     unique_outcome,
 )
+from backfill_assets.core.strategies.base import PartitionOutcome
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.throttle import ThrottleTimeout
 from backfill_assets.core.writer import WriteResult, apply_timeouts, with_lock_retries
 
-STRATEGY = "batched_update"
+NAME = "batched_update"
 CURSORS = sql.Identifier(CONTROL_SCHEMA, "cursors")
 KEY = "backfill_k_"
 OLD = "backfill_old_"
@@ -86,6 +86,12 @@ CREATE TABLE IF NOT EXISTS backfill_control.cursors (
     PRIMARY KEY (table_name, partition_key)
 );
 """
+
+
+def written_column(column: str) -> str:
+    """The snapshot column holding the value an in-place write gave ``column``: a rollback
+    restores a row only while it still holds that value (the application may have written since)."""
+    return f"{column}__written"
 
 
 class BatchRefused(Exception):
@@ -251,15 +257,13 @@ def batch_statement(table: TableSpec, *, skip_locked: bool) -> sql.Composed:
         kept_columns=sql.SQL(", ").join(sql.Identifier(c) for c in taken),
         written=sql.SQL(", ").join(
             sql.SQL("{} AS {}").format(
-                sql.Identifier(table.name, c), sql.Identifier(snapshots.written_column(c))
+                sql.Identifier(table.name, c), sql.Identifier(written_column(c))
             )
             for c in spec.columns
         ),
-        written_names=sql.SQL(", ").join(
-            sql.Identifier(snapshots.written_column(c)) for c in spec.columns
-        ),
+        written_names=sql.SQL(", ").join(sql.Identifier(written_column(c)) for c in spec.columns),
         updated_written=sql.SQL(", ").join(
-            sql.Identifier("backfill_updated", snapshots.written_column(c)) for c in spec.columns
+            sql.Identifier("backfill_updated", written_column(c)) for c in spec.columns
         ),
         batch_columns=sql.SQL(", ").join(sql.Identifier("backfill_batch", p) for p in prefixed),
     )
@@ -453,7 +457,7 @@ def _finish(
             asset_key=table.asset_name,
             table=table.qualified_name,
             partition=window.key,
-            strategy=STRATEGY,
+            strategy=NAME,
             sql_hash=table.sql_hash,
             conn=conn,
             audit_id=cursor.audit_id,
@@ -679,7 +683,7 @@ def write_in_place(
             asset_key=table.asset_name,
             table=table.qualified_name,
             partition=window.key,
-            strategy=STRATEGY,
+            strategy=NAME,
             sql_hash=table.sql_hash,
             status="failed",
             started_at=datetime.now(UTC),

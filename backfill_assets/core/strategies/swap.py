@@ -1,4 +1,5 @@
-"""Partition swap: rebuild a partition aside, verify it there, swap it in with DETACH/ATTACH.
+"""The mechanics of ``partition_swap`` (``partition_swap.py``): rebuild a partition aside,
+verify it there, exchange it for the old one with DETACH/ATTACH, keep the old one.
 
 ``strategy: partition_swap`` is for a target the project builds as a natively partitioned
 table (``PARTITION BY RANGE`` on the partition column, one child table per partition, named
@@ -23,17 +24,19 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
 
 from backfill_assets.core import snapshots
+from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, RunInfo
-from backfill_assets.core.guards import SourceStats
-from backfill_assets.core.outcomes import CheckOutcome
+from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
-from backfill_assets.core.partition_write import PartitionOutcome, VerifiedWrite
+from backfill_assets.core.partition_write import VerifiedWrite
 from backfill_assets.core.partitioning import PartitionWindow
+from backfill_assets.core.strategies.base import PartitionOutcome
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import (
     WriteResult,
@@ -42,7 +45,6 @@ from backfill_assets.core.writer import (
     with_lock_retries,
 )
 
-STRATEGY = "partition_swap"
 _INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON ONLY \S+ ")
 
 
@@ -71,6 +73,50 @@ def is_partitioned(conn: psycopg.Connection, table: TableSpec) -> bool | None:
         [table.identifier.as_string(conn)],
     ).fetchone()
     return None if row is None else row[0] == "p"
+
+
+def kept_name(table: TableSpec, write_id: UUID) -> str:
+    """A partition replaced by a swap, kept under the random id of the write that replaced it."""
+    return f"{_kept_prefix(table)}{write_id.hex[:12]}"
+
+
+def _kept_prefix(table: TableSpec) -> str:
+    return f"{table.schema[:20]}__{table.name[:24]}__w"
+
+
+def kept_partitions(conn: psycopg.Connection, table: TableSpec) -> list[str]:
+    """Names of the kept partitions of a ``partition_swap`` table, in ``backfill_snapshots``."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind = 'r' AND starts_with(c.relname, %s) "
+        "ORDER BY c.relname",
+        [snapshots.SCHEMA, _kept_prefix(table)],
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
+def expire_kept(conn: psycopg.Connection, table: TableSpec, days: int) -> int:
+    """Drop the kept partitions whose write ended more than ``days`` ago; returns their rows.
+
+    A kept partition is named after its write's random id (``kept_name``); the audit
+    row with that id says when the write ended.
+    """
+    old = conn.execute(
+        sql.SQL(
+            "SELECT write_id FROM {} WHERE table_name = %s AND write_id IS NOT NULL AND "
+            "ended_at < now() - make_interval(days => %s)"
+        ).format(AUDIT_TABLE),
+        [table.qualified_name, days],
+    ).fetchall()
+    kept = set(kept_partitions(conn, table))
+    dropped = 0
+    for (write_id,) in old:
+        name = kept_name(table, write_id)
+        if name in kept:
+            target = sql.Identifier(snapshots.SCHEMA, name)
+            dropped += conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target)).fetchone()[0]
+            conn.execute(sql.SQL("DROP TABLE {}").format(target))
+    return dropped
 
 
 def _bounds(window: PartitionWindow) -> tuple[sql.Literal, sql.Literal]:
@@ -193,7 +239,7 @@ def swap_partition(
     started = time.perf_counter()
     staging_name = f"{table.name[:40]}__s{window.start:%Y%m%d}_{job.write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)
-    snapshot = snapshots.swapped_name(table, job.write_id) if params.snapshots else None
+    snapshot = kept_name(table, job.write_id) if params.snapshots else None
 
     def write() -> WriteResult:
         with conn.transaction(), conn.cursor() as cur:
