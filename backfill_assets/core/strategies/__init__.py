@@ -40,6 +40,7 @@ MODULES = {
     "delete_insert": "delete_insert",
     "batched_update": "batched_update",
     "partition_swap": "partition_swap",
+    "merge": "merge",
 }
 """Declared name -> module in this package."""
 NAMES = tuple(MODULES)
