@@ -36,11 +36,14 @@ else
 endif
 
 # 300 random SIGKILLs of a writer (make test runs 30): every day old or new, the audit true;
-# then 15 of CLI materializes, daemon-launched runs and dbt builds (make test: 3): the queue drains.
+# then 15 of CLI materializes, daemon-launched runs and dbt builds (make test: 3): the queue drains;
+# then 20 pairs of plain `dbt build`s of the same days made to meet (make test: 4): no duplicate.
 soak: setup
 	BACKFILL_SOAK_TRIALS=$${BACKFILL_SOAK_TRIALS:-300} \
 	BACKFILL_QUEUE_SOAK_TRIALS=$${BACKFILL_QUEUE_SOAK_TRIALS:-15} \
-		$(BIN)/pytest -s tests/test_kill_soak.py tests/test_queue_soak.py
+	BACKFILL_DBT_PAIRS=$${BACKFILL_DBT_PAIRS:-20} \
+		$(BIN)/pytest -s tests/test_kill_soak.py tests/test_queue_soak.py \
+		tests/test_dbt_model.py::test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row
 
 lint: setup
 	$(BIN)/ruff check .

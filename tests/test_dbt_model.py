@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from backfill_assets.project import DBT_EXECUTABLE
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
 MARTS = ("customer_daily_orders", "daily_revenue")
+
+DBT_PAIRS = int(os.environ.get("BACKFILL_DBT_PAIRS", "4"))
 
 
 def daily_revenue(conn) -> dict:
@@ -261,7 +264,8 @@ def test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row(
     """`dbt build` by hand, in CI or beside a backfill: no Dagster step takes turns for it, so the
     marts' macro locks each batch's model and day itself. Seen before: duplicated rows in 6 of 10
     pairs, both builds reporting success. Each pair is made to meet: the source is locked until
-    both builds wait on it, so their first batches of the same day run at the same moment."""
+    both builds wait on it, so their first batches of the same day run at the same moment.
+    ``make test`` makes 4 pairs meet, ``make soak`` 20 (``BACKFILL_DBT_PAIRS``)."""
     first, last = "2024-06-01", "2024-06-03"
     assert build([fct_orders, dbt_models], postgres, instance, first, last).success
     serial = mart_rows(conn, "customer_daily_orders")
@@ -277,7 +281,7 @@ def test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row(
         capture_output=True,
     )
     shutil.copytree(targets[0], targets[1])
-    for pair in range(10):
+    for pair in range(DBT_PAIRS):
         with connect(data_url) as blocker:
             blocker.execute("BEGIN")
             blocker.execute("LOCK TABLE analytics.fct_orders IN ACCESS EXCLUSIVE MODE")

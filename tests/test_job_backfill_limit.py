@@ -6,10 +6,12 @@ job, or of more than BACKFILL_MAX_PARTITIONS, is refused before anything is queu
 from __future__ import annotations
 
 import json
+import shutil
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from support import dagster_job_backfill, launched_job_backfill
 
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
 from backfill_assets.core.settings import MAX_PARTITIONS_ENV
 from backfill_assets.defs.run_coordinator import refusal
 from backfill_assets.tooling import cli
@@ -25,12 +27,23 @@ def job_runs(*statuses: DagsterRunStatus):
 
 
 def test_an_empty_partition_list_queues_no_run_and_says_why_and_how_to_override(
-    dagster_env, capsys
+    dagster_env, capsys, monkeypatch, tmp_path
 ):
-    refused = dagster_job_backfill(dagster_env, JOB, "--partitions", "")
+    # The demo's table declared over its last 12 days: Dagster's CLI creates every run of the
+    # backfill before the coordinator refuses them (366 of them took minutes), the rule is the same.
+    tables = tmp_path / "tables"
+    shutil.copytree(DEFAULT_TABLES_DIR, tables)
+    declaration = tables / "fct_orders.yaml"
+    declaration.write_text(
+        declaration.read_text().replace("start: 2024-01-01", "start: 2024-12-20")
+    )
+    monkeypatch.setenv(TABLES_PATH_ENV, str(tables))
+    refused = dagster_job_backfill(
+        {**dagster_env, TABLES_PATH_ENV: str(tables)}, JOB, "--partitions", ""
+    )
 
     assert refused.returncode == 1
-    assert "refused: it selects all 366 partitions of backfill__analytics__fct_orders" in (
+    assert "refused: it selects all 12 partitions of backfill__analytics__fct_orders" in (
         refused.stderr
     )
     assert f"--tags '{OVERRIDE}'" in refused.stderr and "Traceback" not in refused.stderr
