@@ -17,7 +17,7 @@ interface, the outcome of a write and a rollback's references have one home belo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -159,6 +159,23 @@ class Declaration(Protocol):
     def sql_file(self) -> Path:
         """The table's SQL file (``sql:``, default the YAML's name with ``.sql``), refused when
         missing."""
+
+    def mapping(self, value: object, field: str, allowed: Container[str]) -> Mapping:
+        """``value`` as a mapping with only ``allowed`` keys; ``field`` names it in messages."""
+
+    def required(self, doc: Mapping, key: str) -> object:
+        """``doc[key]``, refused when missing or empty."""
+
+    def flag(self, doc: Mapping, key: str, default: bool) -> bool:
+        """``doc[key]`` as true or false."""
+
+    def duration(
+        self, doc: Mapping, key: str, default_ms: int, low_ms: int, high_ms: int, block: str
+    ) -> int:
+        """``doc[key]`` (``250ms``, ``5s``, ``2min``, ``1h``) in milliseconds, within bounds."""
+
+    def is_name(self, text: str) -> bool:
+        """``text`` is a plain SQL name."""
 
 
 class Strategy(Protocol):
