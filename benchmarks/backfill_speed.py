@@ -51,7 +51,12 @@ from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.project import ensure_manifest, job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import demo_table, seed
-from backfill_assets.tooling.launch import launch_job_backfill, running_daemon, wait_for_backfill
+from backfill_assets.tooling.launch import (
+    daemon_is_alive,
+    launch_job_backfill,
+    running_daemon,
+    wait_for_backfill,
+)
 
 TABLE = demo_table()
 RAW = sql.Identifier("bench", "raw_target")
@@ -127,8 +132,11 @@ def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: st
     # from them, as it would after a user's earlier backfills.
     daemon = {"command": STOCK_DAEMON} if variant == "asset_cli_dagster_daemon" else {}
     with running_daemon(env, home / "daemon.log", **daemon):
-        # The daemon's first backfill tick comes as it starts; launched 3 s later, the backfill
-        # waits for the next one (under dagster-daemon's 30 s loop: close to the worst case).
+        # Launched 3 s after the daemon's first backfill pass, the backfill waits for the next
+        # one: under dagster-daemon's 30 s loop close to the worst case, printed as "pickup".
+        with DagsterInstance.get() as instance:
+            while not daemon_is_alive(instance, within_s=600):
+                time.sleep(0.2)
         time.sleep(3)
         started = time.perf_counter()
         if variant.startswith("asset_cli"):
