@@ -45,13 +45,12 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
 
-from backfill_assets.core import contract, guards, rollback, snapshots
+from backfill_assets.core import contract, rollback, snapshots
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.database import relation_exists, schema_changes
 from backfill_assets.core.fingerprint import fingerprint_of
@@ -60,13 +59,13 @@ from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partition_write import VerifiedWrite, record_write
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.strategies.base import (
-    Declaration,
     PartitionOutcome,
     Record,
     RollbackResult,
     SnapshotRef,
     WriteHooks,
 )
+from backfill_assets.core.strategies.delete_insert import DeleteInsert
 from backfill_assets.core.tables import TableSpec, ensure_table
 from backfill_assets.core.writer import (
     WriteResult,
@@ -121,28 +120,22 @@ class MergeCounts:
         return self.inserted + self.updated + self.deleted
 
 
-class Merge:
+class Merge(DeleteInsert):
+    """A table the project creates, like ``delete_insert`` (the same declaration, contract, guard
+    wording and row snapshot table, expired and erased alike), with a unique index on the key and
+    its own write and rollback."""
+
     name = NAME
     summary = "MERGE on unique_key: only changed rows are written"
-    declaration_keys: ClassVar[Mapping[str, str]] = {}
-    check_descriptions: ClassVar[Mapping[str, str]] = {}
     verb = "merge"
     contract_kept = "the SQL yields exactly the declared columns, unique_key has a unique index"
-    late_data = True
-    keeps_failed_writes = False
-
-    def read_declaration(self, declared: Declaration) -> dict[str, object]:
-        return {"sql_path": declared.sql_file()}
 
     def describe(self, table: TableSpec) -> list[str]:
         return [
-            f"sql: {table.sql_path}",
+            *super().describe(table),
             f"strategy: merge (MERGE on {', '.join(table.unique_key)}: only changed rows are "
             "written)",
         ]
-
-    def updated_tables(self, table: TableSpec) -> tuple[str, ...]:
-        return ()
 
     def ensure_target(self, conn: psycopg.Connection, table: TableSpec) -> None:
         if has_key_index(conn, table):
@@ -155,15 +148,9 @@ class Merge:
                 conn.execute(statement)
 
     def check_contract(self, conn: psycopg.Connection, table: TableSpec) -> None:
-        contract.check_query(conn, table)
+        super().check_contract(conn, table)
         if relation_exists(conn, table.schema, table.name) and not has_key_index(conn, table):
             raise contract.ContractError(missing_index(table))
-
-    def check_target_kind(self, table: TableSpec, partitioned: bool) -> None:
-        contract.refuse_partitioned(table, partitioned)
-
-    def refusal(self, table: TableSpec, window: PartitionWindow, problems: str) -> str:
-        return guards.refused_replace(table, window, problems)
 
     def ensure_snapshots(self, conn: psycopg.Connection, table: TableSpec) -> None:
         snapshots.ensure_row_snapshots(
@@ -172,12 +159,6 @@ class Merge:
             {**{c.name: c.type for c in table.columns}, ACTION: "text"},
             lambda: snapshot_statements(table),
         )
-
-    def snapshot_tables(self, conn: psycopg.Connection, table: TableSpec) -> list[str]:
-        return snapshots.existing_snapshot_table(conn, table)
-
-    def expire_snapshots(self, conn: psycopg.Connection, table: TableSpec, days: int) -> int:
-        return snapshots.expire_rows(conn, table, days)
 
     def write(
         self,
@@ -191,9 +172,6 @@ class Merge:
         hooks: WriteHooks,
     ) -> PartitionOutcome:
         return merge_verified(conn, audit, run, table, window, params, guarded, hooks.warn)
-
-    def check_restorable(self, conn: psycopg.Connection, ref: SnapshotRef) -> None:
-        rollback.check_kept_rows(conn, ref)
 
     def restore(
         self,
