@@ -66,15 +66,6 @@ def attached_child(conn: psycopg.Connection, table: TableSpec, window: Partition
     )
 
 
-def is_partitioned(conn: psycopg.Connection, table: TableSpec) -> bool | None:
-    """True for a partitioned table, False for a plain one, None if it does not exist."""
-    row = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
-        [table.identifier.as_string(conn)],
-    ).fetchone()
-    return None if row is None else row[0] == "p"
-
-
 def kept_name(table: TableSpec, write_id: UUID) -> str:
     """A partition replaced by a swap, kept under the random id of the write that replaced it."""
     return f"{_kept_prefix(table)}{write_id.hex[:12]}"
