@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 from datetime import date, timedelta
+from functools import cached_property
 
+from dagster_dbt import DbtCliResource
+from packaging import version
 from support import (
     dbt_models,
     fct_orders,
@@ -19,12 +22,32 @@ from support import (
 
 from backfill_assets.core.database import connect
 from backfill_assets.core.settings import DBT_PROJECT_DIR
+from backfill_assets.defs.dbt import dbt_resource
 from backfill_assets.project import DBT_EXECUTABLE
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
 MARTS = ("customer_daily_orders", "daily_revenue")
 
 DBT_PAIRS = int(os.environ.get("BACKFILL_DBT_PAIRS", "4"))
+
+
+def test_runs_know_the_dbt_version_without_asking_the_executable():
+    """dagster-dbt runs ``dbt --version`` once per run unless its ``_cli_version`` is given, and
+    loads an adapter the project does not use; the project overrides both. Fails when
+    dagster-dbt renames either (the override would silently do nothing) or when the executable
+    is another dbt than the one imported."""
+    assert isinstance(vars(DbtCliResource).get("_cli_version"), cached_property), (
+        "dagster-dbt no longer has DbtCliResource._cli_version: update defs/dbt.py InstalledDbt"
+    )
+    assert callable(vars(DbtCliResource).get("_initialize_dbt_core_adapter")), (
+        "dagster-dbt no longer has DbtCliResource._initialize_dbt_core_adapter: update "
+        "defs/dbt.py InstalledDbt"
+    )
+    asked = subprocess.run(
+        [DBT_EXECUTABLE, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"installed: {dbt_resource._cli_version}" in asked
+    assert dbt_resource._cli_version > version.parse("1.0")
 
 
 def daily_revenue(conn) -> dict:
