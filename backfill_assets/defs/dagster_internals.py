@@ -4,6 +4,7 @@ Dagster's minor version is pinned in pyproject.toml; the tests exercise each of 
 through real runs, so an upgrade that moves one fails here, in one place.
 """
 
+from dagster._cli.api import _execute_run_command_body as execute_run_command_body
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
@@ -24,7 +25,8 @@ from dagster._core.execution.backfill import (
     PartitionBackfill,
 )
 from dagster._core.execution.retries import auto_reexecution_should_retry_run
-from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -49,6 +51,7 @@ from dagster._daemon.daemon import BackfillDaemon, SpanMarker
 from dagster._daemon.utils import DaemonErrorCapture
 from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_datetime, get_current_timestamp
+from dagster._utils import get_run_crash_explanation
 from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.interrupts import capture_interrupts, setup_interrupt_handlers
 
@@ -86,6 +89,8 @@ __all__ = [
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DaemonErrorCapture",
+    "InstanceRef",
+    "LaunchRunContext",
     "PartitionBackfill",
     "PartitionKeyFilter",
     "SerializableErrorInfo",
@@ -100,7 +105,9 @@ __all__ = [
     "create_daemon_of_type",
     "daemon_controller_from_instance",
     "execute_backfill_iteration",
+    "execute_run_command_body",
     "get_current_timestamp",
+    "get_run_crash_explanation",
     "make_new_backfill_id",
     "setup_interrupt_handlers",
     "stale_status_resolver",

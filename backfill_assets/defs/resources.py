@@ -24,7 +24,7 @@ class PostgresResource(ConfigurableResource):
         """Record the run's worker (host, pid) as the run starts, so run monitoring can tell a
         dead one, whoever launched the run (``run_launcher.record_worker``)."""
         if context.instance is not None and context.run is not None:
-            record_worker(context.instance, context.run.run_id)
+            record_worker(context.instance, context.run)
 
     def resolved_url(self) -> str:
         return self.url or settings.data_url()
