@@ -18,8 +18,10 @@ apart. Everything private this needs comes from ``dagster_internals`` and is pin
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -38,6 +40,7 @@ from backfill_assets.defs.dagster_internals import (
     get_current_timestamp,
     setup_interrupt_handlers,
 )
+from backfill_assets.defs.run_launcher import MonitoredRunLauncher, start_fork_server
 
 
 class PromptBackfillDaemon(BackfillDaemon):
@@ -85,6 +88,16 @@ def project_daemons(instance: DagsterInstance, interval_s: float) -> list:
     ]
 
 
+@contextmanager
+def warm_fork_server(instance: DagsterInstance) -> Iterator[None]:
+    """Start the run launcher's fork server beside the code server, so the first run does not
+    wait for its imports (~2-3 s); a launcher that does not fork runs has none."""
+    launcher = instance.run_launcher
+    if isinstance(launcher, MonitoredRunLauncher) and launcher.fork_runs:
+        threading.Thread(target=start_fork_server, name="fork-server", daemon=True).start()
+    yield
+
+
 def run_daemon(workspace_file: Path, interval_s: float, *, log_level: str = "info") -> None:
     """Run the daemons until interrupted (Ctrl-C, SIGTERM), as ``dagster-daemon run -w`` does."""
     setup_interrupt_handlers()
@@ -92,6 +105,7 @@ def run_daemon(workspace_file: Path, interval_s: float, *, log_level: str = "inf
         with (
             capture_interrupts(),
             DagsterInstance.get() as instance,
+            warm_fork_server(instance),
             daemon_controller_from_instance(
                 instance,
                 workspace_load_target=WorkspaceFileTarget(paths=[str(workspace_file)]),

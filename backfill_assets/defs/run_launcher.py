@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -84,6 +85,12 @@ def fork_context() -> multiprocessing.context.ForkServerContext:
     with _fork_server_lock:
         context.set_forkserver_preload([RUN_WORKER_MODULE])
     return context
+
+
+def start_fork_server() -> None:
+    """Start this process's fork server now rather than at the first run."""
+    fork_context()
+    multiprocessing.forkserver.ensure_running()
 
 
 class MonitoredRunLauncher(DefaultRunLauncher):
