@@ -10,6 +10,7 @@ table's declaration.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from backfill_assets.core.settings import DBT_PROJECT_DIR
 from backfill_assets.core.tables import TableSpec
 
 DBT_EXECUTABLE = str(Path(sys.executable).parent / "dbt")
-MANIFEST_PATH = DBT_PROJECT_DIR / "target" / "manifest.json"
+TARGET_DIR = DBT_PROJECT_DIR / "target"
 
 
 def job_name(table: TableSpec, *, with_downstream: bool = False) -> str:
@@ -45,33 +46,45 @@ def dbt_env(registry: Registry | None = None) -> dict[str, str]:
     }
 
 
-def ensure_manifest(registry: Registry | None = None) -> dict:
-    """The dbt manifest, parsed first if it is missing or older than a project file.
+def parse_dir(registry: Registry | None = None) -> Path:
+    """Where dbt's manifest for ``registry``'s first partitions is parsed: one folder per set of
+    ``BACKFILL_BEGIN__*`` values (under ``dbt_project/target/``). Runs of that registry point
+    dagster-dbt here (``DBT_TARGET_PATH``), so each dbt build starts from its partial parse, and
+    processes of two registries (the demo's tables, a user's) never undo each other's parse."""
+    values = "\n".join(f"{k}={v}" for k, v in sorted(dbt_env(registry).items()))
+    return TARGET_DIR / f"parsed-{hashlib.sha1(values.encode()).hexdigest()[:12]}"
 
-    Parsing needs no database; it costs a few seconds, so it only runs after an edit or when a
-    table's first partition changed (dbt's partial parsing notices a changed ``BACKFILL_BEGIN__*``
-    value). Processes loading the definitions at once (the daemon's code server and a
-    ``dagster job backfill``) take turns on a file lock, so none reads a half-written manifest.
+
+def ensure_manifest(registry: Registry | None = None) -> dict:
+    """The dbt manifest for ``registry``, parsed first if it is missing or older than a project
+    file.
+
+    Parsing needs no database; it costs a few seconds, so it only runs after an edit or for a
+    registry not parsed before (its folder is ``parse_dir``). Processes loading the definitions at
+    once (the daemon's code server and a ``dagster job backfill``) take turns on a file lock, so
+    none reads a half-written manifest.
     """
-    env = dbt_env(registry)
-    wanted = "\n".join(f"{k}={v}" for k, v in sorted(env.items()))
-    stamp = MANIFEST_PATH.parent / "backfill_begin.env"
-    MANIFEST_PATH.parent.mkdir(parents=True, exist_ok=True)
-    with (MANIFEST_PATH.parent / "backfill_parse.lock").open("w") as lock:
+    target = parse_dir(registry)
+    manifest = target / "manifest.json"
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / "parse.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _fresh(stamp, wanted):
+        if not _fresh(manifest):
             subprocess.run(
-                [DBT_EXECUTABLE, "parse", "--quiet"],
+                [DBT_EXECUTABLE, "parse", "--quiet", "--target-path", str(target)],
                 cwd=DBT_PROJECT_DIR,
-                env={**os.environ, **env, "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR)},
+                env={
+                    **os.environ,
+                    **dbt_env(registry),
+                    "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR),
+                },
                 check=True,
             )
-            stamp.write_text(wanted)
-        return json.loads(MANIFEST_PATH.read_text())
+        return json.loads(manifest.read_text())
 
 
-def _fresh(stamp: Path, wanted: str) -> bool:
-    if not MANIFEST_PATH.exists() or not stamp.exists() or stamp.read_text() != wanted:
+def _fresh(manifest: Path) -> bool:
+    if not manifest.exists():
         return False
     sources = [
         path
@@ -79,4 +92,4 @@ def _fresh(stamp: Path, wanted: str) -> bool:
         for path in DBT_PROJECT_DIR.glob(pattern)
         if path.is_file()
     ]
-    return max(p.stat().st_mtime for p in sources) <= MANIFEST_PATH.stat().st_mtime
+    return max(p.stat().st_mtime for p in sources) <= manifest.stat().st_mtime

@@ -36,7 +36,7 @@ from backfill_assets.defs.dbt_checks import (
 )
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
-from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest
+from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest, parse_dir
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
@@ -113,6 +113,8 @@ def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[
         **connection_parts(postgres.resolved_url()).as_dbt_env(),
         **dbt_env(registry),
         "PGOPTIONS": _timeout_options(registry),
+        # dagster-dbt starts each build from this folder's partial parse (``parse_dir``).
+        "DBT_TARGET_PATH": str(parse_dir(registry)),
     }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)

@@ -412,10 +412,23 @@ def _stop_process_group(process: subprocess.Popen, *, linger_s: float = 15.0) ->
 
 
 def _group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs. Zombies do not count: once the daemon has
+    exited, its children are reaped by init, which here took up to 2 s after they had ended."""
     try:
         os.killpg(group, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():  # not Linux: any member, zombie or not
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        # After the command: state is field 3 of stat(5), the process group field 5.
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            return True
+    return False

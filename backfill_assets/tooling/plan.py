@@ -29,8 +29,9 @@ from backfill_assets.core.guards import measured_sources, target_rows_all
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.run_sizing import write_history
 
-DAEMON_PICKUP_S = 15.0
-"""Average wait for the backfill daemon's next tick (Dagster 1.13 loops every 30 s)."""
+DAEMON_PICKUP_S = 1.0
+"""Wait for the backfill daemon's next pass: ``backfill-assets daemon`` passes every second
+(Dagster's own ``dagster-daemon`` every 30 s, ~15 s on average)."""
 UNMEASURED_RUN_OVERHEAD_S = 15.0
 UNMEASURED_PARTITION_S = 0.05
 

@@ -160,16 +160,14 @@ class BackfillReport:
 
     def state_line(self) -> str:
         """Finished or running, with Dagster's own status of the backfill: the daemon records
-        the end at its next tick, up to 30 s after the last partition."""
+        the end at its next pass (a second later under ``backfill-assets daemon``, up to 30 s
+        under Dagster's ``dagster-daemon``)."""
         if not self.finished:
             stopping = self.daemon_status in {"CANCELING", "CANCELED"}
             return f"{'canceling' if stopping else 'running'} (Dagster: {self.daemon_status})"
         if self.ended:
             return f"finished (Dagster: {self.daemon_status})"
-        return (
-            f"finished (Dagster still says {self.daemon_status} until its daemon's next tick, "
-            "within 30 s)"
-        )
+        return f"finished (Dagster still says {self.daemon_status} until its daemon's next pass)"
 
     @property
     def succeeded(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
@@ -102,18 +103,33 @@ def _status(args: argparse.Namespace) -> int:
         return follow(instance, args.backfill_id, wait=args.wait, as_json=args.json)
 
 
+DAEMON_GRACE_S = 10.0
+"""How long ``--wait`` gives a daemon that is starting (its code server loading) to report
+before warning that none runs."""
+
+
+def _daemon_reports(instance, *, within_s: float) -> bool:
+    from backfill_assets.tooling.launch import daemon_is_alive
+
+    deadline = time.monotonic() + within_s
+    while not daemon_is_alive(instance):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) -> int:
     """Report the backfill partition by partition; exit 0 when every partition materialized, 1
     when one failed or the backfill ended without it (canceled), 3 while it is still going
     (without ``--wait``)."""
     import json
 
-    from backfill_assets.tooling.launch import daemon_is_alive
     from backfill_assets.tooling.report import BackfillWatcher, watch
 
     watcher = BackfillWatcher(instance, backfill_id)
     if wait:
-        if not daemon_is_alive(instance):
+        if not _daemon_reports(instance, within_s=DAEMON_GRACE_S):
             print(
                 "warning: no daemon heartbeat in the last minute; start one (`make ui`, or "
                 "`backfill-assets daemon`)",
