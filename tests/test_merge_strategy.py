@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import psycopg
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+from dagster import AssetKey
 from psycopg.rows import dict_row
 from support import (
     audit_rows,
-    failed_run_report,
     fingerprints,
     latest_check,
     materialize_days,
@@ -29,10 +28,8 @@ from support import (
 from backfill_assets.core.fingerprint import partition_fingerprint
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV, load_registry
 from backfill_assets.defs.checks import CHECKS
-from backfill_assets.defs.definitions import build_definitions
 from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.tooling import cli
-from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
 
 TABLES = Path(__file__).parent / "merge_tables"
 MERGED = load_registry([TABLES]).table("analytics.fct_orders_merge")
@@ -350,33 +347,3 @@ def test_an_existing_table_without_a_unique_index_on_the_key_is_refused_with_the
     message = step_failure_message(result)
     assert "CREATE UNIQUE INDEX CONCURRENTLY" in message and "(order_id)" in message, message
     assert "Nothing was written" in message
-
-
-def test_a_merge_table_is_backfilled_through_the_daemon(dagster_env, conn, tmp_path, monkeypatch):
-    dirs = [DEFAULT_TABLES_DIR, TABLES]
-    monkeypatch.setenv(TABLES_PATH_ENV, ":".join(str(d) for d in dirs))
-    daemon_log = tmp_path / "daemon.log"
-    with DagsterInstance.get() as instance, running_daemon(dagster_env, daemon_log):
-        backfill_id = launch_asset_backfill(
-            instance,
-            [MERGED_KEY],
-            DAYS[0],
-            DAYS[-1],
-            definitions=build_definitions(load_registry(dirs), check_sql=False),
-        )
-        progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
-            instance, progress.statuses, daemon_log
-        )
-        assert instance.get_materialized_partitions(MERGED_KEY) == set(DAYS)
-    source = MERGED.query.strip()
-    window = {"start": DAYS[0], "end": "2024-04-04"}
-    assert (
-        conn.execute(
-            "SELECT count(*) FROM ((SELECT * FROM analytics.fct_orders_merge) EXCEPT ALL "
-            f"(SELECT * FROM ({source}) AS q)) AS d",
-            window,
-        ).fetchone()[0]
-        == 0
-    )
-    assert {r["strategy"] for r in audit_rows(conn, backfill_id=backfill_id)} == {"merge"}

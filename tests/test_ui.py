@@ -20,6 +20,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from playwright.sync_api import Page, expect, sync_playwright
 from support import running_webserver, wait_for
 
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV, load_registry
 from backfill_assets.defs.dagster_internals import BulkActionStatus
 from backfill_assets.tooling.launch import running_daemon
 
@@ -30,6 +31,7 @@ RANGE = "[2024-04-01...2024-04-03]"  # the syntax the README gives
 REFUSED_DAY = "2024-04-02"
 REVENUE = AssetKey(["analytics", "daily_revenue"])
 MARTS = ("daily_revenue", "customer_daily_orders")
+MERGE_TABLES = Path(__file__).parent / "merge_tables"
 
 
 class Ui:
@@ -69,6 +71,19 @@ class Ui:
         range_box.press("Enter")  # the selection applies on Enter or leaving the box
         expect(dialog).to_contain_text("3 partitions")
         self.shot(shot_prefix and f"{shot_prefix}-partition-range")
+        dialog.get_by_role("button", name="Launch backfill").click()
+        expect(dialog).to_be_hidden(timeout=60_000)
+
+    def launch_from_asset_page(self, asset: str, shot: str) -> None:
+        """Catalog → the asset → *Materialize…* → the range → *Launch backfill*."""
+        self.open(f"/assets/analytics/{asset}", "Materialize")
+        self.page.get_by_role("button", name="Materialize…").first.click()
+        dialog = self.page.get_by_role("dialog")
+        range_box = dialog.get_by_placeholder("ex: 2024-01-01")
+        range_box.fill(RANGE)
+        range_box.press("Enter")
+        expect(dialog).to_contain_text("3 partitions")
+        self.shot(shot)
         dialog.get_by_role("button", name="Launch backfill").click()
         expect(dialog).to_be_hidden(timeout=60_000)
 
@@ -257,3 +272,43 @@ def day_rows(conn) -> int:
     return conn.execute(
         "SELECT count(*) FROM analytics.fct_orders WHERE order_day = %s", [REFUSED_DAY]
     ).fetchone()[0]
+
+
+def test_a_merge_table_is_backfilled_from_its_asset_page_like_the_others(
+    dagster_env, conn, page, tmp_path, monkeypatch
+):
+    """``strategy: merge`` through the UI and the daemon: its asset's own *Materialize…*, a
+    backfill of three days, its checks per day in the Catalog; rows equal to its query's."""
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{MERGE_TABLES}")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with (
+        running_daemon(dagster_env, tmp_path / "daemon.log"),
+        running_webserver(dagster_env, tmp_path / "webserver.log") as url,
+    ):
+        ui = Ui(page, url, shots)
+        ui.launch_from_asset_page("fct_orders_merge", "merge-range")
+        backfill_id = newest_backfill_id(set())
+        ui.follow_backfill(backfill_id, "Succeeded", "merge-succeeded")
+        body = ui.check_partition(
+            "fct_orders_merge",
+            "measures_reconcile",
+            "2024-04-02",
+            "net_amount_source",
+            "merge-check",
+        )
+        assert "Passed" in body
+    merged = load_registry([MERGE_TABLES]).table("analytics.fct_orders_merge")
+    window = {"start": "2024-04-01", "end": "2024-04-04"}
+    differ = conn.execute(
+        "SELECT count(*) FROM ((SELECT * FROM analytics.fct_orders_merge) EXCEPT ALL "
+        f"(SELECT * FROM ({merged.query.strip()}) AS q)) AS d",
+        window,
+    ).fetchone()[0]
+    written = conn.execute("SELECT count(*) FROM analytics.fct_orders_merge").fetchone()[0]
+    assert written > 0 and differ == 0
+    strategies = conn.execute(
+        "SELECT DISTINCT strategy FROM backfill_audit.backfill_runs WHERE backfill_id = %s",
+        [backfill_id],
+    ).fetchall()
+    assert strategies == [("merge",)]
