@@ -8,7 +8,11 @@ raw:           one ``INSERT ... SELECT`` of the whole range into an emptied, equ
 raw_per_day:   the same, one statement and commit per day;
 bare:          ``writer.replace_partition`` per day (DELETE + INSERT, one transaction each);
 verified:      what a run does per day: the guards of all days (two statements), then per day the
-               DELETE filling the snapshot, INSERT, one verification statement, the audit row;
+               DELETE filling the snapshot, INSERT, one verification statement, the lookup of
+               the day's keys in the other days, the audit row;
+key_lookup_indexed, key_lookup_no_index: that lookup alone for every day (part of ``verified``),
+               with the key index the project creates, then without it (a table created
+               before the index was);
 asset_cli:     ``backfill-assets launch --wait`` end to end through the project's daemon
                (``backfill-assets daemon``: a backfill pass every second), from the command to
                its exit (an asset backfill, the kind the UI launches);
@@ -49,6 +53,7 @@ from backfill_assets.core.database import connect
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import run_guards, write_verified
 from backfill_assets.core.snapshots import ensure_snapshot_table, snapshot_table
+from backfill_assets.core.table_keys import keys_elsewhere
 from backfill_assets.core.tables import ensure_table
 from backfill_assets.core.writer import replace_partition
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -113,7 +118,30 @@ def in_database(url: str, windows, rounds: int) -> tuple[dict[str, float], int]:
             timings["verified"].append(time.perf_counter() - started)
             conn.execute(sql.SQL("TRUNCATE {}").format(snapshot_table(TABLE)))
             conn.execute(sql.SQL("VACUUM {}").format(TABLE.identifier))
+        timings |= key_lookups(conn, windows)
     return {name: min(values) for name, values in timings.items()}, rows
+
+
+def key_lookups(conn, windows) -> dict[str, list[float]]:
+    """What the verified write spends looking each window's keys up in the other partitions
+    (``table_keys.keys_elsewhere``, part of ``verified``), with the key index the project
+    creates and, for a table created without it, with none."""
+    index = sql.Identifier(TABLE.schema, f"{TABLE.name[:52]}_key_idx")
+    timings: dict[str, list[float]] = {}
+    for name in ("key_lookup_indexed", "key_lookup_no_index"):
+        conn.execute("ANALYZE " + TABLE.qualified_name)
+        started = time.perf_counter()
+        for window in windows:
+            assert keys_elsewhere(conn, TABLE, window) is None
+        timings[name] = [time.perf_counter() - started]
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in TABLE.unique_key)
+    conn.execute(
+        sql.SQL("CREATE INDEX {} ON {} ({})").format(
+            sql.Identifier(index.strings[1]), TABLE.identifier, keys
+        )
+    )
+    return timings
 
 
 STOCK_DAEMON = ("dagster-daemon", "run", "-w", str(settings.WORKSPACE_FILE))

@@ -6,11 +6,13 @@ import os
 import signal
 import socket
 import subprocess
+import textwrap
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, materialize
@@ -20,6 +22,7 @@ from backfill_assets.core import settings
 from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.fingerprint import Fingerprint, partition_fingerprint
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
+from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.dagster_internals import PartitionKeyFilter
 from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
 from backfill_assets.defs.rollback import rollback_job
@@ -247,3 +250,47 @@ def launched_job_backfill(completed: subprocess.CompletedProcess) -> str:
         completed.stderr[-2000:],
     )
     return completed.stdout.split(marker, 1)[1].split("`", 1)[0]
+
+
+# A table the demo does not have: order lines shipped per day, keyed on (order_id, line_no).
+SHIPPED_LINES_SOURCE = """
+CREATE SCHEMA shop;
+CREATE TABLE shop.order_lines (
+    order_id bigint NOT NULL, line_no int NOT NULL, shipped_on date NOT NULL,
+    amount numeric(12,2) NOT NULL, PRIMARY KEY (order_id, line_no));
+INSERT INTO shop.order_lines
+SELECT 1000 + o, l, DATE '2024-03-01' + (o % 3), (o * 10 + l)::numeric
+FROM generate_series(0, 59) AS o, generate_series(1, 3) AS l;
+"""
+
+
+def declare_shipped_lines(
+    folder: Path, strategy: str = "delete_insert", extra: str = ""
+) -> TableSpec:
+    """``sales.shipped_lines``'s two files in ``folder``, as a user writes them, for
+    ``strategy`` (``extra``: more YAML, e.g. ``timeouts: ...``); its spec. The source is
+    ``SHIPPED_LINES_SOURCE``: 60 orders of 3 lines on 2024-03-01..03."""
+    folder.mkdir(exist_ok=True)
+    (folder / "shipped_lines.sql").write_text(
+        "SELECT order_id, line_no, shipped_on, amount FROM shop.order_lines\n"
+        "WHERE shipped_on >= %(start)s AND shipped_on < %(end)s\n"
+    )
+    (folder / "shipped_lines.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            table: sales.shipped_lines
+            strategy: {strategy}
+            upstream: [shop.order_lines]
+            partitions: {{column: shipped_on, every: day, start: 2024-01-01, end: 2025-01-01}}
+            columns:
+              order_id: bigint not null
+              line_no: integer not null
+              shipped_on: date not null
+              amount: numeric(12,2) not null
+            unique_key: [order_id, line_no]
+            measures: [amount]
+            """
+        )
+        + extra
+    )
+    return load_registry([folder]).table("sales.shipped_lines")

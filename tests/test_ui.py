@@ -99,7 +99,7 @@ class Ui:
                 self.shot(f"{shot}-timed-out")
                 body = self.page.inner_text("body")[-1500:]
                 raise AssertionError(f"backfill {backfill_id}: {shown}, not {status}:\n{body}")
-            time.sleep(5)
+            time.sleep(2)
             self.page.reload()
             # The page renders its header after the load event: read it once it is there.
             expect(self.page.get_by_text("Partition selection").first).to_be_visible()
@@ -165,9 +165,13 @@ def newest_backfill_id(after: set[str]) -> str:
     return found[0]
 
 
-def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, conn, page, tmp_path):
+def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(
+    dagster_env, conn, page, tmp_path, monkeypatch
+):
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
+    # The demo's tables and a merge twin of fct_orders, backfilled from its own page last.
+    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{MERGE_TABLES}")
     with (
         running_daemon(dagster_env, tmp_path / "daemon.log"),
         running_webserver(dagster_env, tmp_path / "webserver.log") as url,
@@ -231,6 +235,15 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         expect(page.get_by_text("Succeeded", exact=True)).to_have_count(3)
         ui.shot("8-execute-all")
 
+        # strategy: merge goes the same way, here from the table's own page.
+        ui.launch_from_asset_page("fct_orders_merge", "9-merge-range")
+        merge = newest_backfill_id({first, second, third})
+        ui.follow_backfill(merge, "Succeeded", "10-merge-succeeded")
+        body = ui.check_partition(
+            "fct_orders_merge", "measures_reconcile", "2024-04-02", "net_amount_source", "11-merge"
+        )
+        assert "Passed" in body
+
     (shots / "load_times.txt").write_text(
         "".join(f"{path}\t{seconds:.1f}\n" for path, seconds in ui.load_times.items())
     )
@@ -265,6 +278,19 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(dagster_env, con
         [REFUSED_DAY],
     ).fetchone()[0]
     assert writer == third, "the re-execution wrote the refused day"
+    merged = load_registry([MERGE_TABLES]).table("analytics.fct_orders_merge")
+    differ = conn.execute(
+        "SELECT count(*) FROM ((SELECT * FROM analytics.fct_orders_merge) EXCEPT ALL "
+        f"(SELECT * FROM ({merged.query.strip()}) AS q)) AS d",
+        {"start": "2024-04-01", "end": "2024-04-04"},
+    ).fetchone()[0]
+    written = conn.execute("SELECT count(*) FROM analytics.fct_orders_merge").fetchone()[0]
+    assert written > 0 and differ == 0
+    strategies = conn.execute(
+        "SELECT DISTINCT strategy FROM backfill_audit.backfill_runs WHERE backfill_id = %s",
+        [merge],
+    ).fetchall()
+    assert strategies == [("merge",)]
 
 
 def day_rows(conn) -> int:
@@ -272,43 +298,3 @@ def day_rows(conn) -> int:
     return conn.execute(
         "SELECT count(*) FROM analytics.fct_orders WHERE order_day = %s", [REFUSED_DAY]
     ).fetchone()[0]
-
-
-def test_a_merge_table_is_backfilled_from_its_asset_page_like_the_others(
-    dagster_env, conn, page, tmp_path, monkeypatch
-):
-    """``strategy: merge`` through the UI and the daemon: its asset's own *Materialize…*, a
-    backfill of three days, its checks per day in the Catalog; rows equal to its query's."""
-    monkeypatch.setenv(TABLES_PATH_ENV, f"{DEFAULT_TABLES_DIR}:{MERGE_TABLES}")
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    with (
-        running_daemon(dagster_env, tmp_path / "daemon.log"),
-        running_webserver(dagster_env, tmp_path / "webserver.log") as url,
-    ):
-        ui = Ui(page, url, shots)
-        ui.launch_from_asset_page("fct_orders_merge", "merge-range")
-        backfill_id = newest_backfill_id(set())
-        ui.follow_backfill(backfill_id, "Succeeded", "merge-succeeded")
-        body = ui.check_partition(
-            "fct_orders_merge",
-            "measures_reconcile",
-            "2024-04-02",
-            "net_amount_source",
-            "merge-check",
-        )
-        assert "Passed" in body
-    merged = load_registry([MERGE_TABLES]).table("analytics.fct_orders_merge")
-    window = {"start": "2024-04-01", "end": "2024-04-04"}
-    differ = conn.execute(
-        "SELECT count(*) FROM ((SELECT * FROM analytics.fct_orders_merge) EXCEPT ALL "
-        f"(SELECT * FROM ({merged.query.strip()}) AS q)) AS d",
-        window,
-    ).fetchone()[0]
-    written = conn.execute("SELECT count(*) FROM analytics.fct_orders_merge").fetchone()[0]
-    assert written > 0 and differ == 0
-    strategies = conn.execute(
-        "SELECT DISTINCT strategy FROM backfill_audit.backfill_runs WHERE backfill_id = %s",
-        [backfill_id],
-    ).fetchall()
-    assert strategies == [("merge",)]

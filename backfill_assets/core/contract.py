@@ -21,6 +21,7 @@ from backfill_assets.core.tables import TableSpec
 
 PLACEHOLDERS = ("start", "end")
 _PLACEHOLDER = re.compile(r"(?<!%)%\((\w+)\)s")
+_PLAIN = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
 
 class ContractError(ValueError):
@@ -149,7 +150,8 @@ def check_query(conn: psycopg.Connection, table: TableSpec) -> None:
 
 def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
     """An existing target table must have every declared column (a declaration that gained a
-    column needs the table altered first); raises ``ContractError`` saying how."""
+    column needs the table altered first), of the declared type, NOT NULL and CHECKs
+    (``check_columns``); raises ``ContractError`` saying how."""
     existing = column_names(conn, table.schema, table.name)
     if existing:
         kind = conn.execute(
@@ -167,6 +169,98 @@ def check_target(conn: psycopg.Connection, table: TableSpec) -> None:
             f"{', '.join(c.name for c in missing)} (declared in {table.declared_in}); add them "
             f"({alters}) or drop the table to have it created anew"
         )
+    if existing:
+        check_columns(conn, table, in_full=strategy_of(table).declares_target)
+
+
+def check_columns(conn: psycopg.Connection, table: TableSpec, *, in_full: bool) -> None:
+    """The existing target's declared columns are what the declaration says: their types and,
+    ``in_full``, their NOT NULL and the CHECKs over declared columns (as PostgreSQL prints them:
+    the declaration is put into a temporary table, rolled back, and both catalogs compared).
+    Raises ``ContractError`` with the ``ALTER TABLE`` statements that make the table match."""
+    target = _described(conn, table.identifier.as_string(conn), table.column_names)
+    if not target:
+        return
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(
+                sql.SQL("CREATE TEMP TABLE backfill_declared ({})").format(
+                    table.column_definitions()
+                )
+            )
+            declared = _described(conn, "pg_temp.backfill_declared", table.column_names)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(
+            f"table {table.qualified_name}: its declared columns ({table.declared_in}) do not "
+            f"make a table: {reason}; fix the column's type or check"
+        ) from None
+    name = _shown(conn, table.schema, table.name)
+    problems, alters = [], []
+    for column in table.columns:
+        (is_type, is_not_null), (want_type, want_not_null) = (
+            target[0][column.name],
+            declared[0][column.name],
+        )
+        quoted = _shown(conn, column.name)
+        if is_type != want_type:
+            problems.append(f"{column.name} is {is_type}, declared {want_type}")
+            alters.append(f"ALTER TABLE {name} ALTER COLUMN {quoted} TYPE {want_type}")
+        if in_full and is_not_null != want_not_null:
+            problems.append(
+                f"{column.name} is {'NOT NULL' if is_not_null else 'nullable'}, declared "
+                f"{'not null' if want_not_null else 'nullable'}"
+            )
+            action = "SET" if want_not_null else "DROP"
+            alters.append(f"ALTER TABLE {name} ALTER COLUMN {quoted} {action} NOT NULL")
+    if in_full:
+        have, want = target[1], declared[1]
+        for definition in sorted(set(want.values()) - set(have.values())):
+            problems.append(f"no {definition}")
+            alters.append(f"ALTER TABLE {name} ADD {definition}")
+        for constraint, definition in sorted(have.items()):
+            if definition not in want.values():
+                problems.append(f"undeclared {definition}")
+                quoted = _shown(conn, constraint)
+                alters.append(f"ALTER TABLE {name} DROP CONSTRAINT {quoted}")
+    if problems:
+        raise ContractError(
+            f"table {table.qualified_name} exists but differs from its declaration "
+            f"({table.declared_in}): {'; '.join(problems)}. Make the table match "
+            f"({'; '.join(alters)}), or change the declaration"
+        )
+
+
+def _shown(conn: psycopg.Connection, *names: str) -> str:
+    """``names`` as a statement to copy writes them: bare when PostgreSQL would not fold them,
+    quoted otherwise."""
+    if all(_PLAIN.match(n) for n in names):
+        return ".".join(names)
+    return sql.Identifier(*names).as_string(conn)
+
+
+def _described(
+    conn: psycopg.Connection, relation: str, columns: Iterable[str]
+) -> tuple[dict[str, tuple[str, bool]], dict[str, str]] | None:
+    """``relation``'s ``columns`` as (type, NOT NULL), and its CHECK constraints over those
+    columns only, by name (None when the relation does not exist)."""
+    names = list(columns)
+    types = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute "
+        "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+        "AND attname = ANY(%s)",
+        [relation, names],
+    ).fetchall()
+    if not types:
+        return None
+    checks = conn.execute(
+        "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint AS c "
+        "WHERE c.conrelid = to_regclass(%s) AND c.contype = 'c' AND NOT EXISTS (SELECT 1 "
+        "FROM unnest(c.conkey) AS k (attnum) JOIN pg_attribute AS a ON a.attrelid = c.conrelid "
+        "AND a.attnum = k.attnum WHERE NOT a.attname = ANY(%s))",
+        [relation, names],
+    ).fetchall()
+    return {n: (t, nn) for n, t, nn in types}, dict(checks)
 
 
 def refuse_partitioned(table: TableSpec, partitioned: bool) -> None:

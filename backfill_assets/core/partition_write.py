@@ -24,6 +24,7 @@ from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.reconcile import Verification, verify
 from backfill_assets.core.strategies.base import PartitionOutcome
+from backfill_assets.core.table_keys import KeysHeldElsewhere
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.core.writer import KeptRows, WriteResult, replace_partition, with_lock_retries
 
@@ -174,9 +175,20 @@ class VerifiedWrite:
         failure is recorded after the rollback, through the audit's own connection."""
         try:
             result = write()
-        except (VerificationFailed, AuditUnavailable, psycopg.Error, *expected) as exc:
+        except (
+            VerificationFailed,
+            KeysHeldElsewhere,
+            AuditUnavailable,
+            psycopg.Error,
+            *expected,
+        ) as exc:
             error = explained(exc, self.table)
             self._record_failure(error)
+            found = (
+                exc.found
+                if isinstance(exc, KeysHeldElsewhere)
+                else self.verification and self.verification.elsewhere
+            )
             return PartitionOutcome(
                 self.window,
                 "failed",
@@ -184,6 +196,7 @@ class VerifiedWrite:
                 verification=self.verification,
                 audit_id=self.audit_id,
                 error=error,
+                held_by=found.partitions if found else (),
             )
         except BaseException as exc:
             # Interrupted (run terminated, Ctrl-C) or a bug: the partition rolled back; say so.

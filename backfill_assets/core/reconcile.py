@@ -26,6 +26,7 @@ from backfill_assets.core.fingerprint import (
 from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
+from backfill_assets.core.table_keys import KeysElsewhere, keys_elsewhere
 from backfill_assets.core.tables import TableSpec
 
 
@@ -62,6 +63,8 @@ class Verification:
     before: Fingerprint
     after: Fingerprint
     diff: PartitionDiff
+    elsewhere: KeysElsewhere | None = None
+    """Keys of the new rows that other partitions hold (``unique_key_is_unique`` failed)."""
 
     @property
     def failed_blocking(self) -> list[str]:
@@ -94,7 +97,8 @@ def verify(
     previous: sql.Composable,
     current: sql.Composable | None = None,
 ) -> Verification:
-    """Evaluate every after-write check on the uncommitted partition, in one statement.
+    """Evaluate every after-write check on the uncommitted partition: one statement, and one
+    lookup of the new rows' keys in the table's other partitions (``table_keys``).
 
     ``previous`` is a relation shaped like the table holding the partition's old rows (the rows
     the DELETE removed, or the partition a swap replaces); ``current`` the one holding the new
@@ -177,6 +181,7 @@ def verify(
         sums_before=before.sums,
         sums_after=after.sums,
     )
+    elsewhere = keys_elsewhere(conn, table, window, current)
     outcomes = {
         "rows_match_source": CheckOutcome(
             after.rows == source.rows,
@@ -189,24 +194,40 @@ def verify(
                 else ""
             ),
         ),
-        "unique_key_is_unique": unique_outcome(table, duplicated_keys, int(rows_with_duplicates)),
+        "unique_key_is_unique": unique_outcome(
+            table, duplicated_keys, int(rows_with_duplicates), window, elsewhere
+        ),
         "required_columns_not_null": not_null_outcome(table, null_counts),
         "measures_reconcile": measures_outcome(table, source, diff),
         "change_within_threshold": change_outcome(table, before, diff, params),
     }
-    return Verification(outcomes=outcomes, before=before, after=after, diff=diff)
+    return Verification(outcomes, before, after, diff, elsewhere)
 
 
-def unique_outcome(table: TableSpec, duplicated_keys: int, rows: int) -> CheckOutcome:
-    return CheckOutcome(
-        duplicated_keys == 0,
-        {
-            "unique_key": ", ".join(table.unique_key),
-            "duplicated_keys": duplicated_keys,
-            "rows_with_duplicated_keys": rows,
-        },
-        message=f"{duplicated_keys} values of ({', '.join(table.unique_key)}) occur more than once",
-    )
+def unique_outcome(
+    table: TableSpec,
+    duplicated_keys: int,
+    rows: int,
+    window: PartitionWindow | None = None,
+    elsewhere: KeysElsewhere | None = None,
+) -> CheckOutcome:
+    """No key twice in the partition, nor (``elsewhere``) in another partition of the table."""
+    metadata: dict[str, object] = {
+        "unique_key": ", ".join(table.unique_key),
+        "duplicated_keys": duplicated_keys,
+        "rows_with_duplicated_keys": rows,
+        "keys_in_other_partitions": elsewhere.count if elsewhere else 0,
+    }
+    problems = []
+    if duplicated_keys:
+        problems.append(
+            f"{duplicated_keys} values of ({', '.join(table.unique_key)}) occur more than once"
+        )
+    if elsewhere and window:
+        metadata["other_partitions"] = ", ".join(elsewhere.partitions[:20])
+        metadata["keys_held_elsewhere"] = ", ".join(elsewhere.keys)
+        problems.append(f"{elsewhere.describe(table, window)}; {elsewhere.advice(window)}")
+    return CheckOutcome(not problems, metadata, message="; ".join(problems))
 
 
 def not_null_outcome(table: TableSpec, counts: list[int]) -> CheckOutcome:

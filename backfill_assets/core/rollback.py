@@ -21,7 +21,9 @@ from psycopg import sql
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
+from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
+from backfill_assets.core.partition_write import explained
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.strategies import (
@@ -30,7 +32,9 @@ from backfill_assets.core.strategies import (
     all_strategies,
     strategy_of,
 )
+from backfill_assets.core.table_keys import KeysHeldElsewhere, keys_elsewhere
 from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.core.writer import apply_timeouts, lock_partition, with_lock_retries
 
 STRATEGY = "rollback"
@@ -243,31 +247,73 @@ def restore(
         )
 
     def restore_all() -> list[RollbackResult]:
+        hold_back(conn, run, refs, log)  # before the transaction, and before each retry
         with conn.transaction():
-            return [
+            results = [
                 strategy_of(ref.table).restore(conn, ref, *ids[ref.audit_id], record)
                 for ref in refs
             ]
+            for ref in refs:  # once all are back: a key the rollback restores held elsewhere
+                refuse_keys_held_elsewhere(conn, ref)
+            return results
 
     try:
         # A lock not granted within the table's timeout: the whole rollback is tried again.
         first = refs[0].table
         results = with_lock_retries(restore_all, first, refs[0].partition_key, log)
-    except (psycopg.Error, AuditUnavailable) as exc:
+    except (
+        psycopg.Error,
+        AuditUnavailable,
+        KeysHeldElsewhere,
+        RollbackError,
+        ThrottleTimeout,
+    ) as exc:
+        error = explained(exc, first)
         for ref in refs:
             record(
                 ref,
                 status="failed",
-                error=f"rollback not applied: {exc}".strip(),
+                error=f"rollback not applied: {error}".strip(),
                 effect=NOT_APPLIED,
             )
-        raise RollbackError(f"rollback failed and changed nothing: {exc}") from exc
+        raise RollbackError(f"rollback failed and changed nothing: {error}") from exc
     except BaseException as exc:
         # Interrupted (a terminated run, Ctrl-C): the transaction rolled back; say so, go on.
         for ref in refs:
             record(ref, status="failed", error=f"rollback not applied: {exc!r}", effect=NOT_APPLIED)
         raise
     return results
+
+
+def hold_back(
+    conn: psycopg.Connection,
+    run: RunInfo,
+    refs: list[SnapshotRef],
+    log: Callable[[str], object] | None,
+) -> None:
+    """What a write waits for before a partition, before the rollback's one transaction: the
+    throttle of each table it restores (``ThrottleTimeout`` when the database stays under
+    stress), then the pause switch of the backfill it undoes (or ``--all``)."""
+    say = log or (lambda _line: None)
+    for table in {ref.table.qualified_name: ref.table for ref in refs}.values():
+        Throttle(conn, table, say).before_partition()
+    wait_while_paused(conn, run.backfill_id, say)
+
+
+def refuse_keys_held_elsewhere(conn: psycopg.Connection, ref: SnapshotRef) -> None:
+    """Raise ``RollbackError`` when the partition, as restored, holds keys that another
+    partition holds now (the source moved them after the write being undone)."""
+    window = ref.table.partitioning.window(ref.partition_key)
+    found = keys_elsewhere(conn, ref.table, window)
+    if found:
+        held = ", ".join(found.partitions[:5])
+        raise RollbackError(
+            f"rolling back {ref.table.qualified_name} {ref.partition_key} would put back "
+            f"{found.count} value(s) of ({', '.join(ref.table.unique_key)}) that {held} "
+            f"hold(s) now (e.g. {', '.join(found.keys)}): the source moved them there after the "
+            f"write being undone. Nothing was restored. Roll {held} back in the same rollback "
+            f"(the whole backfill), or backfill {ref.partition_key} again instead"
+        )
 
 
 def take_partition(

@@ -6,7 +6,9 @@ the target's kind (refused before anything is written); create the target and wh
 go; close audit rows a killed process left running; guard every window in two statements and
 record the refusals; then write the windows one by one, each in its own transaction(s) through
 the table's strategy, holding back before each for the pause switch and the throttle, and
-stopping early only when the connection is lost or the throttle gives up. It returns every
+stopping early only when the connection is lost or the throttle gives up. A window refused
+because windows still to come hold keys of its new rows (keys the source moved to an earlier
+partition, ``core/table_keys.py``) is written again once after them. It returns every
 window's outcome: the driver reports them (the Dagster asset as materializations, check
 evaluations and a failure naming what was not written), then calls ``expire_snapshots``.
 
@@ -17,6 +19,7 @@ and writes each window.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,7 +128,10 @@ def run_table(
 
     write_hooks = WriteHooks(hooks.info, hooks.warn, hold_back)
     stopped = None
-    for window in [w for w in windows if guarded[w.key][0].passed]:
+    pending = deque(w for w in windows if guarded[w.key][0].passed)
+    retried: set[str] = set()
+    while pending:
+        window = pending.popleft()
         if conn.broken or conn.closed:
             stopped = "the database connection was lost"  # the rest would fail alike
             break
@@ -141,6 +147,12 @@ def run_table(
         held = paused[0] + throttle.paused_s - held_before
         if held:  # pauses and back-off between the batches of one partition's write
             outcome = dataclasses.replace(outcome, held_back_s=held)
+        if retry_later(outcome, pending, retried):
+            hooks.info(
+                f"{table.qualified_name} {window.key}: keys of its new rows are still held by "
+                f"{', '.join(outcome.held_by)}, which this run writes later: retried after them"
+            )
+            continue
         outcomes.append(outcome)
         if outcome.succeeded:
             progress.wrote(window.key, outcome.write.rows_written)
@@ -155,6 +167,19 @@ def run_table(
             f"and {paused[0]:.0f}s by a pause"
         )
     return RunResult(windows, outcomes, stopped)
+
+
+def retry_later(outcome: PartitionOutcome, pending: deque, retried: set[str]) -> bool:
+    """A window refused because partitions still to be written in this run hold keys of its
+    new rows (a key the source moved to an earlier day): queue it again, once, after them."""
+    key = outcome.window.key
+    if outcome.succeeded or not outcome.held_by or key in retried:
+        return False
+    if not set(outcome.held_by) <= {w.key for w in pending}:
+        return False
+    retried.add(key)
+    pending.append(outcome.window)
+    return True
 
 
 def prepare(conn: psycopg.Connection, table: TableSpec) -> Strategy:

@@ -251,9 +251,8 @@ class TableSpec:
             digest.update(repr(self.batched_update.needs_update_sql).encode())
         return digest.hexdigest()[:12]
 
-    def create_statements(self, *, partitioned: bool = False) -> list[sql.Composed]:
-        """The DDL of the table, its schema and its partition column's index; ``partitioned``:
-        ``PARTITION BY RANGE`` on the partition column (children are made by the writes)."""
+    def column_definitions(self) -> sql.Composed:
+        """The declared columns as a CREATE TABLE lists them: type, NOT NULL, CHECK."""
         column_defs = []
         for column in self.columns:
             parts = [sql.Identifier(column.name), sql.SQL(column.type)]
@@ -262,11 +261,19 @@ class TableSpec:
             if column.check:
                 parts.append(sql.SQL("CHECK ({})").format(sql.SQL(column.check)))
             column_defs.append(sql.SQL(" ").join(parts))
+        return sql.SQL(", ").join(column_defs)
+
+    def create_statements(
+        self, *, partitioned: bool = False, key_index: bool = True
+    ) -> list[sql.Composed]:
+        """The DDL of the table, its schema, its partition column's index and (``key_index``)
+        an index on its unique key; ``partitioned``: ``PARTITION BY RANGE`` on the partition
+        column (children are made by the writes)."""
         return [
             sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}){}").format(
                 self.identifier,
-                sql.SQL(", ").join(column_defs),
+                self.column_definitions(),
                 sql.SQL(" PARTITION BY RANGE ({})").format(sql.Identifier(self.partition_column))
                 if partitioned
                 else sql.SQL(""),
@@ -277,7 +284,19 @@ class TableSpec:
                 self.identifier,
                 sql.Identifier(self.partition_column),
             ),
-        ]
+        ] + (
+            # Every write looks its new keys up in the rest of the table (core/table_keys.py):
+            # an index probe per key, not a scan of the table per partition.
+            [
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.Identifier(f"{self.name[:52]}_key_idx"),
+                    self.identifier,
+                    sql.SQL(", ").join(sql.Identifier(k) for k in self.unique_key),
+                )
+            ]
+            if key_index and self.unique_key
+            else []
+        )
 
 
 def ensure_table(conn: psycopg.Connection, table: TableSpec, *, partitioned: bool = False) -> None:

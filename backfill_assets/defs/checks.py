@@ -47,7 +47,8 @@ CHECKS: tuple[CheckDeclaration, ...] = (
     ),
     CheckDeclaration(
         "unique_key_is_unique",
-        "No value of the table's unique key occurs twice in the partition.",
+        "No value of the table's unique key occurs twice in the partition, nor in another "
+        "partition of the table.",
         blocking=True,
     ),
     CheckDeclaration(

@@ -7,7 +7,9 @@ anything is launched, or a rewrite would put them back). Then, per declared tabl
 table or in a mart built from it (dbt ``meta: {subject_column: ...}``), the marts included, with
 the intended-shrink override and the reason. Only after those writes are the snapshots purged:
 each rewrite snapshots the rows it replaced, the person's among them. Last, one transaction
-counts the person's rows in every relation checked and, finding none, stores the record.
+counts the person's rows in every relation checked and, finding none, stores the record; it
+holds back for the throttle and a pause like a write, and a lock it is not granted in time is
+retried as a write's is.
 Re-running after a failure continues from what remains.
 """
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import date
 
+import psycopg
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions
 
 from backfill_assets.core import snapshots
+from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.database import connect
 from backfill_assets.core.erasure import (
     ErasureError,
@@ -34,9 +38,12 @@ from backfill_assets.core.erasure import (
     subject_type,
 )
 from backfill_assets.core.params import ALLOW_SHRINK, LAUNCHED_BY, REASON
+from backfill_assets.core.partition_write import explained
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.session_limits import snapshots_of
 from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.writer import with_lock_retries
 from backfill_assets.project import ensure_manifest
 from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill, wait_for_backfill
 
@@ -154,7 +161,29 @@ def erase(
             )
 
     limits = snapshots_of(t.timeouts for t in tables)
-    with connect(data_url, limits=limits) as conn, conn.transaction():
+
+    def purge_and_record() -> int:
+        """The snapshots' purge, the final count and the record, in one transaction, after the
+        throttle and the pause switch (of the erasure's backfills, or ``--all``), as a write."""
+        for table in tables:
+            Throttle(conn, table, echo).before_partition()
+        for backfill_id in backfill_ids or [None]:
+            wait_while_paused(conn, backfill_id, echo)
+        return _purge_and_record(conn, tables, relations, before, subject, record_fields, echo)
+
+    record_fields = {"reason": reason, "requested_by": requested_by, "backfill_ids": backfill_ids}
+    with connect(data_url, limits=limits) as conn:
+        try:
+            return with_lock_retries(purge_and_record, tables[0], "snapshot purge", echo)
+        except (psycopg.errors.LockNotAvailable, ThrottleTimeout) as exc:
+            raise ErasureError(
+                f"the snapshots' purge did not run: {explained(exc, tables[0])}. The rewrites are "
+                "done; run erase again to purge and record (nothing of the purge was kept)"
+            ) from None
+
+
+def _purge_and_record(conn, tables, relations, before, subject, record_fields, echo) -> int:
+    with conn.transaction():
         purged = snapshots.erase_subject(conn, tables, subject)
         kept = [r for t in tables for r in snapshot_relations(conn, t)]
         checked = [r for r in relations + kept if exists(conn, r)]
@@ -167,9 +196,7 @@ def erase(
             )
         checked_names = {r.qualified_name for r in checked}
         record = ErasureRecord(
-            reason=reason,
-            requested_by=requested_by,
-            backfill_ids=backfill_ids,
+            **record_fields,
             rows_erased={
                 **{n: c for n, c in before.items() if n in checked_names},
                 **{f"snapshots of {n}": c for n, c in purged.items()},

@@ -55,6 +55,9 @@ class PartitionOutcome:
     committed: bool = False
     """Its changes are committed whatever its checks said (an in-place update's batches); a
     failed one does not hold its previous rows any more."""
+    held_by: tuple[str, ...] = ()
+    """Refused because these partitions hold keys of its new rows (``core/table_keys.py``):
+    writing them first lets it pass."""
 
     @property
     def succeeded(self) -> bool:
@@ -226,6 +229,10 @@ class Strategy(Protocol):
     keeps_failed_writes: bool
     """A write that failed its checks may still have committed changes (and kept their old
     values), so a rollback can restore it: only for writes that commit before verifying."""
+    declares_target: bool
+    """The declaration is the whole definition of the target's columns (types, NOT NULL,
+    CHECKs), so an existing target must match it in full; otherwise (an application's table
+    filled in place, whose NOT NULL comes after the fill) only the types are compared."""
 
     def read_declaration(self, declared: Declaration) -> dict[str, object]:
         """Read and validate this strategy's own fields; returns ``TableSpec`` fields

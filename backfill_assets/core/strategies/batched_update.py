@@ -66,6 +66,7 @@ class BatchedUpdateStrategy:
     contract_kept = "the table has the declared columns and types, the expressions run on it"
     late_data = False
     keeps_failed_writes = True
+    declares_target = False
 
     def read_declaration(self, declared: Declaration) -> dict[str, object]:
         if declared.doc.get("sql"):

@@ -43,6 +43,7 @@ class DeleteInsert:
     contract_kept = "the SQL yields exactly the declared columns"
     late_data = True
     keeps_failed_writes = False
+    declares_target = True
 
     def read_declaration(self, declared: Declaration) -> dict[str, object]:
         return {"sql_path": declared.sql_file()}

@@ -13,7 +13,8 @@ One transaction per window, under ``writer.lock_partition``:
    refusal below, reads the same rows however the query behaves);
 2. a ``unique_key`` that is not unique in those rows is refused, naming a few of the keys,
    before anything is written (the MERGE would otherwise update a row twice, or insert a key
-   twice);
+   twice), and so is a key that another partition of the table holds (``core/table_keys.py``:
+   the source moved it; the refusal names the partitions to backfill with this one);
 3. what the write will change is kept, in one statement, tagged with the write's audit id and
    write id, column ``merge_action``: the old values of the rows to be updated (``updated``) or
    deleted (``deleted``), and the key (and partition column) of every key to be inserted
@@ -30,9 +31,10 @@ One transaction per window, under ``writer.lock_partition``:
 
 The target must have a unique index on ``unique_key`` (created with the table; an existing
 table without one is refused with the ``CREATE UNIQUE INDEX`` to run): the source's keys are
-matched within the window only, so a key the table holds in another partition makes the
-insert fail on that index rather than move the row silently. A rollback is a merge too, with
-the write's previous rows as its source: it keeps what it replaces in turn, so it can be undone.
+matched within the window only, and the index backs the lookup of step 2 (and would stop a
+key held by another partition at the insert, were the lookup ever skipped). A rollback is a
+merge too, with the write's previous rows as its source: it keeps what it replaces in turn, so
+it can be undone.
 
 Columns compared with ``IS DISTINCT FROM`` need an equality operator (``json`` has none:
 declare ``jsonb``). Snapshot rows of ``inserted`` keys hold only the key and the partition
@@ -66,6 +68,7 @@ from backfill_assets.core.strategies.base import (
     WriteHooks,
 )
 from backfill_assets.core.strategies.delete_insert import DeleteInsert
+from backfill_assets.core.table_keys import KeysHeldElsewhere, keys_elsewhere
 from backfill_assets.core.tables import TableSpec, ensure_table
 from backfill_assets.core.writer import (
     WriteResult,
@@ -144,7 +147,7 @@ class Merge(DeleteInsert):
         if relation_exists(conn, table.schema, table.name):
             raise contract.ContractError(missing_index(table))
         with schema_changes(conn):
-            for statement in [*table.create_statements(), create_key_index(table)]:
+            for statement in [*table.create_statements(key_index=False), create_key_index(table)]:
                 conn.execute(statement)
 
     def check_contract(self, conn: psycopg.Connection, table: TableSpec) -> None:
@@ -358,6 +361,11 @@ def merge_window(
         )
         cur.execute(sql.SQL("ANALYZE {}").format(SOURCE))  # the joins below plan on its size
         duplicate_keys(cur, table, window)
+        # The unique index would stop a key held by another partition at the MERGE, naming one;
+        # looked up first, the refusal names them all and the partitions holding them.
+        found = keys_elsewhere(conn, table, window, SOURCE)
+        if found:
+            raise KeysHeldElsewhere(table, window, found)
         write_id = str(kept.write_id) if kept.write_id else None
         tag = [sql.Literal(kept.audit_id), sql.SQL("{}::uuid").format(sql.Literal(write_id))]
         cur.execute(

@@ -54,6 +54,7 @@ class PartitionSwap:
     contract_kept = "the SQL yields exactly the declared columns"
     late_data = True
     keeps_failed_writes = False
+    declares_target = True
 
     def read_declaration(self, declared: Declaration) -> dict[str, object]:
         column = declared.partition_column

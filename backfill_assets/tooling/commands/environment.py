@@ -120,9 +120,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _tables(_: argparse.Namespace) -> int:
-    """The declared tables, their partitions, jobs and whether their SQL keeps its contract."""
+    """The declared tables, their partitions, jobs, whether their SQL keeps its contract and
+    whether each key is in one partition only (a pass over each existing table)."""
     from backfill_assets.core.contract import check_table
     from backfill_assets.core.strategies import strategy_of
+    from backfill_assets.core.table_keys import key_report
 
     registry = load_registry()
     if not len(registry):
@@ -144,6 +146,10 @@ def _tables(_: argparse.Namespace) -> int:
         status = check_table(conn, table) if conn else "not checked: no database (see below)"
         failed += status.startswith("error")
         print(f"  contract: {status}")
+        if conn:
+            fine, keys = key_report(conn, table)
+            failed += not fine
+            print(f"  keys: {keys}")
     if conn:
         conn.close()
     if unreachable:
