@@ -8,6 +8,7 @@ open, and gives up (writing nothing more) when that lasts past the table's ``max
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 
@@ -16,7 +17,6 @@ from support import (
     FCT_ORDERS,
     audit_rows,
     dbt_models,
-    fct_orders,
     fingerprints,
     materialize_days,
     other_session,
@@ -26,8 +26,10 @@ from support import (
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.tables import ThrottleLimits
 from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.defs.dbt import dbt_model_assets
 from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.tooling import cli
 
@@ -192,21 +194,87 @@ def test_a_paused_backfill_builds_no_mart_until_resumed(postgres, instance, conn
     assert any("resumed after a pause of" in w for w in warnings)
 
 
-def test_the_dbt_marts_give_up_on_a_lock_after_the_lock_timeout_instead_of_queueing(
-    postgres, instance, conn, data_url
+def demo_tables_with(tmp_path, fct_orders_extra: str) -> tuple:
+    """The demo's tables, fct_orders' declaration given ``fct_orders_extra`` (its timeouts, its
+    throttle): its asset and the dbt models' assets built from that registry."""
+    folder = tmp_path / "tables"
+    shutil.copytree(DEFAULT_TABLES_DIR, folder)
+    declaration = folder / "fct_orders.yaml"
+    declaration.write_text(declaration.read_text() + fct_orders_extra)
+    registry = load_registry([folder])
+    (models,) = dbt_model_assets(registry)
+    return table_asset(registry.table("analytics.fct_orders")), models
+
+
+def mart_lock_waiters(conn) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted "
+        "AND relation = to_regclass('analytics.daily_revenue')"
+    ).fetchone()[0]
+
+
+def test_a_mart_build_that_meets_a_held_lock_retries_until_it_is_released(
+    postgres, instance, conn, data_url, tmp_path
 ):
+    table, models = demo_tables_with(tmp_path, "timeouts: {lock: 1s, lock_retries: 4}\n")
     day = DAYS[0]
-    assert materialize_days(postgres, instance, day, assets=[fct_orders, dbt_models]).success
+    assert materialize_days(postgres, instance, day, assets=[table, models]).success
+    holder = other_session(data_url, "BEGIN; LOCK TABLE analytics.daily_revenue", 300)
+    results = []
+    build = threading.Thread(
+        target=lambda: results.append(materialize_days(postgres, instance, day, assets=[models]))
+    )
+    build.start()
+    wait_for(lambda: mart_lock_waiters(conn), 120, "dbt never reached the mart's lock")
+    waited_from = time.monotonic()
+    time.sleep(2.5)  # longer than the 1 s lock timeout: only a retry can still succeed
+    holder.release()
+    build.join(timeout=120)
+
+    (result,) = results
+    assert result.success, step_failure_message(result)
+    assert time.monotonic() - waited_from > 2.5
+    revenue = conn.execute("SELECT count(*) FROM analytics.daily_revenue").fetchone()[0]
+    assert revenue == 1
+
+
+def test_the_dbt_marts_give_up_on_a_lock_after_their_retries_instead_of_queueing(
+    postgres, instance, conn, data_url, tmp_path
+):
+    table, models = demo_tables_with(tmp_path, "timeouts: {lock: 1s, lock_retries: 2}\n")
+    day = DAYS[0]
+    assert materialize_days(postgres, instance, day, assets=[table, models]).success
     # Another session holds the mart's table exclusively for longer than the test will wait.
     # (Released when the run ends: a fixed hold ran out on a loaded machine before dbt began.)
     holder = other_session(data_url, "BEGIN; LOCK TABLE analytics.daily_revenue", 300)
     started = time.monotonic()
 
-    result = materialize_days(postgres, instance, day, assets=[fct_orders, dbt_models])
+    result = materialize_days(postgres, instance, day, assets=[table, models])
     elapsed = time.monotonic() - started
     holder.release()
 
     assert not result.success
-    assert elapsed < 120, f"dbt waited {elapsed:.0f}s for the lock (lock timeout 5 s)"
+    assert elapsed < 120, f"dbt waited {elapsed:.0f}s for the lock (3 tries of 1 s)"
     logs = "\n".join(str(r.user_message) for r in instance.all_logs(result.run_id))
     assert "lock timeout" in logs + step_failure_message(result)
+
+
+def test_the_dbt_marts_are_held_back_by_the_throttle_and_give_up_past_max_wait(
+    postgres, instance, conn, data_url, tmp_path
+):
+    table, models = demo_tables_with(
+        tmp_path, "throttle: {max_transaction_age: 1s, max_wait: 2s}\n"
+    )
+    assert materialize_days(postgres, instance, DAYS[0], assets=[table]).success
+    app = other_session(data_url, "SELECT 1", seconds=10)
+    time.sleep(1.2)
+
+    result = materialize_days(postgres, instance, DAYS[0], assets=[models])
+    app.join()
+
+    assert not result.success
+    message = step_failure_message(result)
+    assert "the dbt models were not built" in message and "stayed under stress" in message
+    assert "a transaction has been open for" in message
+    marts = "SELECT to_regclass('analytics.daily_revenue')"
+    assert conn.execute(marts).fetchone()[0] is None, "nothing built"

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from functools import cached_property
 
 import dbt.version
-from dagster import AssetExecutionContext, AssetsDefinition
+from dagster import AssetExecutionContext, AssetsDefinition, Failure
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 from packaging import version
 
@@ -28,6 +28,7 @@ from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.session_limits import of_tables
 from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
 from backfill_assets.core.tables import Timeouts
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.dbt_checks import (
     PartitionedChecksTranslator,
@@ -113,6 +114,10 @@ def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[
         **connection_parts(postgres.resolved_url()).as_dbt_env(),
         **dbt_env(registry),
         "PGOPTIONS": _timeout_options(registry),
+        # A batch retries a lock timeout as a table's write does (microbatch_window_replace.sql).
+        "BACKFILL_DBT_LOCK_RETRIES": str(
+            min((t.timeouts.lock_retries for t in registry), default=Timeouts().lock_retries)
+        ),
         # dagster-dbt starts each build from this folder's partial parse (``parse_dir``).
         "DBT_TARGET_PATH": str(parse_dir(registry)),
     }
@@ -168,6 +173,7 @@ def _dbt_assets(
     partitions_per_run: int,
 ) -> AssetsDefinition:
     definition = partitions_def(partitioning) if partitioning else None
+    throttled = [t for t in registry if partitioning and t.partitioning.calendar == partitioning]
     name = (
         f"dbt_{partitioning.granularity}_from_{partitioning.start:%Y_%m_%d}"
         if partitioning
@@ -194,8 +200,14 @@ def _dbt_assets(
             end = definition.time_window_for_partition_key(last).end
             args += ["--event-time-start", f"{start:%Y-%m-%d}"]
             args += ["--event-time-end", f"{end:%Y-%m-%d}"]
-        # A paused backfill builds nothing until it is resumed (core/control.py).
+        # Like a table's write: held back while the database is under stress (each table of
+        # this calendar's throttle), then while the backfill is paused (core/control.py).
         with postgres.connect() as conn:
+            try:
+                for table in throttled:
+                    Throttle(conn, table, context.log.warning).before_partition()
+            except ThrottleTimeout as exc:
+                raise Failure(f"the dbt models were not built: {exc}; retry later") from None
             wait_while_paused(conn, context.run.tags.get(BACKFILL_ID_TAG), context.log.warning)
         # Two runs of one backfill reach this step together; the first build of a
         # table must not race (see first_build_lock). Once the tables exist, runs go side by side.

@@ -8,11 +8,16 @@
   The literals stay untyped, as in dbt's own event-time filter, so they take the column's type
   (date) and the day boundaries do not depend on the session time zone.
 
-  The batch's first statement locks (model, day) for the rest of its transaction, with the key
-  the tables' writer uses for (table, partition) (backfill_assets/core/writer.py lock_partition):
-  two dbt invocations building the same day at once (by hand, in CI, beside a backfill) would
-  otherwise both DELETE before either INSERT is visible, and the day would hold its rows twice.
-  Whoever runs dbt, builds of one day take turns.
+  The batch first locks (model, day) for the rest of its transaction, with the key the tables'
+  writer uses for (table, partition) (backfill_assets/core/writer.py lock_partition): two dbt
+  invocations building the same day at once (by hand, in CI, beside a backfill) would otherwise
+  both DELETE before either INSERT is visible, and the day would hold its rows twice. Whoever
+  runs dbt, builds of one day take turns.
+
+  A lock not granted within the session's lock_timeout (the declared tables', PGOPTIONS) rolls
+  the attempt back to its savepoint and tries again after a back-off with jitter, as the tables'
+  writes do (backfill_assets/core/writer.py with_lock_retries), up to BACKFILL_DBT_LOCK_RETRIES
+  times (the declared tables' fewest); then the batch fails with PostgreSQL's lock timeout error.
 #}
 {% macro postgres__get_incremental_microbatch_sql(arg_dict) %}
   {%- set target = arg_dict["target_relation"] -%}
@@ -20,13 +25,32 @@
   {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
   {%- set event_time = adapter.quote(model.config.event_time) -%}
   {%- set partition_key = (model.batch.event_time_start | string)[:10] -%}
-  select pg_advisory_xact_lock(
-    hashtext('{{ target.schema }}.{{ target.identifier }}'), hashtext('{{ partition_key }}')
-  );
-  delete from {{ target }}
-  where {{ event_time }} >= '{{ model.batch.event_time_start }}'
-    and {{ event_time }} < '{{ model.batch.event_time_end }}'
-  {%- for predicate in (arg_dict.get("incremental_predicates") or []) %} and {{ predicate }}{% endfor %};
-  insert into {{ target }} ({{ columns }})
-  select {{ columns }} from {{ source }}
+  {%- set retries = env_var("BACKFILL_DBT_LOCK_RETRIES", "0") | int -%}
+  do $backfill_batch$
+  declare
+    tries int := 0;
+  begin
+    loop
+      begin
+        perform pg_advisory_xact_lock(
+          hashtext('{{ target.schema }}.{{ target.identifier }}'), hashtext('{{ partition_key }}')
+        );
+        delete from {{ target }}
+        where {{ event_time }} >= '{{ model.batch.event_time_start }}'
+          and {{ event_time }} < '{{ model.batch.event_time_end }}'
+        {%- for predicate in (arg_dict.get("incremental_predicates") or []) %} and {{ predicate }}{% endfor %};
+        insert into {{ target }} ({{ columns }})
+        select {{ columns }} from {{ source }};
+        exit;
+      exception when lock_not_available then
+        tries := tries + 1;
+        if tries > {{ retries }} then
+          raise;
+        end if;
+        raise warning 'backfill_assets: {{ target.identifier }} {{ partition_key }}: a lock was not granted within the lock timeout; retry % of {{ retries }}', tries;
+        perform pg_sleep(least(15, 0.2 * 2 ^ (tries - 1)) * (0.5 + random() / 2));
+      end;
+    end loop;
+  end
+  $backfill_batch$
 {% endmacro %}
