@@ -198,9 +198,9 @@ def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: st
         if not variant.startswith("asset_cli"):
             elapsed = time.perf_counter() - started
             returned = time.time()
-        if progress.failed:
+        if progress.failed_runs:
             raise SystemExit(f"{variant}: {progress.line()}")
-        runs = len(progress.statuses)
+        runs = len(progress.runs)
     shutil.rmtree(home, ignore_errors=True)
     with connect(data_url) as conn:
         writes, db_seconds = conn.execute(

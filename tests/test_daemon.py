@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import inspect
 import time
+from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance
-from support import failed_run_report
+from support import failed_run_report, wait_for
 
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.defs import dagster_internals
-from backfill_assets.defs.daemon import PromptBackfillDaemon, project_daemons
+from backfill_assets.defs.daemon import PromptBackfillDaemon, daemon_assets, project_daemons
+from backfill_assets.defs.definitions import build_definitions
+from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import (
     daemon_is_alive,
     launch_asset_backfill,
@@ -79,3 +83,30 @@ def test_a_backfill_is_closed_within_seconds_of_its_last_run_ending(dagster_env,
         closing_wait = backfill.backfill_end_timestamp - run.end_time
     assert first_run_wait < 10, f"first run submitted {first_run_wait:.1f}s after the launch"
     assert closing_wait < 10, f"backfill closed {closing_wait:.1f}s after its run ended"
+
+
+def test_status_names_the_assets_a_backfill_wants_that_the_running_daemons_code_lacks(
+    dagster_env, tmp_path, capsys
+):
+    """The daemon stores the asset keys of the code it runs; ``status`` compares a backfill's
+    assets with them (not Dagster's error text): here a table declared after the daemon
+    started (its code never loaded it)."""
+    merged = AssetKey(["analytics", "fct_orders_merge"])
+    newer = build_definitions(
+        load_registry([DEFAULT_TABLES_DIR, Path(__file__).parent / "merge_tables"]),
+        check_sql=False,
+    )
+    with running_daemon(dagster_env, tmp_path / "daemon.log"), DagsterInstance.get() as instance:
+        wait_for(lambda: daemon_assets(instance), 120, "the daemon never stored its assets")
+        loaded = daemon_assets(instance)
+        assert "analytics/fct_orders" in loaded and "analytics/daily_revenue" in loaded
+        assert "analytics/fct_orders_merge" not in loaded
+        backfill_id = launch_asset_backfill(
+            instance, [merged], "2024-05-01", "2024-05-01", definitions=newer
+        )
+        report = wait_for_backfill(instance, backfill_id, timeout_s=120, poll_s=0.2)
+        assert report.daemon_status == "FAILED"
+        capsys.readouterr()
+        assert cli.main(["status", backfill_id]) == 1
+    out = capsys.readouterr().out
+    assert "the running daemon's code lacks analytics/fct_orders_merge of this backfill" in out

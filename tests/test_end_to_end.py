@@ -61,9 +61,9 @@ def test_a_cli_backfill_is_executed_by_the_daemon_and_every_partition_ends_mater
         )
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
 
-        assert len(progress.statuses) == len(DAYS), "a job backfill runs one partition per run"
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
-            instance, progress.statuses, tmp_path / "daemon.log"
+        assert len(progress.runs) == len(DAYS), "a job backfill runs one partition per run"
+        assert set(progress.runs.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.runs, tmp_path / "daemon.log"
         )
         for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
             assert instance.get_materialized_partitions(key) == set(DAYS)
@@ -120,8 +120,8 @@ def test_an_asset_backfill_sizes_its_runs_from_the_measured_cost_of_a_partition(
         )
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
         runs = instance.get_runs(filters=RunsFilter(tags={"dagster/backfill": backfill_id}))
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
-            instance, progress.statuses, tmp_path / "daemon.log"
+        assert set(progress.runs.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.runs, tmp_path / "daemon.log"
         )
         for key in (FCT_ORDERS_KEY, DAILY_REVENUE_KEY):
             assert instance.get_materialized_partitions(key) == set(days)
@@ -151,7 +151,7 @@ def test_an_asset_backfill_sizes_its_runs_from_the_measured_cost_of_a_partition(
             for check in CHECKS:
                 record = latest_check(instance, check.name, day)
                 assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED
-                assert record.partition == day and record.run_id in progress.statuses
+                assert record.partition == day and record.run_id in progress.runs
 
 
 def test_the_writes_pool_keeps_writing_runs_from_overlapping(dagster_env, conn, tmp_path):
@@ -171,8 +171,8 @@ def test_the_writes_pool_keeps_writing_runs_from_overlapping(dagster_env, conn, 
         records = instance.get_run_records(
             filters=RunsFilter(tags={"dagster/backfill": backfill_id})
         )
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
-            instance, progress.statuses, tmp_path / "daemon.log"
+        assert set(progress.runs.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.runs, tmp_path / "daemon.log"
         )
 
     spans = sorted((r.start_time, r.end_time) for r in records)

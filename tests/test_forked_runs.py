@@ -68,9 +68,9 @@ def test_a_forked_run_killed_is_failed_by_its_launcher_at_once_and_retried_to_th
         ]
         assert any(f"Run execution process for {run.run_id}" in m for m in said), said
         control.resume(conn, backfill_id)
-        status = wait_for_backfill(instance, backfill_id, timeout_s=180, poll_s=0.2).backfill_status
+        status = wait_for_backfill(instance, backfill_id, timeout_s=180, poll_s=0.2).daemon_status
         runs = runs_of(instance, backfill_id)
-        assert status.name == "COMPLETED_SUCCESS", failed_run_report(
+        assert status == "COMPLETED_SUCCESS", failed_run_report(
             instance, [r.run_id for r in runs], log
         )
         assert len(runs) == 2, "the killed run and its retry"
@@ -101,8 +101,8 @@ def test_with_fork_runs_false_the_code_server_starts_the_runs_as_dagster_does(
     log = tmp_path / "daemon.log"
     with running_daemon(dagster_env, log), DagsterInstance.get() as instance:
         backfill_id = launch(capsys, "--from", "2024-06-01", "--to", "2024-06-01")
-        status = wait_for_backfill(instance, backfill_id, timeout_s=180, poll_s=0.2).backfill_status
+        status = wait_for_backfill(instance, backfill_id, timeout_s=180, poll_s=0.2).daemon_status
         (run,) = runs_of(instance, backfill_id)
-        assert status.name == "COMPLETED_SUCCESS", failed_run_report(instance, [run.run_id], log)
+        assert status == "COMPLETED_SUCCESS", failed_run_report(instance, [run.run_id], log)
         assert GRPC_INFO_TAG in run.tags, "started by the code server"
         assert not json.loads(run.tags[WORKER_TAG]).get("forked")

@@ -67,15 +67,15 @@ def test_an_own_monthly_table_is_backfilled_through_the_daemon_beside_the_demo_t
             definitions=build_definitions(registry, check_sql=False),
         )
         progress = wait_for_backfill(instance, backfill_id, timeout_s=600)
-        assert set(progress.statuses.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
-            instance, progress.statuses, daemon_log
+        assert set(progress.runs.values()) == {DagsterRunStatus.SUCCESS}, failed_run_report(
+            instance, progress.runs, daemon_log
         )
         assert instance.get_materialized_partitions(KEY) == set(MONTHS)
         for month in MONTHS:
             for check in CHECKS:
                 record = latest_check(instance, check.name, month, asset_key=KEY)
                 assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED, (check, month)
-                assert record.partition == month and record.run_id in progress.statuses
+                assert record.partition == month and record.run_id in progress.runs
         runs = instance.get_runs(filters=RunsFilter(tags={"dagster/backfill": backfill_id}))
         assert len(runs) == 1, "six months fit one run of the backfill policy"
 

@@ -206,7 +206,7 @@ def test_the_late_data_sensor_backfills_exactly_the_days_whose_source_changed(
         )
         (backfill,) = requested
         progress = wait_for_backfill(instance, backfill.backfill_id, timeout_s=600)
-        assert progress.failed == 0
+        assert progress.failed_runs == 0
         selected = {k.to_user_string() for k in backfill.asset_selection}
 
     assert selected == {

@@ -17,6 +17,7 @@ apart. Everything private this needs comes from ``dagster_internals`` and is pin
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,7 @@ from backfill_assets.defs.dagster_internals import (
     SpanMarker,
     WorkspaceFileTarget,
     capture_interrupts,
+    code_location_asset_keys,
     create_daemon_of_type,
     daemon_controller_from_instance,
     execute_backfill_iteration,
@@ -56,9 +58,14 @@ class PromptBackfillDaemon(BackfillDaemon):
 
     def core_loop(self, workspace_process_context, shutdown_event: Event) -> Iterator:
         backfill_futures: dict[str, Future] = {}
+        published: set[str] | None = None
         while True:
             started = get_current_timestamp()
             yield SpanMarker.START_SPAN
+            try:  # for `status`; never in the way of the pass itself
+                published = publish_assets(workspace_process_context, published)
+            except Exception:
+                self._logger.warning("could not store the loaded asset keys", exc_info=True)
             try:
                 yield from execute_backfill_iteration(
                     workspace_process_context,
@@ -76,6 +83,31 @@ class PromptBackfillDaemon(BackfillDaemon):
             yield SpanMarker.END_SPAN
             shutdown_event.wait(max(0.0, self.interval_s - (get_current_timestamp() - started)))
             yield None
+
+
+DAEMON_ASSETS_KEY = "backfill_assets/daemon_assets"
+"""Where the project's daemon keeps the asset keys of the code it runs (Dagster's key-value
+store, in its run storage): ``status`` compares a backfill's assets with them."""
+
+
+def publish_assets(workspace_process_context, published: set[str] | None) -> set[str]:
+    """Store the asset keys of the code locations the daemon has loaded, when they changed."""
+    keys = code_location_asset_keys(workspace_process_context)
+    if keys is None:  # a code location is (re)loading: what it holds is not known yet
+        return published
+    if keys != published:
+        value = {"assets": sorted(keys), "at": get_current_timestamp()}
+        workspace_process_context.instance.run_storage.set_cursor_values(
+            {DAEMON_ASSETS_KEY: json.dumps(value)}
+        )
+    return keys
+
+
+def daemon_assets(instance: DagsterInstance) -> set[str] | None:
+    """The asset keys the project's daemon last loaded (None: no project daemon published any,
+    e.g. under Dagster's own ``dagster-daemon``)."""
+    stored = instance.run_storage.get_cursor_values({DAEMON_ASSETS_KEY}).get(DAEMON_ASSETS_KEY)
+    return set(json.loads(stored)["assets"]) if stored else None
 
 
 def project_daemons(instance: DagsterInstance, interval_s: float) -> list:

@@ -41,6 +41,7 @@ from dagster._core.storage.tags import (
 )
 from dagster._core.utils import make_new_backfill_id
 from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster._core.workspace.workspace import CodeLocationLoadStatus
 from dagster._daemon.backfill import execute_backfill_iteration
 from dagster._daemon.controller import (
     DEFAULT_DAEMON_INTERVAL_SECONDS,
@@ -112,3 +113,19 @@ __all__ = [
     "setup_interrupt_handlers",
     "stale_status_resolver",
 ]
+
+
+def code_location_asset_keys(workspace_process_context) -> set[str] | None:
+    """The asset keys (``a/b``) of every code location a daemon's workspace has loaded (one
+    that failed to load holds none); None while one is still loading. Read from its request
+    context's entries and their repositories' asset node snapshots (private API)."""
+    context = workspace_process_context.create_request_context()
+    keys: set[str] = set()
+    for entry in context.get_code_location_entries().values():
+        if entry.load_status == CodeLocationLoadStatus.LOADING:
+            return None
+        if entry.code_location is None:  # failed to load: it holds no asset
+            continue
+        for repository in entry.code_location.get_repositories().values():
+            keys |= {node.asset_key.to_user_string() for node in repository.get_asset_node_snaps()}
+    return keys

@@ -78,7 +78,7 @@ def run_demo(*, first: str, last: str, orders_per_day: int) -> int:
         "reconciliation and diff after it, the dbt marts' tests)"
     )
     print(f"  audit: `.venv/bin/backfill-assets audit --backfill {backfill_id}`")
-    print(f"  runs failed: {progress.failed}")
+    print(f"  runs failed: {progress.failed_runs}")
     print("Next: `make ui` opens the Dagster UI on http://127.0.0.1:3000 (Runs > Backfills);")
     print(f"      the tables are in {data_location} (schemas app, analytics).")
-    return 0 if progress.failed == 0 and summary.checks_failed == 0 else 1
+    return 0 if progress.failed_runs == 0 and summary.checks_failed == 0 else 1

@@ -152,7 +152,7 @@ def erase(
         progress = wait_for_backfill(
             instance, backfill_id, timeout_s=timeout_s, on_progress=lambda p: echo(p.line())
         )
-        statuses = progress.statuses.values()
+        statuses = progress.runs.values()
         if not statuses or any(s != DagsterRunStatus.SUCCESS for s in statuses):
             raise ErasureError(
                 f"backfill {backfill_id} did not rewrite every partition ({progress.line()}); "

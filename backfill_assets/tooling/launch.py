@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import (
@@ -23,7 +23,6 @@ from dagster import (
     AssetSelection,
     DagsterEventType,
     DagsterInstance,
-    DagsterRunStatus,
     Definitions,
     RunsFilter,
 )
@@ -36,17 +35,18 @@ from backfill_assets.defs.dagster_internals import (
     PARENT_BACKFILL_ID_TAG,
     ROOT_BACKFILL_ID_TAG,
     USER_TAG,
-    BulkActionStatus,
     PartitionBackfill,
     get_current_timestamp,
     make_new_backfill_id,
 )
 from backfill_assets.tooling.report import (
     FINISHED,
+    BackfillReport,
     BackfillWatcher,
     backfill_runs,
     existing_backfill,
     has_ended,
+    watch,
 )
 
 
@@ -285,66 +285,24 @@ def partition_keys(definitions: Definitions, asset: AssetKey, first: str, last: 
     return keys[start : end + 1]
 
 
-@dataclass
-class BackfillProgress:
-    backfill_id: str
-    backfill_status: BulkActionStatus
-    statuses: dict[str, DagsterRunStatus] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> int:
-        return sum(status in FINISHED for status in self.statuses.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(
-            status in FINISHED and status != DagsterRunStatus.SUCCESS
-            for status in self.statuses.values()
-        )
-
-    @property
-    def done(self) -> bool:
-        """The backfill has ended (``report.has_ended``)."""
-        return has_ended(self.backfill_status.value, self.statuses.values())
-
-    def line(self) -> str:
-        running = sum(s == DagsterRunStatus.STARTED for s in self.statuses.values())
-        return (
-            f"backfill {self.backfill_id}: {self.finished}/{len(self.statuses)} runs finished "
-            f"({running} running, {self.failed} failed)"
-        )
-
-
-def backfill_progress(instance: DagsterInstance, backfill_id: str) -> BackfillProgress:
-    backfill = existing_backfill(instance, backfill_id)
-    statuses = {run.run_id: run.status for run in backfill_runs(instance, backfill)}
-    return BackfillProgress(backfill_id, backfill.status, statuses)
-
-
 def wait_for_backfill(
     instance: DagsterInstance,
     backfill_id: str,
     *,
     timeout_s: float = 900,
-    on_progress: Callable[[BackfillProgress], None] | None = None,
+    on_progress: Callable[[BackfillReport], None] | None = None,
     poll_s: float = 1.0,
-) -> BackfillProgress:
-    """Poll Dagster's storage until the backfill is complete and every one of its runs ended."""
-    deadline = time.monotonic() + timeout_s
-    last_line = None
-    while True:
-        progress = backfill_progress(instance, backfill_id)
-        if on_progress and progress.line() != last_line:
-            on_progress(progress)
-            last_line = progress.line()
-        if progress.done:
-            return progress
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{progress.line()} after {timeout_s:.0f}s; is `backfill-assets daemon` running? "
-                "The demo's daemon log is logs/daemon.log"
-            )
-        time.sleep(poll_s)
+) -> BackfillReport:
+    """Follow the backfill until it has ended (``report.has_ended``: closed by Dagster, no run
+    in flight), with the follower ``status --wait`` and ``launch --wait`` use (``report.watch``);
+    ``on_progress`` sees each report whose counts changed."""
+    return watch(
+        BackfillWatcher(instance, backfill_id),
+        timeout_s=timeout_s,
+        on_change=on_progress,
+        poll_s=poll_s,
+        until_ended=True,
+    )
 
 
 @dataclass(frozen=True)

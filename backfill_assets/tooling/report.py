@@ -170,6 +170,11 @@ class BackfillReport:
         return f"finished (Dagster still says {self.daemon_status} until its daemon's next pass)"
 
     @property
+    def failed_runs(self) -> int:
+        """Runs that ended other than successfully."""
+        return sum(s in FINISHED and s != DagsterRunStatus.SUCCESS for s in self.runs.values())
+
+    @property
     def succeeded(self) -> bool:
         return self.finished and self.count("materialized") == self.total
 
@@ -385,8 +390,11 @@ def watch(
     timeout_s: float,
     on_change=None,
     poll_s: float = 1.0,
+    until_ended: bool = False,
 ) -> BackfillReport:
-    """Poll until the backfill is finished (see ``BackfillReport.finished``)."""
+    """Poll until the backfill is finished (``BackfillReport.finished``: what a person waits
+    for), or ``until_ended``, until Dagster has closed it too (``ended``: what a command that
+    acts on the backfill next, or a test, waits for). The one follower of a backfill."""
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
@@ -395,7 +403,7 @@ def watch(
         if on_change and shown != last:
             on_change(report)
             last = shown
-        if report.finished:
+        if report.ended if until_ended else report.finished:
             return report
         if time.monotonic() > deadline:
             raise TimeoutError(

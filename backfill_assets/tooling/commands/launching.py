@@ -152,12 +152,13 @@ def follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) -> 
         if report.error:
             ended = "was stopped" if report.daemon_status == "CANCELED" else "failed"
             print(f"  the backfill {ended}: {report.error}")
-            if "no longer does" in report.error:
-                print(
-                    "  the running daemon's definitions lack an asset of this backfill: check "
-                    "that they load (`backfill-assets tables`), then restart `make ui` (or the "
-                    "UI's Lineage > Reload definitions) and `retry` it"
-                )
+        lacking = report.finished and _assets_the_daemon_lacks(instance, report)
+        if lacking:
+            print(
+                f"  the running daemon's code lacks {', '.join(lacking)} of this backfill: check "
+                "that the definitions load (`backfill-assets tables`), then restart `make ui` "
+                "(or the UI's Lineage > Reload definitions) and `retry` it"
+            )
         failed = sorted(
             f"{p.asset} {p.partition}"
             for p in report.partitions.values()
@@ -170,6 +171,19 @@ def follow(instance, backfill_id: str, *, wait: bool, as_json: bool = False) -> 
     if report.count("failed") or (report.finished and not report.succeeded):
         return 1
     return 0 if report.finished else 3
+
+
+def _assets_the_daemon_lacks(instance, report) -> list[str]:
+    """The backfill's assets that the code the project's daemon runs does not define (none
+    known when no project daemon published its assets)."""
+    from backfill_assets.defs.daemon import daemon_assets
+    from backfill_assets.tooling.report import ANY_ASSET
+
+    loaded = daemon_assets(instance)
+    if loaded is None:
+        return []
+    wanted = {p.asset for p in report.partitions.values() if p.asset != ANY_ASSET}
+    return sorted(wanted - loaded)
 
 
 def _retry(args: argparse.Namespace) -> int:
