@@ -274,7 +274,7 @@ def test_a_user_launches_follows_and_reads_a_backfill_in_the_ui(
     assert held > 0 and day_rows(conn) == held, "the refused day holds its source's rows now"
     writer = conn.execute(
         "SELECT backfill_id FROM backfill_audit.backfill_runs WHERE partition_key = %s "
-        "AND status = 'succeeded' ORDER BY id DESC LIMIT 1",
+        "AND table_name = 'analytics.fct_orders' AND status = 'succeeded' ORDER BY id DESC LIMIT 1",
         [REFUSED_DAY],
     ).fetchone()[0]
     assert writer == third, "the re-execution wrote the refused day"

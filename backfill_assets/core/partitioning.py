@@ -1,10 +1,10 @@
 """How one table is partitioned, and the date windows every writer works in.
 
-Each table declares its own partitioning (column, day or month, first partition, optional end), so
-a 1990s order-lines table and this year's orders live side by side. This module knows nothing of
-Dagster: it turns keys into half-open windows and refuses keys outside the table's own range,
-naming that range. The Dagster layer builds the matching partitions definition from the same
-object (``defs/partitions.py``), and a test keeps the two in agreement.
+Each table declares its own partitioning (column, day, week from Monday or month, first partition,
+optional end), so a 1990s order-lines table and this year's orders live side by side. This module
+knows nothing of Dagster: it turns keys into half-open windows and refuses keys outside the
+table's own range, naming that range. The Dagster layer builds the matching partitions definition
+from the same object (``defs/partitions.py``), and a test keeps the two in agreement.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Literal
 
-Granularity = Literal["day", "month"]
-GRANULARITIES: tuple[Granularity, ...] = ("day", "month")
+Granularity = Literal["day", "week", "month"]
+GRANULARITIES: tuple[Granularity, ...] = ("day", "week", "month")
+STEP_DAYS = {"day": 1, "week": 7}
+"""Days from one partition to the next (a month's are counted on the calendar)."""
+ADJECTIVES = {"day": "daily", "week": "weekly", "month": "monthly"}
+FIRST_DAY = {"week": "a Monday", "month": "the first day of a month"}
 KEY_FORMAT = "%Y-%m-%d"
 
 
@@ -36,19 +40,25 @@ class PartitionWindow:
 
 
 def _next(day: date, granularity: Granularity) -> date:
-    if granularity == "day":
-        return date.fromordinal(day.toordinal() + 1)
+    if granularity in STEP_DAYS:
+        return date.fromordinal(day.toordinal() + STEP_DAYS[granularity])
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
 def _previous(day: date, granularity: Granularity) -> date:
-    if granularity == "day":
-        return date.fromordinal(day.toordinal() - 1)
+    if granularity in STEP_DAYS:
+        return date.fromordinal(day.toordinal() - STEP_DAYS[granularity])
     return date(day.year - (day.month == 1), (day.month - 2) % 12 + 1, 1)
 
 
 def _floor(day: date, granularity: Granularity) -> date:
-    return day if granularity == "day" else day.replace(day=1)
+    """The first day of the partition holding ``day``: itself, its week's Monday (ISO weeks,
+    as PostgreSQL's ``date_trunc('week', ...)``), the 1st of its month."""
+    if granularity == "day":
+        return day
+    if granularity == "week":
+        return date.fromordinal(day.toordinal() - day.weekday())
+    return day.replace(day=1)
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,9 @@ class Partitioning:
         for name, value in (("start", self.start), ("end", self.end)):
             if value is not None and _floor(value, self.granularity) != value:
                 raise ValueError(
-                    f"{name} {value} is not the first day of a month; monthly partitions start "
-                    f"and end on the 1st (e.g. {_floor(value, self.granularity)})"
+                    f"{name} {value} is not {FIRST_DAY[self.granularity]}; {self.adjective} "
+                    f"partitions start and end on {FIRST_DAY[self.granularity]} (e.g. "
+                    f"{_floor(value, self.granularity)})"
                 )
         if self.end is not None and self.end <= self.start:
             raise ValueError(f"end {self.end} must come after start {self.start}")
@@ -87,7 +98,7 @@ class Partitioning:
 
     @property
     def adjective(self) -> str:
-        return "daily" if self.granularity == "day" else "monthly"
+        return ADJECTIVES[self.granularity]
 
     def first_key(self) -> str:
         return self.start.strftime(KEY_FORMAT)

@@ -36,7 +36,7 @@ KEYS = {
     "strategy": "how a partition is written",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
-    "partitions": "column, every (day | month), start, optional end (exclusive)",
+    "partitions": "column, every (day | week | month), start, optional end (exclusive)",
     "columns": "name: type, in order; 'type not null' or {type, not_null, check}",
     "unique_key": "column(s) that identify a row",
     "measures": "numeric columns whose sums must reconcile with the source",

@@ -7,7 +7,12 @@ definition object, which lets a table and the dbt models built from it share bac
 
 from functools import cache
 
-from dagster import BackfillPolicy, DailyPartitionsDefinition, MonthlyPartitionsDefinition
+from dagster import (
+    BackfillPolicy,
+    DailyPartitionsDefinition,
+    MonthlyPartitionsDefinition,
+    WeeklyPartitionsDefinition,
+)
 from dagster import TimeWindowPartitionsDefinition as PartitionsDef
 
 from backfill_assets.core.partitioning import Partitioning
@@ -15,6 +20,8 @@ from backfill_assets.core.partitioning import Partitioning
 
 @cache
 def _definition(granularity: str, start: str, end: str | None) -> PartitionsDef:
+    if granularity == "week":  # weeks from Monday (day_offset 1), as core/partitioning.py has them
+        return WeeklyPartitionsDefinition(start_date=start, end_date=end, day_offset=1)
     kind = DailyPartitionsDefinition if granularity == "day" else MonthlyPartitionsDefinition
     return kind(start_date=start, end_date=end)
 
