@@ -126,7 +126,8 @@ def key_lookups(conn, windows) -> dict[str, list[float]]:
     """What the verified write spends looking each window's keys up in the other partitions
     (``table_keys.keys_elsewhere``, part of ``verified``), with the key index the project
     creates and, for a table created without it, with none."""
-    index = sql.Identifier(TABLE.schema, f"{TABLE.name[:52]}_key_idx")
+    index_name = f"{TABLE.name[:52]}_key_idx"
+    index = sql.Identifier(TABLE.schema, index_name)
     timings: dict[str, list[float]] = {}
     for name in ("key_lookup_indexed", "key_lookup_no_index"):
         conn.execute("ANALYZE " + TABLE.qualified_name)
@@ -138,7 +139,7 @@ def key_lookups(conn, windows) -> dict[str, list[float]]:
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in TABLE.unique_key)
     conn.execute(
         sql.SQL("CREATE INDEX {} ON {} ({})").format(
-            sql.Identifier(index.strings[1]), TABLE.identifier, keys
+            sql.Identifier(index_name), TABLE.identifier, keys
         )
     )
     return timings

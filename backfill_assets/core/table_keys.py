@@ -85,10 +85,20 @@ def keys_elsewhere(
     if not keys:
         return None
     part = sql.Identifier("t", table.partition_column)
+    # With an index led by the key, one probe per key (LATERAL; OFFSET 0 keeps PostgreSQL from
+    # flattening it into a join): its estimate of the rows outside the window otherwise picks a
+    # scan of the whole table (make bench: 17 ms against 4 ms a day of 2,400 rows in 207,000).
+    # Without one, one hash join over a scan.
+    join = (
+        "CROSS JOIN LATERAL (SELECT * FROM {table} AS t WHERE {same} OFFSET 0) AS t"
+        if has_key_index(conn, table)
+        else "JOIN {table} AS t ON {same}"
+    )
     query = sql.SQL(
         "WITH found AS MATERIALIZED (SELECT ROW({t_keys})::text AS k, {start} AS p "
         "FROM (SELECT DISTINCT {keys} FROM {new} AS n WHERE {in_window}) AS n "
-        "JOIN {table} AS t ON {same} WHERE NOT ({part} >= %(start)s AND {part} < %(end)s)) "
+        + join
+        + " WHERE NOT ({part} >= %(start)s AND {part} < %(end)s)) "
         "SELECT (SELECT count(DISTINCT k) FROM found), "
         "ARRAY(SELECT DISTINCT k FROM found ORDER BY k LIMIT {shown_keys}), "
         "ARRAY(SELECT DISTINCT p FROM found ORDER BY p LIMIT {shown_partitions})"
