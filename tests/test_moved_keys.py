@@ -11,8 +11,14 @@ way the key moved) or in two runs, the day it left first.
 from __future__ import annotations
 
 import pytest
-from dagster import AssetKey, materialize
-from support import SHIPPED_LINES_SOURCE, declare_shipped_lines, latest_check, step_failure_message
+from dagster import AssetKey
+from support import (
+    SHIPPED_LINES_SOURCE,
+    declare_shipped_lines,
+    latest_check,
+    materialize_days,
+    step_failure_message,
+)
 
 from backfill_assets.core import rollback, settings
 from backfill_assets.core.audit import AuditTrail, RunInfo
@@ -144,24 +150,12 @@ def test_the_refusal_reaches_dagster_as_a_failed_key_check_and_the_covering_back
     source, conn, postgres, instance, tmp_path
 ):
     table = declare_shipped_lines(tmp_path / "tables", "delete_insert")
-    asset = table_asset(table)
+    asset = [table_asset(table)]
 
-    def materialize_days(first: str, last: str):
-        return materialize(
-            [asset],
-            resources={"postgres": postgres},
-            instance=instance,
-            tags={
-                "dagster/asset_partition_range_start": first,
-                "dagster/asset_partition_range_end": last,
-            },
-            raise_on_error=False,
-        )
-
-    assert materialize_days(DAYS[0], DAYS[2]).success
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[2], assets=asset).success
     move(conn, DAYS[1])
 
-    refused = materialize_days(DAYS[1], DAYS[1])
+    refused = materialize_days(postgres, instance, DAYS[1], assets=asset)
     assert not refused.success
     message = step_failure_message(refused)
     assert f"already held by {DAYS[0]}" in message and "(1003,2)" in message, message
@@ -172,7 +166,7 @@ def test_the_refusal_reaches_dagster_as_a_failed_key_check_and_the_covering_back
     assert evaluation.metadata["other_partitions"].value == DAYS[0]
     assert holders(conn) == [DAYS[0]]
 
-    assert materialize_days(DAYS[0], DAYS[1]).success
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[1], assets=asset).success
     assert holders(conn) == [DAYS[1]] and equals_source(conn)
 
 
