@@ -10,18 +10,19 @@ later by run monitoring) and retried, and ``fork_runs: false``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 
 import yaml
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from support import audit_rows, failed_run_report, wait_for
 
 from backfill_assets.core import control
 from backfill_assets.core.settings import DAGSTER_HOME
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG, GRPC_INFO_TAG
-from backfill_assets.defs.run_launcher import WORKER_TAG, worker_start
+from backfill_assets.defs.run_launcher import WORKER_TAG, MonitoredRunLauncher, worker_start
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import running_daemon, wait_for_backfill
 
@@ -106,3 +107,27 @@ def test_with_fork_runs_false_the_code_server_starts_the_runs_as_dagster_does(
         assert status == "COMPLETED_SUCCESS", failed_run_report(instance, [run.run_id], log)
         assert GRPC_INFO_TAG in run.tags, "started by the code server"
         assert not json.loads(run.tags[WORKER_TAG]).get("forked")
+
+
+def _exit_at_once() -> None:
+    raise SystemExit(1)
+
+
+def test_a_run_canceled_before_its_process_could_record_it_ends_canceled_not_failed(instance):
+    """The cancel's SIGINT can reach a forked run before Dagster's handlers are in place (the
+    process is still starting): it exits without a word. Its run was CANCELING, so the launcher
+    records it canceled, not crashed (which would fail it and have it retried)."""
+    launcher = MonitoredRunLauncher()
+    launcher.register_instance(instance)
+    run = instance.add_run(DagsterRun(job_name="backfill_job", status=DagsterRunStatus.CANCELING))
+    process = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+    process.start()
+
+    launcher._reap(run.run_id, process)
+
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.CANCELED
+    crashed = instance.add_run(DagsterRun(job_name="backfill_job", status=DagsterRunStatus.STARTED))
+    process = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+    process.start()
+    launcher._reap(crashed.run_id, process)
+    assert instance.get_run_by_id(crashed.run_id).status == DagsterRunStatus.FAILURE

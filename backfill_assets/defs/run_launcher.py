@@ -152,6 +152,11 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         message = get_run_crash_explanation(
             prefix=f"Run execution process for {run_id}", exit_code=exit_code
         )
+        if run.status == DagsterRunStatus.CANCELING:
+            # Canceled (``terminate``'s SIGINT) before the run could record it, e.g. while the
+            # forked process was still starting: the cancel, not a crash to retry.
+            self._instance.report_run_canceled(run, message=message)
+            return
         self._announce_retry(run)
         self._instance.report_engine_event(message, run, cls=self.__class__)
         self._instance.report_run_failed(run)

@@ -297,7 +297,7 @@ def wait_for_backfill(
     in flight), with the follower ``status --wait`` and ``launch --wait`` use (``report.watch``);
     ``on_progress`` sees each report whose counts changed."""
     return watch(
-        BackfillWatcher(instance, backfill_id),
+        BackfillWatcher(instance, backfill_id, live_detail=False),
         timeout_s=timeout_s,
         on_change=on_progress,
         poll_s=poll_s,

@@ -242,9 +242,15 @@ class BackfillReport:
 class BackfillWatcher:
     """Builds reports of one backfill, reading each ended run's events only once."""
 
-    def __init__(self, instance: DagsterInstance, backfill_id: str) -> None:
+    def __init__(
+        self, instance: DagsterInstance, backfill_id: str, *, live_detail: bool = True
+    ) -> None:
+        """``live_detail``: read the events of runs still in flight at every report (the
+        partitions each has written so far), which a person watching wants; a follower that
+        only waits for the end reads each run's events once, when it has ended."""
         self.instance = instance
         self.backfill_id = backfill_id
+        self.live_detail = live_detail
         self._ended: dict[str, RunEvents] = {}
 
     def report(self) -> BackfillReport:
@@ -254,7 +260,9 @@ class BackfillWatcher:
         statuses, failures = {}, {}
         for run in sorted(runs, key=lambda r: r.run_id):
             statuses[run.run_id] = run.status
-            events = self._ended.get(run.run_id) or self._read(run)
+            events = self._ended.get(run.run_id) or self._read(
+                run, events=self.live_detail or run.status in FINISHED
+            )
             if run.status in FINISHED:
                 self._ended[run.run_id] = events
             if run.status == DagsterRunStatus.FAILURE and events.failure:
@@ -270,19 +278,23 @@ class BackfillWatcher:
             error=_error_text(backfill.error) if backfill.error else None,
         )
 
-    def _read(self, run) -> RunEvents:
+    def _read(self, run, *, events: bool = True) -> RunEvents:
         materialized: dict[tuple[str, str], int] = {}
         checks: dict[tuple[str, str], dict[str, str]] = {}
         reasons: dict[tuple[str, str], dict[str, str]] = {}
-        records = self.instance.get_records_for_run(
-            run.run_id,
-            of_type={
-                DagsterEventType.ASSET_MATERIALIZATION,
-                DagsterEventType.ASSET_CHECK_EVALUATION,
-                DagsterEventType.STEP_FAILURE,
-                DagsterEventType.RUN_FAILURE,
-            },
-        ).records
+        records = (
+            self.instance.get_records_for_run(
+                run.run_id,
+                of_type={
+                    DagsterEventType.ASSET_MATERIALIZATION,
+                    DagsterEventType.ASSET_CHECK_EVALUATION,
+                    DagsterEventType.STEP_FAILURE,
+                    DagsterEventType.RUN_FAILURE,
+                },
+            ).records
+            if events
+            else []
+        )
         failures = []
         for record in records:
             event = record.event_log_entry.dagster_event
