@@ -306,7 +306,7 @@ def refuse_keys_held_elsewhere(conn: psycopg.Connection, ref: SnapshotRef) -> No
     window = ref.table.partitioning.window(ref.partition_key)
     found = keys_elsewhere(conn, ref.table, window)
     if found:
-        held = ", ".join(found.partitions[:5])
+        held = found.holders
         raise RollbackError(
             f"rolling back {ref.table.qualified_name} {ref.partition_key} would put back "
             f"{found.count} value(s) of ({', '.join(ref.table.unique_key)}) that {held} "

@@ -42,15 +42,20 @@ class KeysElsewhere:
     partitions: tuple[str, ...]
     """The partition keys holding them, in order."""
 
+    @property
+    def holders(self) -> str:
+        """The partitions holding the keys, as a message names them (a few, and how many more)."""
+        return _listed(self.partitions)
+
     def describe(self, table: TableSpec, window: PartitionWindow) -> str:
         return (
             f"{self.count} value(s) of ({', '.join(table.unique_key)}) in {window.key}'s new "
-            f"rows are already held by {_listed(self.partitions)} (e.g. {', '.join(self.keys)}): "
+            f"rows are already held by {self.holders} (e.g. {', '.join(self.keys)}): "
             "the source moved them from there"
         )
 
     def advice(self, window: PartitionWindow) -> str:
-        held = _listed(self.partitions)
+        held = self.holders
         return (
             f"backfill {held} together with {window.key} (one range: a run writes the "
             f"partitions the keys left before retrying {window.key}), or {held} first"
@@ -91,7 +96,7 @@ def keys_elsewhere(
     # Without one, one hash join over a scan.
     join = (
         "CROSS JOIN LATERAL (SELECT * FROM {table} AS t WHERE {same} OFFSET 0) AS t"
-        if has_key_index(conn, table)
+        if has_index_led_by_key(conn, table)
         else "JOIN {table} AS t ON {same}"
     )
     query = sql.SQL(
@@ -171,7 +176,7 @@ def duplicated_across(conn: psycopg.Connection, table: TableSpec) -> Duplicates 
     return Duplicates(count, tuple(found_keys), _partition_keys(days))
 
 
-def has_key_index(conn: psycopg.Connection, table: TableSpec) -> bool:
+def has_index_led_by_key(conn: psycopg.Connection, table: TableSpec) -> bool:
     """The table has a valid index whose first column is the key's first column (what the
     lookup of a window's keys probes)."""
     return bool(
@@ -194,7 +199,7 @@ def key_report(conn: psycopg.Connection, table: TableSpec) -> tuple[bool, str]:
     duplicates = duplicated_across(conn, table)
     if duplicates:
         return False, f"error: {duplicates.describe(table)}"
-    if has_key_index(conn, table):
+    if has_index_led_by_key(conn, table):
         return True, "unique across partitions"
     columns = ", ".join(table.unique_key)
     return True, (
