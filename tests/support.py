@@ -24,7 +24,7 @@ from backfill_assets.core.fingerprint import Fingerprint, partition_fingerprint
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.dagster_internals import PartitionKeyFilter
-from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
 from backfill_assets.defs.rollback import rollback_job
 from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.project import dbt_env
@@ -35,6 +35,8 @@ FCT_ORDERS = REGISTRY.table("analytics.fct_orders")
 FCT_ORDERS_KEY = AssetKey(["analytics", "fct_orders"])
 fct_orders = table_asset(FCT_ORDERS)
 (dbt_models,) = dbt_model_assets(REGISTRY)
+# The demo's dbt project (BACKFILL_DBT_PROJECT is unset while the tests import this module).
+dbt_resource = installed_dbt()
 rollback_backfill = rollback_job(REGISTRY)
 
 
@@ -224,7 +226,6 @@ def plain_dbt_env(data_url: str) -> dict[str, str]:
         **os.environ,
         **settings.connection_parts(data_url).as_dbt_env(),
         **dbt_env(),
-        "DBT_PROFILES_DIR": str(settings.DBT_PROJECT_DIR),
     }
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dagster import AssetKey, AssetSelection, materialize
-from support import dbt_models, fct_orders, latest_check, materialize_days
+from support import dbt_models, dbt_resource, fct_orders, latest_check, materialize_days
 
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
-from backfill_assets.defs.dbt import dbt_resource
 
 DAYS = ["2024-05-06", "2024-05-07", "2024-05-08"]
 PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED

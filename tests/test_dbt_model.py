@@ -14,6 +14,7 @@ from dagster_dbt import DbtCliResource
 from packaging import version
 from support import (
     dbt_models,
+    dbt_resource,
     fct_orders,
     materialize_days,
     plain_dbt_env,
@@ -21,8 +22,7 @@ from support import (
 )
 
 from backfill_assets.core.database import connect
-from backfill_assets.core.settings import DBT_PROJECT_DIR
-from backfill_assets.defs.dbt import dbt_resource
+from backfill_assets.core.settings import DEFAULT_DBT_PROJECT_DIR
 from backfill_assets.project import DBT_EXECUTABLE
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
@@ -113,7 +113,7 @@ def test_a_full_refresh_gives_the_same_rows_as_per_partition_builds(
     command = [DBT_EXECUTABLE, "run", "--full-refresh", "--target-path", str(tmp_path / "target")]
     completed = subprocess.run(
         [*command, "--event-time-start", DAYS[0], "--event-time-end", end],
-        cwd=DBT_PROJECT_DIR,
+        cwd=DEFAULT_DBT_PROJECT_DIR,
         env=plain_dbt_env(data_url),
         capture_output=True,
         text=True,
@@ -155,14 +155,14 @@ import sys
 from dagster import materialize
 
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
-from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
 from backfill_assets.defs.resources import PostgresResource
 
 url, first, last = sys.argv[1:]
 (dbt_models,) = dbt_model_assets(load_registry([DEFAULT_TABLES_DIR]))
 result = materialize(
     [dbt_models],
-    resources={"postgres": PostgresResource(url=url), "dbt": dbt_resource},
+    resources={"postgres": PostgresResource(url=url), "dbt": installed_dbt()},
     tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
     raise_on_error=False,
 )
@@ -298,7 +298,7 @@ def test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row(
     targets = [tmp_path / f"target{side}" for side in (1, 2)]
     subprocess.run(
         [DBT_EXECUTABLE, "parse", "--target-path", str(targets[0])],
-        cwd=DBT_PROJECT_DIR,
+        cwd=DEFAULT_DBT_PROJECT_DIR,
         env=plain_dbt_env(data_url),
         check=True,
         capture_output=True,
@@ -311,7 +311,7 @@ def test_two_dbt_builds_of_the_same_days_outside_dagster_never_duplicate_a_row(
             builds = [
                 subprocess.Popen(
                     [*command, "--target-path", str(target)],
-                    cwd=DBT_PROJECT_DIR,
+                    cwd=DEFAULT_DBT_PROJECT_DIR,
                     env=plain_dbt_env(data_url),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,

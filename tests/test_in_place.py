@@ -18,13 +18,19 @@ from pathlib import Path
 import psycopg
 import pytest
 from dagster import AssetKey, materialize
-from support import audit_rows, latest_check, other_session, step_failure_message, wait_for
+from support import (
+    audit_rows,
+    dbt_resource,
+    latest_check,
+    other_session,
+    step_failure_message,
+    wait_for,
+)
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV, load_registry
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.defs.dbt import dbt_resource
 from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.tooling import cli
 

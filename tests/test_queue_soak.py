@@ -25,7 +25,7 @@ import time
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from support import failed_run_report, plain_dbt_env, wait_for
 
-from backfill_assets.core.settings import DBT_PROJECT_DIR
+from backfill_assets.core.settings import DEFAULT_DBT_PROJECT_DIR
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.run_launcher import WORKER_TAG
 from backfill_assets.project import DBT_EXECUTABLE
@@ -92,7 +92,7 @@ def kill_dbt_build(env, rng, log, capsys) -> str:
     command += ["--event-time-start", DAYS[first], "--event-time-end", DAYS[first + 2]]
     process = subprocess.Popen(
         command,
-        cwd=DBT_PROJECT_DIR,
+        cwd=DEFAULT_DBT_PROJECT_DIR,
         env=plain_dbt_env(os.environ["BACKFILL_PG_URL"]),
         stdout=log,
         stderr=log,

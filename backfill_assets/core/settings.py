@@ -29,6 +29,7 @@ LOCK_TIMEOUT_ENV = "BACKFILL_LOCK_TIMEOUT_MS"
 STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
 MAX_PARTITIONS_ENV = "BACKFILL_MAX_PARTITIONS"
 DAEMON_INTERVAL_ENV = "BACKFILL_DAEMON_INTERVAL_S"
+DBT_PROJECT_ENV = "BACKFILL_DBT_PROJECT"
 DEFAULT_DAEMON_INTERVAL_S = 1.0
 """Seconds between the project daemon's backfill passes (Dagster's own daemon: a fixed 30)."""
 DEFAULT_MAX_PARTITIONS = 400
@@ -38,7 +39,12 @@ tag ``backfill_assets/full_rebuild=true``: a little over a year of days."""
 DATA_DATABASE = "backfill"
 DAGSTER_DATABASE = "dagster"
 
-DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+DEFAULT_DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+"""The demo's dbt project: the marts built from the demo's tables."""
+DBT_PACKAGE_DIR = Path(__file__).resolve().parents[1] / "dbt_package"
+"""The dbt package every dbt project of backfill_assets installs (its macros make per-partition
+builds safe) and the profiles dir of every dbt call: its ``profiles.yml`` holds the profile
+``backfill_assets``, whose connection the project sets from ``BACKFILL_PG_URL``."""
 DAGSTER_HOME = REPO_ROOT / "dagster_home"
 LOG_DIR = REPO_ROOT / "logs"
 """The project's own logs (the demo's daemon log). Not under $DAGSTER_HOME/logs: Dagster's daemon
@@ -237,6 +243,28 @@ def process_env() -> dict[str, str]:
         # stop them.
         "DAGSTER_DISABLE_TELEMETRY": "1",
     }
+
+
+def dbt_project_dir() -> Path:
+    """The dbt project whose models are built per partition: ``BACKFILL_DBT_PROJECT`` (a
+    folder holding ``dbt_project.yml``), else the demo's ``dbt_project/``."""
+    value = os.environ.get(DBT_PROJECT_ENV, "").strip()
+    if not value:
+        return DEFAULT_DBT_PROJECT_DIR
+    folder = Path(value).expanduser().resolve()
+    if not (folder / "dbt_project.yml").is_file():
+        problem = (
+            "does not exist"
+            if not folder.exists()
+            else "is not a folder"
+            if not folder.is_dir()
+            else "holds no dbt_project.yml"
+        )
+        raise SettingsError(
+            f"{DBT_PROJECT_ENV}={value!r}: {folder} {problem}; set it to the folder of your dbt "
+            "project (the one holding dbt_project.yml), or unset it for the demo's dbt_project/"
+        )
+    return folder
 
 
 def max_job_backfill_partitions() -> int:

@@ -11,9 +11,10 @@ run, because dbt's start-up (~3 s) costs far more than a day's batch (~30 ms).
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
+from pathlib import Path
 
 import dbt.version
 from dagster import AssetExecutionContext, AssetsDefinition, Failure
@@ -23,10 +24,21 @@ from packaging import version
 from backfill_assets.core.control import wait_while_paused
 from backfill_assets.core.database import first_build_lock
 from backfill_assets.core.partitioning import Partitioning
-from backfill_assets.core.registry import TABLES_PATH_ENV, DeclarationError, Registry
+from backfill_assets.core.registry import (
+    DEFAULT_TABLES_DIR,
+    TABLES_PATH_ENV,
+    DeclarationError,
+    Registry,
+    load_registry,
+)
 from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.session_limits import of_tables
-from backfill_assets.core.settings import DBT_PROJECT_DIR, connection_parts
+from backfill_assets.core.settings import (
+    DBT_PACKAGE_DIR,
+    DEFAULT_DBT_PROJECT_DIR,
+    connection_parts,
+    dbt_project_dir,
+)
 from backfill_assets.core.tables import Timeouts
 from backfill_assets.core.throttle import Throttle, ThrottleTimeout
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
@@ -38,8 +50,6 @@ from backfill_assets.defs.dbt_checks import (
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest, parse_dir
-
-dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
 log = logging.getLogger("backfill_assets")
 
@@ -54,13 +64,15 @@ def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
 
 
 def models_by_partitioning(
-    manifest: Mapping, registry: Registry
+    manifest: Mapping, registry: Registry, left_out: Collection[tuple[str, str]] = ()
 ) -> dict[Partitioning | None, list[str]]:
     """Model names grouped by the partitioning of the declared table(s) they read.
 
     A model reads a declared table through a dbt source pointing at it, directly or through other
     models. Models that read none are unpartitioned; a model reading two tables partitioned
-    differently cannot be built per partition and is refused with both names.
+    differently cannot be built per partition and is refused with both names. A model reading a
+    table no declaration builds is not loaded, with a warning, unless every such table is in
+    ``left_out`` (``demo_tables_left_out``).
     """
     declared = registry.by_asset_path()
     nodes, sources = manifest["nodes"], manifest["sources"]
@@ -88,10 +100,12 @@ def models_by_partitioning(
         read = tables_read(unique_id, set())
         undeclared = sorted(".".join(relation) for relation in read if relation not in declared)
         if undeclared:
-            log.warning(
+            message = (
                 f"dbt model {node['name']} is not loaded: it reads {', '.join(undeclared)}, "
                 f"which no declaration in {TABLES_PATH_ENV} builds"
             )
+            quiet = read.difference(declared) <= set(left_out)
+            log.log(logging.DEBUG if quiet else logging.WARNING, message)
             continue
         partitionings = {declared[relation].partitioning.calendar for relation in read}
         if len(partitionings) > 1:
@@ -104,6 +118,17 @@ def models_by_partitioning(
         key = declared[next(iter(read))].partitioning if read else None
         groups.setdefault(key and key.calendar, []).append(node["name"])
     return groups
+
+
+def demo_tables_left_out(registry: Registry, project_dir: Path) -> set[tuple[str, str]]:
+    """The demo's tables ``registry`` leaves out, when ``project_dir`` is the demo's dbt project:
+    its marts are then left out as a matter of course (``BACKFILL_TABLES_PATH`` without
+    ``tables/``), not a mistake to warn about on every command. A user's dbt project reading an
+    undeclared table is still warned about."""
+    if project_dir != DEFAULT_DBT_PROJECT_DIR:
+        return set()
+    demo = set(load_registry([DEFAULT_TABLES_DIR]).by_asset_path())
+    return demo - set(registry.by_asset_path())
 
 
 @contextmanager
@@ -151,21 +176,25 @@ def dbt_model_assets(
     manifest = ensure_manifest(registry)
     incremental = incremental_relations(manifest)
     sizes = run_sizes or {}
+    project = dbt_project()
+    left_out = demo_tables_left_out(registry, Path(project.project_dir))
     return [
         _dbt_assets(
             manifest,
+            project,
             models,
             partitioning,
             incremental,
             registry,
             sizes.get(partitioning, UNMEASURED_PER_RUN),
         )
-        for partitioning, models in models_by_partitioning(manifest, registry).items()
+        for partitioning, models in models_by_partitioning(manifest, registry, left_out).items()
     ]
 
 
 def _dbt_assets(
     manifest: Mapping,
+    project: DbtProject,
     models: list[str],
     partitioning: Partitioning | None,
     incremental: list[tuple[str, str]],
@@ -182,7 +211,7 @@ def _dbt_assets(
 
     @dbt_assets(
         manifest=manifest,
-        project=dbt_project,
+        project=project,
         select=" ".join(sorted(models)),
         name=name,
         partitions_def=definition,
@@ -215,7 +244,8 @@ def _dbt_assets(
             if first_build:
                 context.log.info(f"first build of {first_build}: other dbt runs wait for it")
             # Builds of the same day take turns inside dbt itself: each batch locks its model and
-            # day (dbt_project/macros/microbatch_window_replace.sql), whoever runs dbt.
+            # day (backfill_assets/dbt_package/macros/microbatch_window_replace.sql), whoever
+            # runs dbt.
             with dbt_process_env(postgres, registry):
                 invocation = dbt.cli(args, context=context, raise_on_error=checked is None)
                 if checked is None:
@@ -246,6 +276,15 @@ class InstalledDbt(DbtCliResource):
         return None
 
 
-dbt_resource = InstalledDbt(
-    project_dir=dbt_project, profiles_dir=str(DBT_PROJECT_DIR), dbt_executable=DBT_EXECUTABLE
-)
+def dbt_project() -> DbtProject:
+    """The dbt project of ``BACKFILL_DBT_PROJECT`` (default: the demo's), run with the profile of
+    backfill_assets' dbt package."""
+    return DbtProject(project_dir=dbt_project_dir(), profiles_dir=DBT_PACKAGE_DIR)
+
+
+def installed_dbt() -> InstalledDbt:
+    """The ``dbt`` resource for ``dbt_project()``."""
+    project = dbt_project()
+    return InstalledDbt(
+        project_dir=project, profiles_dir=str(DBT_PACKAGE_DIR), dbt_executable=DBT_EXECUTABLE
+    )

@@ -17,7 +17,7 @@ from backfill_assets.core.run_sizing import (
 )
 from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
 from backfill_assets.core.strategies import strategy_of
-from backfill_assets.defs.dbt import dbt_model_assets, dbt_resource
+from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
 from backfill_assets.defs.jobs import table_jobs
 from backfill_assets.defs.late_data import late_data_sensor
 from backfill_assets.defs.resources import PostgresResource
@@ -54,7 +54,7 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
         jobs=[job for table in registry for job in table_jobs(table, assets)]
         + [rollback_job(registry)],
         sensors=[late_data_sensor(table) for table in registry if strategy_of(table).late_data],
-        resources={"postgres": PostgresResource(), "dbt": dbt_resource},
+        resources={"postgres": PostgresResource(), "dbt": installed_dbt()},
         # A run's steps (the table, then its dbt models) depend on each other and run one after
         # the other anyway; the default multiprocess executor would start a Python process per
         # step, each importing these definitions again (~2.5 s). Measured in docs/measurements.md.

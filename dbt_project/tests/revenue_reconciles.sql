@@ -10,13 +10,13 @@ with source as (
            count(*) filter (where status = 'paid') as paid_orders,
            coalesce(sum(gross_amount) filter (where status = 'paid'), 0) as gross_revenue
     from {{ source('analytics', 'fct_orders') }}
-    where {{ partition_window_filter('order_day') }}
+    where {{ backfill_assets.partition_window_filter('order_day') }}
     group by order_day
 ),
 mart as (
     select order_day, order_count, paid_orders, coalesce(gross_revenue, 0) as gross_revenue
     from {{ ref('daily_revenue') }}
-    where {{ partition_window_filter('order_day') }}
+    where {{ backfill_assets.partition_window_filter('order_day') }}
 )
 select coalesce(s.order_day, m.order_day) as partition_key,
        s.order_count as source_orders, m.order_count as mart_orders,

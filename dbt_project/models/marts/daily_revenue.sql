@@ -9,7 +9,7 @@
     incremental_strategy='microbatch',
     event_time='order_day',
     batch_size='day',
-    begin=partitions_begin('analytics.fct_orders'),
+    begin=backfill_assets.partitions_begin('analytics.fct_orders'),
     unique_key='order_day',
   )
 }}

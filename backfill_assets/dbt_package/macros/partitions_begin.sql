@@ -1,5 +1,6 @@
 {#
-  The first partition of a declared table (tables/<name>.yaml), as a microbatch model's `begin`.
+  The first partition of a declared table (tables/<name>.yaml), as a microbatch model's `begin`:
+  begin=backfill_assets.partitions_begin('schema.table').
   backfill_assets sets BACKFILL_BEGIN__<SCHEMA>__<TABLE> from the declaration for every dbt call,
   so the date is written once, in the table's declaration.
 #}

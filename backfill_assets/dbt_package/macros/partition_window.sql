@@ -23,7 +23,7 @@
   {%- set where = config.get('where', '') -%}
   {%- set partition_column = (config.get('meta') or {}).get('partition_column') -%}
   {%- if partition_column -%}
-    {%- set where = partition_window_filter(partition_column) ~ (' and (' ~ where ~ ')' if where else '') -%}
+    {%- set where = backfill_assets.partition_window_filter(partition_column) ~ (' and (' ~ where ~ ')' if where else '') -%}
   {%- endif -%}
   {%- if where -%}
     {%- do return('(select * from ' ~ relation ~ ' where ' ~ where ~ ') dbt_subquery') -%}
