@@ -242,6 +242,8 @@ def process_env() -> dict[str, str]:
         # log, with run events) unless this is set; telemetry.enabled in dagster.yaml does not
         # stop them.
         "DAGSTER_DISABLE_TELEMETRY": "1",
+        # Resolved: a child process may start in another folder than a relative path names.
+        **({DBT_PROJECT_ENV: str(dbt_project_dir())} if os.environ.get(DBT_PROJECT_ENV) else {}),
     }
 
 
