@@ -2,8 +2,8 @@
 
 dagster-dbt reports a dbt test once per invocation, and a run here covers many days: Dagster
 would store that one result with no partition and show every day's check as skipped. So the dbt
-step runs ``dbt build`` over its window (the tests are scoped to the window by
-``dbt_project/macros/partition_window.sql``), holds back dagster-dbt's range-wide results and
+step runs ``dbt build`` over its window (the tests are scoped to the window by the dbt package's
+``macros/partition_window.sql``), holds back dagster-dbt's range-wide results and
 yields one ``AssetCheckEvaluation`` per test and day instead: a passing test passes every day of
 the window; a failing test's compiled SQL is re-run grouped by the ``partition_key`` column the
 project's tests return, so only the days that hold failing rows fail. A test whose rows name no
