@@ -145,6 +145,11 @@ def _project_without(tmp_path: Path, edit) -> Path:
     return folder
 
 
+def _other_profile(folder: Path) -> None:
+    config = folder / "dbt_project.yml"
+    config.write_text(config.read_text().replace("profile: backfill_assets", "profile: mine"))
+
+
 def _no_dispatch(folder: Path) -> None:
     config = folder / "dbt_project.yml"
     config.write_text(config.read_text().split("dispatch:")[0])
@@ -156,6 +161,10 @@ def _no_dispatch(folder: Path) -> None:
         (lambda tmp: tmp / "nowhere", "does not exist; set it to the folder of your dbt project"),
         (lambda tmp: tmp, "holds no dbt_project.yml"),
         (
+            lambda tmp: _project_without(tmp, _other_profile),
+            "profile is 'mine'; write `profile: backfill_assets`",
+        ),
+        (
             lambda tmp: _project_without(tmp, _no_dispatch),
             "dbt's macros are not dispatched to backfill_assets' package",
         ),
@@ -164,7 +173,7 @@ def _no_dispatch(folder: Path) -> None:
             "does not install backfill_assets' dbt package",
         ),
     ],
-    ids=["missing", "not-a-dbt-project", "no-dispatch", "no-package"],
+    ids=["missing", "not-a-dbt-project", "other-profile", "no-dispatch", "no-package"],
 )
 def test_an_unusable_dbt_project_is_refused_naming_it_and_the_fix(
     dagster_env, monkeypatch, tmp_path, capsys, value, said
