@@ -2,8 +2,9 @@
 
 An hourly table (order lines by the hour they shipped, a ``timestamptz`` column) is backfilled
 through real Dagster runs in a database whose sessions run in Asia/Kolkata (UTC+05:30, an offset
-that is no whole hour): each hour is replaced whole with exactly the rows of its UTC hour, its
-checks are recorded on the hour's key; a key not on the hour or outside the range, or a
+that is no whole hour), by each strategy that replaces partitions: each hour is replaced whole
+with exactly the rows of its UTC hour, its checks are recorded on the hour's key, and a rollback
+restores the hour from its snapshot. A key not on the hour or outside the range, or a
 declaration that does not start on an hour, is refused naming the value to use.
 """
 
@@ -15,6 +16,8 @@ import pytest
 from dagster import AssetKey, HourlyPartitionsDefinition, materialize
 from support import declare_shipped_lines, latest_check
 
+from backfill_assets.core import rollback
+from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
 from backfill_assets.core.registry import DeclarationError, load_registry
 from backfill_assets.defs.checks import CHECKS
@@ -47,8 +50,13 @@ PER_HOUR = (
 )
 
 
-def hourly(folder, column_type: str = "timestamptz not null", partitions: str = HOURLY):
-    table = declare_shipped_lines(folder)
+def hourly(
+    folder,
+    column_type: str = "timestamptz not null",
+    partitions: str = HOURLY,
+    strategy: str = "delete_insert",
+):
+    table = declare_shipped_lines(folder, strategy=strategy)
     declaration = folder / "shipped_lines.yaml"
     lines = []
     for line in declaration.read_text().splitlines():
@@ -71,13 +79,14 @@ def per_hour(conn, relation: str) -> dict[str, tuple]:
     return {hour: tuple(rest) for hour, *rest in conn.execute(PER_HOUR.format(relation)).fetchall()}
 
 
+@pytest.mark.parametrize("strategy", ["delete_insert", "partition_swap", "merge"])
 def test_an_hourly_table_is_written_hour_by_hour_in_utc_with_its_checks_on_the_hours_key(
-    conn, postgres, instance, tmp_path
+    conn, data_url, postgres, instance, tmp_path, strategy
 ):
     conn.execute(HOURLY_SOURCE)
     database = conn.execute("SELECT current_database()").fetchone()[0]
     conn.execute(f"ALTER DATABASE \"{database}\" SET timezone = 'Asia/Kolkata'")
-    table = hourly(tmp_path / "tables")
+    table = hourly(tmp_path / "tables", strategy=strategy)
     asset = table_asset(table)
 
     result = materialize(
@@ -115,6 +124,12 @@ def test_an_hourly_table_is_written_hour_by_hour_in_utc_with_its_checks_on_the_h
     now = per_hour(conn, "sales.shipped_lines")
     assert now == {**written, HOURS[1]: per_hour(conn, "shop.order_lines")[HOURS[1]]}
     assert now[HOURS[1]] != written[HOURS[1]]
+
+    # Rolled back from the hour's snapshot: the hour holds its first rows again.
+    with AuditTrail(data_url) as audit:
+        ref = rollback.snapshot_of_partition(conn, table, HOURS[1])
+        rollback.restore(conn, audit, RunInfo(None, None, "test", {}), [ref])
+    assert per_hour(conn, "sales.shipped_lines") == written
 
 
 def test_an_hours_bounds_select_its_utc_hour_whatever_the_sessions_time_zone(conn, tmp_path):
