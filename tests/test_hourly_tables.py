@@ -18,8 +18,11 @@ from support import declare_shipped_lines, latest_check
 
 from backfill_assets.core import rollback
 from backfill_assets.core.audit import AuditTrail, RunInfo
+from backfill_assets.core.erasure import SubjectRelation, subject_rows
+from backfill_assets.core.params import params_for
 from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
 from backfill_assets.core.registry import DeclarationError, load_registry
+from backfill_assets.core.run import RunHooks, run_table
 from backfill_assets.defs.checks import CHECKS
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 from backfill_assets.defs.partitions import partitions_def
@@ -190,3 +193,48 @@ def test_an_hourly_declaration_off_the_hour_or_on_a_date_column_is_refused(tmp_p
     with pytest.raises(DeclarationError) as on_date:
         hourly(tmp_path / "date", column_type="date not null")
     assert "shipped_at is date, but hourly partitions need a timestamp" in str(on_date.value)
+
+
+def run_hours(conn, data_url: str, table, hours: list[str]):
+    """One run of ``hours`` through the core's run entry (what the asset calls)."""
+    hooks = RunHooks(print, print, print)
+    with AuditTrail(data_url) as audit:
+        return run_table(
+            conn,
+            audit,
+            RunInfo(None, None, "test", {}),
+            table,
+            table.partitioning.windows(hours),
+            params_for(table, {}),
+            hooks,
+        )
+
+
+def test_a_key_moved_to_another_hour_is_refused_naming_the_hour_that_holds_it(
+    conn, data_url, tmp_path
+):
+    conn.execute(HOURLY_SOURCE)
+    conn.execute("SET timezone = 'Asia/Kolkata'")
+    table = hourly(tmp_path / "tables")
+    assert run_hours(conn, data_url, table, HOURS).complete
+    conn.execute(
+        "UPDATE shop.order_lines SET shipped_at = shipped_at + interval '1 hour' "
+        "WHERE (order_id, line_no) = (1000, 1)"  # from 10:00 UTC to 11:00 UTC
+    )
+
+    [outcome] = run_hours(conn, data_url, table, [HOURS[1]]).outcomes
+
+    assert outcome.status == "failed" and outcome.held_by == (HOURS[0],), outcome.error
+    assert f"backfill {HOURS[0]} together with {HOURS[1]}" in outcome.error
+
+
+def test_an_erasure_counts_a_persons_rows_per_utc_hour(conn, tmp_path):
+    conn.execute(HOURLY_SOURCE)
+    conn.execute("SET timezone = 'Asia/Kolkata'")
+    table = hourly(tmp_path / "tables")
+    relation = SubjectRelation("shop", "order_lines", "order_id", "shipped_at")
+
+    rows = subject_rows(conn, relation, "1001", table.partitioning)
+
+    assert rows == {HOURS[1]: 3}  # order 1001's three lines ship at 11:59 UTC
+    assert all(table.partitioning.contains_key(key) for key in rows)
