@@ -90,7 +90,9 @@ def ensure_manifest(registry: Registry | None = None) -> dict:
     Parsing needs no database; it costs a few seconds, so it only runs after an edit or for a
     registry not parsed before (its folder is ``parse_dir``). Processes loading the definitions at
     once (the daemon's code server and a ``dagster job backfill``) take turns on a file lock, so
-    none reads a half-written manifest.
+    none reads a half-written manifest. The parse is a full one: dbt's partial parse of an edited
+    project has been seen to drop a singular test's description from the manifest; the builds
+    still start from the partial-parse file this full parse leaves.
     """
     project_dir = dbt_project_dir()
     settings = check_dbt_project(project_dir)
@@ -100,7 +102,8 @@ def ensure_manifest(registry: Registry | None = None) -> dict:
     manifest = target / "manifest.json"
     with _turns(target / "parse.lock"):
         if not _fresh(manifest, project_dir):
-            _dbt(project_dir, env, "parse", "--quiet", "--target-path", str(target))
+            args = ["parse", "--quiet", "--no-partial-parse", "--target-path", str(target)]
+            _dbt(project_dir, env, *args)
         return json.loads(manifest.read_text())
 
 

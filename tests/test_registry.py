@@ -88,8 +88,8 @@ def test_timeouts_are_read_in_any_unit_of_a_duration(tmp_path):
         (("[order_no, line_no]", "[order_no, line]"), "unique_key: line not among the columns"),
         (("column: ship_date", "column: shipped_on"), "partitions.column: shipped_on not among"),
         (
-            ("every: month", "every: hour"),
-            "partitions.every: 'hour' is not one of day, week, month",
+            ("every: month", "every: minute"),
+            "partitions.every: 'minute' is not one of hour, day, week, month",
         ),
         (("start: 1995-01-01", "start: 1995-01-15"), "start 1995-01-15 is not the first day"),
         (("end: 1997-01-01", "end: 1994-01-01"), "end 1994-01-01 must come after start"),

@@ -86,7 +86,7 @@ def check_types(conn: psycopg.Connection, table: TableSpec) -> None:
         raise ContractError(
             f"table {table.qualified_name} (declared in {table.declared_in}) has column types "
             f"PostgreSQL does not know: {', '.join(unknown)}; write a type such as bigint, "
-            "numeric(12,2), text or date, optionally followed by 'not null'"
+            "numeric(12,2), text, date or timestamptz, optionally followed by 'not null'"
         )
 
 

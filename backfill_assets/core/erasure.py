@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import date
 
 import psycopg
 from psycopg import sql
@@ -23,6 +24,7 @@ from psycopg import sql
 from backfill_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from backfill_assets.core.database import relation_exists
 from backfill_assets.core.guards import per_window
+from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.snapshots import SCHEMA as SNAPSHOT_SCHEMA
 from backfill_assets.core.strategies import strategy_of
 from backfill_assets.core.tables import TableSpec
@@ -99,10 +101,13 @@ def exists(conn: psycopg.Connection, relation: SubjectRelation) -> bool:
 
 
 def subject_rows(
-    conn: psycopg.Connection, relation: SubjectRelation, subject: str, granularity: str = "day"
+    conn: psycopg.Connection,
+    relation: SubjectRelation,
+    subject: str,
+    partitioning: Partitioning | None = None,
 ) -> dict[str, int]:
-    """Rows about the subject per partition key (``day`` or ``month`` starts), or under ``""``
-    for an unpartitioned relation; empty when the relation does not exist."""
+    """Rows about the subject per partition key of ``partitioning`` (days when not given), or
+    under ``""`` for an unpartitioned relation; empty when the relation does not exist."""
     if not exists(conn, relation):
         return {}
     where = _matches(conn, relation, subject)
@@ -114,11 +119,16 @@ def subject_rows(
             [subject],
         ).fetchone()[0]
         return {"": count} if count else {}
+    partitioning = partitioning or Partitioning("", "day", date(1, 1, 1))
     query = sql.SQL(
-        "SELECT date_trunc(%s, {day})::date::text, count(*) FROM {relation} WHERE {where} "
-        "GROUP BY 1 ORDER BY 1"
-    ).format(day=sql.Identifier(relation.day_column), relation=relation.identifier, where=where)
-    return dict(conn.execute(query, [granularity, subject]).fetchall())
+        "SELECT {start}, count(*) FROM {relation} WHERE {where} GROUP BY 1 ORDER BY 1"
+    ).format(
+        start=partitioning.start_of(sql.Identifier(relation.day_column)),
+        relation=relation.identifier,
+        where=where,
+    )
+    found = conn.execute(query, [subject]).fetchall()
+    return {partitioning.key_of(start): count for start, count in found}
 
 
 def source_still_yields(

@@ -8,6 +8,8 @@ would wipe good data. Intended shrinks (a GDPR erasure, a cleanup) pass with the
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 from psycopg import sql
 
@@ -23,12 +25,21 @@ WINDOW = sql.Identifier("backfill_window")
 """Alias of the VALUES list of windows in the one-statement measurements below."""
 
 
+def window_type(window: PartitionWindow) -> str:
+    """The PostgreSQL type of a window's bounds, as bound by the writers: ``date``, or for an
+    hour ``timestamp`` (naive UTC) or ``timestamptz`` (aware)."""
+    if not isinstance(window.start, datetime):
+        return "date"
+    return "timestamp" if window.start.tzinfo is None else "timestamptz"
+
+
 def windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[str, object]]:
     rows, params = [], {}
     for number, window in enumerate(windows):
+        bound = sql.SQL(window_type(window))
         rows.append(
-            sql.SQL("({}::text, {}::date, {}::date)").format(
-                *(sql.Placeholder(f"{p}{number}") for p in "kse")
+            sql.SQL("({}::text, {}::{bound}, {}::{bound})").format(
+                *(sql.Placeholder(f"{p}{number}") for p in "kse"), bound=bound
             )
         )
         params |= {f"k{number}": window.key, f"s{number}": window.start, f"e{number}": window.end}
@@ -41,7 +52,7 @@ def windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[s
 def query_per_window(table: TableSpec) -> sql.SQL:
     """The table's query, its window read from the row of ``WINDOW`` instead of parameters.
 
-    Bound values and these columns have the same type (``date``), so each window's rows are
+    Bound values and these columns have the same type (``window_type``), so each window's rows are
     exactly those the write's INSERT will select.
     """
     text = table.query_text

@@ -103,20 +103,19 @@ def _still_null(conn: psycopg.Connection, table: TableSpec, column: str) -> str:
     """Which partitions still hold NULLs in ``column``, for the error."""
     counts = conn.execute(
         sql.SQL(
-            "SELECT date_trunc({unit}, {part})::date AS p, count(*) FROM {table} "
-            "WHERE {col} IS NULL GROUP BY p ORDER BY p"
+            "SELECT {start} AS p, count(*) FROM {table} WHERE {col} IS NULL GROUP BY p ORDER BY p"
         ).format(
-            unit=sql.Literal(table.partitioning.granularity),
-            part=sql.Identifier(table.partition_column),
+            start=table.partitioning.start_of(sql.Identifier(table.partition_column)),
             table=table.identifier,
             col=sql.Identifier(column),
         )
     ).fetchall()
+    declared = table.partitioning
+    counts = [(declared.key_of(p), n) for p, n in counts]
     total = sum(n for _, n in counts)
     shown = ", ".join(f"{p} ({n})" for p, n in counts[:5]) + (", ..." if len(counts) > 5 else "")
-    declared = table.partitioning
-    inside = [p for p, _ in counts if declared.contains(p)]
-    outside = sum(n for p, n in counts if not declared.contains(p))
+    inside = [p for p, _ in counts if declared.contains_key(p)]
+    outside = sum(n for p, n in counts if not declared.contains_key(p))
     advice = []
     if inside:
         advice.append(

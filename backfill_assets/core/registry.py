@@ -12,13 +12,13 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import cache
 from pathlib import Path
 
 import yaml
 
-from backfill_assets.core.partitioning import GRANULARITIES, Partitioning
+from backfill_assets.core.partitioning import GRANULARITIES, HOUR_KEY_FORMAT, Partitioning
 from backfill_assets.core.run_sizing import MAX_PER_RUN
 from backfill_assets.core.settings import REPO_ROOT
 from backfill_assets.core.strategies import DEFAULT as DEFAULT_STRATEGY
@@ -36,7 +36,7 @@ KEYS = {
     "strategy": "how a partition is written",
     "sql": "the SQL file, relative to the YAML (default: same name, .sql)",
     "upstream": "schema.table of every table the SQL reads",
-    "partitions": "column, every (day | week | month), start, optional end (exclusive)",
+    "partitions": "column, every (hour | day | week | month), start, optional end (exclusive)",
     "columns": "name: type, in order; 'type not null' or {type, not_null, check}",
     "unique_key": "column(s) that identify a row",
     "measures": "numeric columns whose sums must reconcile with the source",
@@ -196,12 +196,15 @@ def _spec(path: Path, doc: object) -> TableSpec:
             f"partitions.every: {every!r} is not one of {', '.join(GRANULARITIES)}"
         )
     column = known_columns("partitions.column", [str(_required(partitions, "column"))])[0]
+    read = _hour if every == "hour" else _date
+    zoned = every == "hour" and _hour_column_zoned(columns, column)
     try:
         partitioning = Partitioning(
             column=column,
             granularity=every,
-            start=_date(_required(partitions, "start"), "partitions.start"),
-            end=_date(partitions["end"], "partitions.end") if partitions.get("end") else None,
+            start=read(_required(partitions, "start"), "partitions.start"),
+            end=read(partitions["end"], "partitions.end") if partitions.get("end") else None,
+            zoned=zoned,
         )
     except ValueError as exc:
         raise DeclarationError(f"partitions: {exc}") from None
@@ -386,6 +389,49 @@ def _columns(value: object) -> tuple[Column, ...]:
             )
         )
     return tuple(columns)
+
+
+_TIMESTAMP = re.compile(r"^timestamp(\s*\(\d\))?(\s+without\s+time\s+zone)?$", re.I)
+_TIMESTAMPTZ = re.compile(
+    r"^(timestamptz(\s*\(\d\))?|timestamp(\s*\(\d\))?\s+with\s+time\s+zone)$", re.I
+)
+
+
+def _hour_column_zoned(columns: tuple[Column, ...], name: str) -> bool:
+    """Whether an hourly table's partition column is a ``timestamptz`` (else a ``timestamp``);
+    any other type is refused: an hour's window is a range of times."""
+    declared = next(c.type for c in columns if c.name == name).strip()
+    if _TIMESTAMPTZ.match(declared):
+        return True
+    if _TIMESTAMP.match(declared):
+        return False
+    raise DeclarationError(
+        f"partitions.column: {name} is {declared}, but hourly partitions need a timestamp or "
+        f"timestamptz column (declare columns.{name}: timestamptz)"
+    )
+
+
+def _hour(value: object, field: str) -> datetime:
+    """A UTC hour as a naive datetime: ``2024-03-01 13:00``, ``2024-03-01T13:00:00Z``, a
+    Dagster key ``2024-03-01-13:00`` or a date (its midnight); an offset is converted to UTC."""
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, date):
+        return datetime(value.year, value.month, value.day)
+    else:
+        text = str(value).strip()
+        try:
+            parsed = datetime.strptime(text, HOUR_KEY_FORMAT)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise DeclarationError(
+                    f"{field}: {value!r} is not a time (YYYY-MM-DD HH:00, in UTC)"
+                ) from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
 
 
 def _date(value: object, field: str) -> date:

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core.database import relation_exists
-from backfill_assets.core.partitioning import KEY_FORMAT, PartitionWindow
+from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
 
 SHOWN_KEYS = 5
@@ -124,18 +124,16 @@ def keys_elsewhere(
     count, found_keys, days = conn.execute(query, window.as_params()).fetchone()
     if not count:
         return None
-    return KeysElsewhere(count, tuple(found_keys), _partition_keys(days))
+    return KeysElsewhere(count, tuple(found_keys), _partition_keys(table, days))
 
 
 def _partition_start(table: TableSpec, column: sql.Composable) -> sql.Composed:
-    """The start of the partition holding ``column``'s value, as a date."""
-    return sql.SQL("date_trunc({}, {}::date)::date").format(
-        sql.Literal(table.partitioning.granularity), column
-    )
+    """The start of the partition holding ``column``'s value (a date, or a UTC hour)."""
+    return table.partitioning.start_of(column)
 
 
-def _partition_keys(days) -> tuple[str, ...]:
-    return tuple(day.strftime(KEY_FORMAT) for day in days)
+def _partition_keys(table: TableSpec, starts) -> tuple[str, ...]:
+    return tuple(table.partitioning.key_of(start) for start in starts)
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ def duplicated_across(conn: psycopg.Connection, table: TableSpec) -> Duplicates 
     count, found_keys, days = conn.execute(query).fetchone()
     if not count:
         return None
-    return Duplicates(count, tuple(found_keys), _partition_keys(days))
+    return Duplicates(count, tuple(found_keys), _partition_keys(table, days))
 
 
 def has_index_led_by_key(conn: psycopg.Connection, table: TableSpec) -> bool:

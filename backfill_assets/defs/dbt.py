@@ -47,11 +47,13 @@ from backfill_assets.defs.dbt_checks import (
     checked_days,
     per_partition_check_events,
 )
+from backfill_assets.defs.dbt_windows import check_batch_sizes, event_time_args
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest, parse_dir
 
 log = logging.getLogger("backfill_assets")
+_NAME_SAFE = str.maketrans("-:", "__")
 
 
 def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
@@ -201,10 +203,12 @@ def _dbt_assets(
     registry: Registry,
     partitions_per_run: int,
 ) -> AssetsDefinition:
+    if partitioning:
+        check_batch_sizes(manifest, models, partitioning)
     definition = partitions_def(partitioning) if partitioning else None
     throttled = [t for t in registry if partitioning and t.partitioning.calendar == partitioning]
     name = (
-        f"dbt_{partitioning.granularity}_from_{partitioning.start:%Y_%m_%d}"
+        f"dbt_{partitioning.granularity}_from_{partitioning.first_key().translate(_NAME_SAFE)}"
         if partitioning
         else "dbt_unpartitioned"
     )
@@ -225,10 +229,7 @@ def _dbt_assets(
         if checked is not None:
             # build = the window's batches, then the models' tests scoped to the window.
             first, last = checked.span[0], checked.span[-1]
-            start = definition.time_window_for_partition_key(first).start
-            end = definition.time_window_for_partition_key(last).end
-            args += ["--event-time-start", f"{start:%Y-%m-%d}"]
-            args += ["--event-time-end", f"{end:%Y-%m-%d}"]
+            args += event_time_args(definition, first, last, partitioning.granularity)
         # Like a table's write: held back while the database is under stress (each table of
         # this calendar's throttle), then while the backfill is paused (core/control.py).
         with postgres.connect() as conn:

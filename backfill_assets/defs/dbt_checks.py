@@ -6,13 +6,16 @@ step runs ``dbt build`` over its window (the tests are scoped to the window by t
 ``macros/partition_window.sql``), holds back dagster-dbt's range-wide results and
 yields one ``AssetCheckEvaluation`` per test and day instead: a passing test passes every day of
 the window; a failing test's compiled SQL is re-run grouped by the ``partition_key`` column the
-project's tests return, so only the days that hold failing rows fail. A test whose rows name no
-day (``not_null`` on the partition column itself) fails every day of the run.
+project's tests return, so only the days that hold failing rows fail (for a monthly or hourly
+model, the months or hours holding them). A test whose rows name no day (``not_null`` on the
+partition column itself) fails every day of the run.
 Design and measurements: ``docs/design/dbt-tests-as-partition-checks.md``.
 """
 
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any
 
 import psycopg
@@ -74,18 +77,50 @@ class PartitionedChecksTranslator(DagsterDbtTranslator):
 
 
 def failures_by_partition(
-    conn: psycopg.Connection, compiled_sql: str, partitions: Sequence[str], window_failures: int
+    conn: psycopg.Connection,
+    compiled_sql: str,
+    partitions: Sequence[str],
+    window_failures: int,
+    definition: TimeWindowPartitionsDefinition,
 ) -> dict[str, int]:
-    """Failing rows per day of ``partitions``; rows that name no day count against every day."""
-    query = sql.SQL("SELECT partition_key::text, count(*) FROM ({}) AS failures GROUP BY 1").format(
+    """Failing rows per partition of ``partitions``; rows that name no partition count against
+    every one. A row's ``partition_key`` (a day, a time, or a key as text) counts against the
+    partition whose window holds it: a day inside a month against that month's key, a time
+    against its UTC hour's."""
+    query = sql.SQL("SELECT partition_key, count(*) FROM ({}) AS failures GROUP BY 1").format(
         sql.SQL(compiled_sql.strip().rstrip(";"))
     )
     try:
-        counts = dict(conn.execute(query).fetchall())
+        found = conn.execute(query).fetchall()
     except psycopg.errors.UndefinedColumn:
         return dict.fromkeys(partitions, window_failures)
-    unattributed = counts.pop(None, 0)
-    return {day: counts.get(day, 0) + unattributed for day in partitions}
+    spans = {key: definition.time_window_for_partition_key(key) for key in partitions}
+    windows = sorted((span.start, span.end, key) for key, span in spans.items())
+    counts, unattributed = dict.fromkeys(partitions, 0), 0
+    for value, count in found:
+        if value is None:
+            unattributed += count
+        elif isinstance(value, str) and value in counts:
+            counts[value] += count
+        elif (instant := _instant(value)) is not None:
+            at = bisect_right(windows, instant, key=lambda window: window[0]) - 1
+            if at >= 0 and instant < windows[at][1]:
+                counts[windows[at][2]] += count
+    return {key: counts[key] + unattributed for key in partitions}
+
+
+def _instant(value: object) -> datetime | None:
+    """A ``partition_key`` value as a UTC instant: a date's midnight, a naive time read in UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return None
 
 
 @dataclass(frozen=True)
@@ -169,7 +204,8 @@ def per_partition_check_events(
         if status == "pass":
             failures: dict[str, int | None] = dict.fromkeys(days, 0)
         elif status in ("fail", "warn"):
-            failures = failures_by_partition(conn, test["compiled_code"], days, window_failures)
+            compiled, definition = test["compiled_code"], context.assets_def.partitions_def
+            failures = failures_by_partition(conn, compiled, days, window_failures, definition)
         else:  # the test's SQL itself failed: no day can be said to pass
             failures = dict.fromkeys(days)
         for day in days:

@@ -10,6 +10,7 @@ from functools import cache
 from dagster import (
     BackfillPolicy,
     DailyPartitionsDefinition,
+    HourlyPartitionsDefinition,
     MonthlyPartitionsDefinition,
     WeeklyPartitionsDefinition,
 )
@@ -22,13 +23,16 @@ from backfill_assets.core.partitioning import Partitioning
 def _definition(granularity: str, start: str, end: str | None) -> PartitionsDef:
     if granularity == "week":  # weeks from Monday (day_offset 1), as core/partitioning.py has them
         return WeeklyPartitionsDefinition(start_date=start, end_date=end, day_offset=1)
+    if granularity == "hour":  # UTC, keys 2024-03-01-13:00 (core/partitioning.py's HOUR_KEY_FORMAT)
+        return HourlyPartitionsDefinition(start_date=start, end_date=end)
     kind = DailyPartitionsDefinition if granularity == "day" else MonthlyPartitionsDefinition
     return kind(start_date=start, end_date=end)
 
 
 def partitions_def(partitioning: Partitioning) -> PartitionsDef:
-    end = partitioning.end.isoformat() if partitioning.end else None
-    return _definition(partitioning.granularity, partitioning.start.isoformat(), end)
+    end = partitioning.end.strftime(partitioning.key_format) if partitioning.end else None
+    start = partitioning.start.strftime(partitioning.key_format)
+    return _definition(partitioning.granularity, start, end)
 
 
 @cache

@@ -16,7 +16,6 @@ Re-running after a failure continues from what remains.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
 
 import psycopg
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions
@@ -107,12 +106,10 @@ def erase(
                 )
             keys = asset_selection(definitions, [table.asset_name], downstream=True)
             marts = [models[tuple(k.path)] for k in keys if tuple(k.path) in models]
-            granularity = table.partitioning.granularity
             days: set[str] = set()
             for relation in [SubjectRelation.of(table), *marts]:
-                days |= set(subject_rows(conn, relation, subject, granularity))
-            within = table.partitioning.contains
-            outside = sorted(d for d in days if not within(date.fromisoformat(d)))
+                days |= set(subject_rows(conn, relation, subject, table.partitioning))
+            outside = sorted(d for d in days if not table.partitioning.contains_key(d))
             if outside:
                 raise ErasureError(
                     f"{table.qualified_name} (or a mart built from it) holds the person's rows "

@@ -159,7 +159,7 @@ def swap_back(
     kept = kept_name(table, ref.write_id)
     child = sql.Identifier(table.schema, child_name(table, window))
     before = rollback.take_partition(conn, table, window)
-    staging_name = f"{table.name[:40]}__r{window.start:%Y%m%d}_{write_id.hex[:8]}"
+    staging_name = f"{table.name[:40]}__r{window.tag}_{write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)
     if kept in kept_partitions(conn, table):
         # The kept table goes back to the table's schema under a staging name, then the swap.

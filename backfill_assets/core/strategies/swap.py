@@ -53,7 +53,7 @@ class RowsOutsideWindow(Exception):
 
 
 def child_name(table: TableSpec, window: PartitionWindow) -> str:
-    return f"{table.name[:48]}__p{window.start:%Y%m%d}"
+    return f"{table.name[:48]}__p{window.tag}"
 
 
 def attached_child(conn: psycopg.Connection, table: TableSpec, window: PartitionWindow) -> bool:
@@ -111,7 +111,8 @@ def expire_kept(conn: psycopg.Connection, table: TableSpec, days: int) -> int:
 
 
 def _bounds(window: PartitionWindow) -> tuple[sql.Literal, sql.Literal]:
-    """DDL takes no bound parameters: the window's dates as literals (``'2024-04-01'::date``)."""
+    """DDL takes no bound parameters: the bounds as typed literals (``'2024-04-01'::date``,
+    an hour's ``timestamp`` or ``timestamptz``)."""
     return sql.Literal(window.start), sql.Literal(window.end)
 
 
@@ -228,7 +229,7 @@ def swap_partition(
         conn, audit, run, table, window, params, guarded, keeps_snapshot=params.snapshots
     )
     started = time.perf_counter()
-    staging_name = f"{table.name[:40]}__s{window.start:%Y%m%d}_{job.write_id.hex[:8]}"
+    staging_name = f"{table.name[:40]}__s{window.tag}_{job.write_id.hex[:8]}"
     staging = sql.Identifier(table.schema, staging_name)
     snapshot = kept_name(table, job.write_id) if params.snapshots else None
 

@@ -6,9 +6,10 @@
   the batch window [event_time_start, event_time_end) and inserts the batch, in the batch's own
   transaction: the same contract as backfill_assets.writer.replace_partition.
   The literals stay untyped, as in dbt's own event-time filter, so they take the column's type
-  (date) and the day boundaries do not depend on the session time zone.
+  (a date; for an hour a timestamp, read as UTC, or a timestamptz, read with the literal's +00:00)
+  and the batch's boundaries do not depend on the session time zone.
 
-  The batch first locks (model, day) for the rest of its transaction, with the key the tables'
+  The batch first locks (model, batch) for the rest of its transaction, with the key the tables'
   writer uses for (table, partition) (backfill_assets/core/writer.py lock_partition): two dbt
   invocations building the same day at once (by hand, in CI, beside a backfill) would otherwise
   both DELETE before either INSERT is visible, and the day would hold its rows twice. Whoever
@@ -24,7 +25,10 @@
   {%- set source = arg_dict["temp_relation"] -%}
   {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
   {%- set event_time = adapter.quote(model.config.event_time) -%}
-  {%- set partition_key = (model.batch.event_time_start | string)[:10] -%}
+  {#- The batch's partition key as the tables' writer spells it: 2024-03-01 for a day, a month
+      (its first day) or a year, 2024-03-01-13:00 for an hour; unique per batch of the model. -#}
+  {%- set stamp = model.batch.event_time_start | string -%}
+  {%- set partition_key = stamp[:10] ~ ('-' ~ stamp[11:16] if model.config.batch_size == 'hour' else '') -%}
   {%- set retries = env_var("BACKFILL_DBT_LOCK_RETRIES", "0") | int -%}
   do $backfill_batch$
   declare

@@ -8,11 +8,20 @@
   {%- set start = args.get('event_time_start') -%}
   {%- set end = args.get('event_time_end') -%}
   {%- if start and end -%}
-    {{ column }} >= '{{ start.strftime("%Y-%m-%d") if start is not string else start[:10] }}'
-    and {{ column }} < '{{ end.strftime("%Y-%m-%d") if end is not string else end[:10] }}'
+    {{ column }} >= '{{ backfill_assets.utc_instant(start) }}' and {{ column }} < '{{ backfill_assets.utc_instant(end) }}'
   {%- else -%}
     true
   {%- endif -%}
+{%- endmacro %}
+
+{#
+  A window bound as an untyped UTC literal, '2024-03-01 13:00:00+00': it takes the column's type,
+  a date column reads its day, a timestamptz column the UTC instant whatever the session's time
+  zone, a timestamp column the UTC wall-clock time (dbt's flags are UTC).
+#}
+{% macro utc_instant(value) -%}
+  {%- set text = (value.strftime("%Y-%m-%d %H:%M:%S") if value is not string else value | replace("T", " ")) -%}
+  {{- text[:10] ~ ' ' ~ (text[11:19] if text | length >= 19 else '00:00:00') ~ '+00' -}}
 {%- endmacro %}
 
 {#

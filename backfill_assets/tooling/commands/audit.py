@@ -27,7 +27,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from backfill_assets.core.params import REASON, reason
 
     if bool(args.backfill) == bool(args.partition):
-        print("give either --backfill ID or --partition YYYY-MM-DD", file=sys.stderr)
+        print("give either --backfill ID or --partition KEY", file=sys.stderr)
         return 2
     registry = load_registry()
     if args.partition:
@@ -173,7 +173,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     undo = commands.add_parser("rollback", help="restore partitions from their snapshots")
     undo.add_argument("--backfill", help="undo every partition this backfill wrote")
     undo.add_argument("--reason", help="why: kept in the rollback's audit rows")
-    undo.add_argument("--partition", help="undo the latest write of one partition (YYYY-MM-DD)")
+    undo.add_argument(
+        "--partition", help="undo the latest write of one partition (its key, e.g. 2024-03-01)"
+    )
     undo.add_argument(
         "--table", help="schema.table of --partition (needed when several tables are declared)"
     )
