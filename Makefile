@@ -24,13 +24,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/backfill-assets demo
 
-# Tests run on TEST_WORKERS pytest-xdist workers side by side (each test has its own databases),
-# then those marked serial alone. PYTEST_ARGS runs just what it names, in one process.
+# Tests run on TEST_WORKERS pytest-xdist workers side by side (each test has its own databases;
+# the one that restarts its server has its own cluster). PYTEST_ARGS runs just what it names, in
+# one process.
 TEST_WORKERS ?= 2
 test: setup $(CHROMIUM) lint
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
-	$(BIN)/pytest -m serial
+	$(BIN)/pytest -n $(TEST_WORKERS)
 else
 	$(BIN)/pytest $(PYTEST_ARGS)
 endif

@@ -3,7 +3,8 @@
 The cluster lives in ``.pgdata-test`` (git-ignored) and is started once per session. Every test gets
 its own databases, cloned from templates (seeded demo data; an empty Dagster storage schema), so
 tests never see each other's rows or runs and cloning costs milliseconds instead of a re-seed; so
-``make test`` runs them on pytest-xdist workers side by side, except those marked ``serial``.
+``make test`` runs them on pytest-xdist workers side by side (the one test that restarts its
+server gets a cluster of its own, ``private_cluster_env``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import seed
 
 TEST_PGDATA = settings.REPO_ROOT / ".pgdata-test"
+PRIVATE_PGDATA = settings.REPO_ROOT / ".pgdata-test-private"
+"""The cluster of a test that stops and starts its server (``private_cluster_env``)."""
 ORDERS_PER_DAY = 40
 DATA_TEMPLATE = "backfill_template"
 DAGSTER_TEMPLATE = "dagster_template"
@@ -152,3 +155,35 @@ def dagster_env(tmp_path, monkeypatch, data_url, dagster_storage_url) -> dict[st
 @pytest.fixture
 def repo_root() -> Path:
     return settings.REPO_ROOT
+
+
+@pytest.fixture
+def private_cluster_env(tmp_path, monkeypatch) -> Iterator[tuple[str, dict[str, str]]]:
+    """A cluster of this test's own (``PRIVATE_PGDATA``), seeded like the shared one: for a test
+    that stops and starts its server while the other tests go on beside it on theirs. Yields the
+    data URL and the environment of a daemon and the dagster CLI (as ``dagster_env``); the
+    cluster is stopped after the test and its databases dropped at the next use."""
+    embedded.start(PRIVATE_PGDATA)
+    admin = settings.embedded_url(PRIVATE_PGDATA, "postgres")
+    with connect(admin) as conn:
+        for name in (DATA_TEMPLATE, DAGSTER_TEMPLATE):
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    data_url = settings.with_database(admin, DATA_TEMPLATE)
+    with connect(data_url) as conn:
+        seed(conn, orders_per_day=ORDERS_PER_DAY)
+    storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
+    with instance_for_test(overrides=storage_overrides(storage_url)):
+        pass
+    home = tmp_path / "private_dagster_home"
+    home.mkdir()
+    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage_url)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    try:
+        yield data_url, settings.process_env()
+    finally:
+        embedded.stop(PRIVATE_PGDATA)

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import TEST_PGDATA
+from conftest import PRIVATE_PGDATA
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from support import failed_run_report, wait_for
 
@@ -112,13 +112,13 @@ def test_a_run_whose_worker_died_with_the_daemon_is_failed_retried_and_its_backf
     assert audit == [("succeeded", 1)], "the killed write left no audit row"
 
 
-@pytest.mark.serial  # stops and starts the test cluster every other test uses
 def test_a_backfill_interrupted_by_a_database_restart_completes_on_retry_without_duplicates(
-    dagster_env, tmp_path, capsys, data_url
+    private_cluster_env, tmp_path, capsys
 ):
     """The server holding the data and Dagster's storage stops while a run waits to write its
     fifth day, then starts again. Seen: the run reports its four committed days and fails (the
     connection is gone); `retry` writes the other six. Every day then holds its rows once."""
+    data_url, dagster_env = private_cluster_env
     days = [f"2024-04-{day:02d}" for day in range(1, 11)]
     log = tmp_path / "daemon.log"
     with running_daemon(dagster_env, log):
@@ -138,9 +138,9 @@ def test_a_backfill_interrupted_by_a_database_restart_completes_on_retry_without
                 180,
                 "the run never reached its fifth day",
             )
-            embedded.stop(TEST_PGDATA)
+            embedded.stop(PRIVATE_PGDATA)
         time.sleep(2)
-        embedded.start(TEST_PGDATA)
+        embedded.start(PRIVATE_PGDATA)
         first = cli.main(["status", backfill_id, "--wait"])
         status = capsys.readouterr()
         if first != 0:

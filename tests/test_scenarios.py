@@ -21,7 +21,12 @@ from support import (
 
 from backfill_assets.core.params import LAUNCHED_BY
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
-from backfill_assets.core.settings import REPO_ROOT, WORKSPACE_FILE
+from backfill_assets.core.settings import (
+    DBT_PROJECT_ENV,
+    DEFAULT_DBT_PROJECT_DIR,
+    REPO_ROOT,
+    WORKSPACE_FILE,
+)
 from backfill_assets.core.tables import ensure_table
 from backfill_assets.core.writer import replace_partition
 from backfill_assets.defs.dagster_internals import BulkActionsFilter
@@ -232,55 +237,57 @@ def stale_days(out: str, asset: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.serial  # edits the repository's dbt model daily_revenue.sql for its length
 def test_a_logic_change_marks_exactly_the_partitions_written_before_it_stale(
     conn, dagster_env, monkeypatch, tmp_path, capsys
 ):
-    tables = tmp_path / "tables"
+    """The logic changes on copies of the demo's tables and dbt project (the tests beside this
+    one keep theirs): the days written before the change are stale, the rewritten day's marts too."""
+    tables, project = tmp_path / "tables", tmp_path / "dbt_project"
     shutil.copytree(DEFAULT_TABLES_DIR, tables)
+    shutil.copytree(
+        DEFAULT_DBT_PROJECT_DIR,
+        project,
+        ignore=shutil.ignore_patterns("target", "dbt_packages", "logs", "package-lock.yml"),
+    )
     monkeypatch.setenv(TABLES_PATH_ENV, str(tables))
-    env = {**dagster_env, TABLES_PATH_ENV: str(tables)}
+    monkeypatch.setenv(DBT_PROJECT_ENV, str(project))
+    env = {**dagster_env, TABLES_PATH_ENV: str(tables), DBT_PROJECT_ENV: str(project)}
     days = ["--from", "2024-03-01", "--to", "2024-03-05"]
-    model = REPO_ROOT / "dbt_project" / "models" / "marts" / "daily_revenue.sql"
+    model = project / "models" / "marts" / "daily_revenue.sql"
     original = model.read_text()
-    try:
-        with running_daemon(env, tmp_path / "daemon.log"):
-            select = ["--select", "analytics/fct_orders"]
-            assert cli.main(["launch", *select, "--downstream", *days, "--wait"]) == 0
-            assert cli.main(["stale", *select, "--downstream", *days]) == 0
-            assert "0 of 5 written partition(s) are stale" in capsys.readouterr().out
+    with running_daemon(env, tmp_path / "daemon.log"):
+        select = ["--select", "analytics/fct_orders"]
+        assert cli.main(["launch", *select, "--downstream", *days, "--wait"]) == 0
+        assert cli.main(["stale", *select, "--downstream", *days]) == 0
+        assert "0 of 5 written partition(s) are stale" in capsys.readouterr().out
 
-            # The logic changes: the table's SQL (no March row changes: the code version does)
-            # and a dbt mart's SQL. Then one day of the table is rewritten with the new logic.
-            query = tables / "fct_orders.sql"
-            query.write_text(query.read_text().replace("'web')", "'web' /* since v2 */)"))
-            model.write_text("-- v2: reviewed\n" + original)
-            assert (
-                cli.main(
-                    ["launch", *select, "--from", "2024-03-03", "--to", "2024-03-03", "--wait"]
-                )
-                == 0
-            )
-            capsys.readouterr()
+        # The logic changes: the table's SQL (no March row changes: the code version does)
+        # and a dbt mart's SQL. Then one day of the table is rewritten with the new logic.
+        query = tables / "fct_orders.sql"
+        query.write_text(query.read_text().replace("'web')", "'web' /* since v2 */)"))
+        model.write_text("-- v2: reviewed\n" + original)
+        assert (
+            cli.main(["launch", *select, "--from", "2024-03-03", "--to", "2024-03-03", "--wait"])
+            == 0
+        )
+        capsys.readouterr()
 
-            assert cli.main(["stale", *select, "--downstream", *days]) == 1
-            out = capsys.readouterr().out
-            code = "code changed since it was written (new code version)"
-            old_days = ["2024-03-01", "2024-03-02", "2024-03-04", "2024-03-05"]
-            assert stale_days(out, "analytics/fct_orders") == dict.fromkeys(old_days, code)
-            rewritten = "upstream analytics/fct_orders 2024-03-03 was rewritten since"
-            assert stale_days(out, "analytics/customer_daily_orders") == {"2024-03-03": rewritten}
-            revenue = stale_days(out, "analytics/daily_revenue")
-            both = f"{code}; {rewritten}"
-            assert revenue == {**dict.fromkeys(old_days, code), "2024-03-03": both}
+        assert cli.main(["stale", *select, "--downstream", *days]) == 1
+        out = capsys.readouterr().out
+        code = "code changed since it was written (new code version)"
+        old_days = ["2024-03-01", "2024-03-02", "2024-03-04", "2024-03-05"]
+        assert stale_days(out, "analytics/fct_orders") == dict.fromkeys(old_days, code)
+        rewritten = "upstream analytics/fct_orders 2024-03-03 was rewritten since"
+        assert stale_days(out, "analytics/customer_daily_orders") == {"2024-03-03": rewritten}
+        revenue = stale_days(out, "analytics/daily_revenue")
+        both = f"{code}; {rewritten}"
+        assert revenue == {**dict.fromkeys(old_days, code), "2024-03-03": both}
 
-            # One command: those days, and what reads them.
-            assert cli.main(["stale", *select, "--downstream", *days, "--launch", "--wait"]) == 0
-            assert cli.main(["stale", *select, "--downstream", *days]) == 0
-            out = capsys.readouterr().out
-            assert out.count("0 of 5 written partition(s) are stale") == 3, out
-    finally:
-        model.write_text(original)
+        # One command: those days, and what reads them.
+        assert cli.main(["stale", *select, "--downstream", *days, "--launch", "--wait"]) == 0
+        assert cli.main(["stale", *select, "--downstream", *days]) == 0
+        out = capsys.readouterr().out
+        assert out.count("0 of 5 written partition(s) are stale") == 3, out
     rewrites = audit_rows(conn, table_name="analytics.fct_orders", status="succeeded")
     assert sorted(a["partition_key"] for a in rewrites[5:]) == [
         "2024-03-01",
