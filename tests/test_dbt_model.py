@@ -22,7 +22,9 @@ from support import (
 )
 
 from backfill_assets.core.database import connect
+from backfill_assets.core.registry import load_registry
 from backfill_assets.core.settings import DEFAULT_DBT_PROJECT_DIR
+from backfill_assets.defs.dbt import builds_dir
 from backfill_assets.project import DBT_EXECUTABLE
 
 DAYS = ["2024-04-01", "2024-04-02", "2024-04-03", "2024-04-04"]
@@ -139,6 +141,22 @@ def test_rebuilding_one_partition_changes_only_that_partitions_rows(postgres, in
     assert {d: v for d, v in after.items() if d != "2024-04-02"} == {
         d: v for d, v in before.items() if d != "2024-04-02"
     }
+
+
+def test_the_second_build_on_a_database_starts_from_the_first_builds_parse(
+    postgres, instance, conn
+):
+    """dbt reparses the whole project when its partial-parse file was written for another
+    connection (the manifest is parsed without one): the first build on a database does, the
+    next ones on it do not (``keep_partial_parse``)."""
+    assert build([fct_orders, dbt_models], postgres, instance, DAYS[0], DAYS[1]).success
+    assert build([dbt_models], postgres, instance, DAYS[1], DAYS[1]).success
+
+    folder = builds_dir(load_registry(), postgres.resolved_url())
+    logs = sorted(folder.glob("*/dbt.log"), key=lambda log: log.stat().st_mtime)
+    assert len(logs) == 2
+    reparsed = ["Unable to do partial parsing" in log.read_text() for log in logs]
+    assert reparsed == [True, False]
 
 
 def test_a_day_whose_facts_vanished_disappears_from_the_model(postgres, instance, conn):

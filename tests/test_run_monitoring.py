@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from conftest import PRIVATE_PGDATA
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from support import failed_run_report, wait_for

@@ -241,7 +241,7 @@ def test_a_logic_change_marks_exactly_the_partitions_written_before_it_stale(
     conn, dagster_env, monkeypatch, tmp_path, capsys
 ):
     """The logic changes on copies of the demo's tables and dbt project (the tests beside this
-    one keep theirs): the days written before the change are stale, the rewritten day's marts too."""
+    one keep theirs): the days written before it are stale, and the rewritten day's marts."""
     tables, project = tmp_path / "tables", tmp_path / "dbt_project"
     shutil.copytree(DEFAULT_TABLES_DIR, tables)
     shutil.copytree(

@@ -9,8 +9,10 @@ check result per test and day (``dbt_checks``). One ``dbt build`` covers the who
 run, because dbt's start-up (~3 s) costs far more than a day's batch (~30 ms).
 """
 
+import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -53,6 +55,8 @@ from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.project import DBT_EXECUTABLE, dbt_env, ensure_manifest, parse_dir
 
 log = logging.getLogger("backfill_assets")
+PARTIAL_PARSE_FILE_NAME = "partial_parse.msgpack"
+"""dbt's partial-parse file, in its target folder."""
 _NAME_SAFE = str.maketrans("-:", "__")
 
 
@@ -134,30 +138,67 @@ def demo_tables_left_out(registry: Registry, project_dir: Path) -> set[tuple[str
 
 
 @contextmanager
-def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[None]:
+def dbt_process_env(postgres: PostgresResource, registry: Registry) -> Iterator[Path]:
     """Point dbt's profile at the ``postgres`` resource's database, and give it the first
-    partitions of the registry's tables (the ones the definitions were built from), for one call."""
+    partitions of the registry's tables (the ones the definitions were built from), for one call.
+
+    Yields the folder dagster-dbt starts the build from (``DBT_TARGET_PATH``): one per database
+    under the registry's ``parse_dir``. dbt reparses the whole project when the profile's
+    connection differs from the one its partial-parse file was written with (~2 s of CPU), and the
+    manifest is parsed without a connection; so the first build on a database starts from the
+    registry's parse, and ``keep_partial_parse`` keeps what that build parsed for the next ones.
+    """
+    connection = connection_parts(postgres.resolved_url())
+    target = builds_dir(registry, postgres.resolved_url())
+    target.mkdir(parents=True, exist_ok=True)
+    registry_parse = parse_dir(registry) / PARTIAL_PARSE_FILE_NAME
+    if not (target / PARTIAL_PARSE_FILE_NAME).exists() and registry_parse.exists():
+        _replace_atomically(registry_parse, target / PARTIAL_PARSE_FILE_NAME)
     values = {
-        **connection_parts(postgres.resolved_url()).as_dbt_env(),
+        **connection.as_dbt_env(),
         **dbt_env(registry),
         "PGOPTIONS": _timeout_options(registry),
         # A batch retries a lock timeout as a table's write does (microbatch_window_replace.sql).
         "BACKFILL_DBT_LOCK_RETRIES": str(
             min((t.timeouts.lock_retries for t in registry), default=Timeouts().lock_retries)
         ),
-        # dagster-dbt starts each build from this folder's partial parse (``parse_dir``).
-        "DBT_TARGET_PATH": str(parse_dir(registry)),
+        # dagster-dbt starts each build from this folder's partial parse.
+        "DBT_TARGET_PATH": str(target),
     }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
-        yield
+        yield target
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def builds_dir(registry: Registry, url: str) -> Path:
+    """Where the builds on the database at ``url`` start from and leave their folders: one per
+    database (host, port, user, name) under the registry's ``parse_dir``."""
+    connection = connection_parts(url)
+    where = "\n".join([connection.host, connection.port, connection.user, connection.dbname])
+    return parse_dir(registry) / f"on-{hashlib.sha1(where.encode()).hexdigest()[:12]}"
+
+
+def keep_partial_parse(build_target: Path, target: Path) -> None:
+    """The partial-parse file a build wrote in its own folder (``build_target``) becomes the one
+    the next build on the same database starts from (``target``); dbt writes it only when it
+    parsed something, and checks it against the project's files itself."""
+    written = build_target / PARTIAL_PARSE_FILE_NAME
+    if written.exists():
+        _replace_atomically(written, target / PARTIAL_PARSE_FILE_NAME)
+
+
+def _replace_atomically(source: Path, destination: Path) -> None:
+    """Copy, then rename: a build starting beside it reads the old file or the new, whole."""
+    partial = destination.with_name(f"{destination.name}.{os.getpid()}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, destination)
 
 
 def _timeout_options(registry: Registry) -> str:
@@ -247,13 +288,16 @@ def _dbt_assets(
             # Builds of the same day take turns inside dbt itself: each batch locks its model and
             # day (backfill_assets/dbt_package/macros/microbatch_window_replace.sql), whoever
             # runs dbt.
-            with dbt_process_env(postgres, registry):
+            with dbt_process_env(postgres, registry) as target:
                 invocation = dbt.cli(args, context=context, raise_on_error=checked is None)
-                if checked is None:
-                    yield from invocation.stream()
-                    return
-                with postgres.connect() as conn:
-                    yield from per_partition_check_events(context, invocation, conn, checked)
+                try:
+                    if checked is None:
+                        yield from invocation.stream()
+                        return
+                    with postgres.connect() as conn:
+                        yield from per_partition_check_events(context, invocation, conn, checked)
+                finally:
+                    keep_partial_parse(invocation.target_path, target)
 
     return _models
 
