@@ -25,12 +25,13 @@ demo: setup
 	$(BIN)/backfill-assets demo
 
 # Tests run on TEST_WORKERS pytest-xdist workers side by side (each test has its own databases;
-# the one that restarts its server has its own cluster). PYTEST_ARGS runs just what it names, in
-# one process.
+# the one that restarts its server has its own cluster), handed out one at a time, the longest
+# first (tests/durations.json; BACKFILL_RECORD_DURATIONS=1 make test updates it). PYTEST_ARGS
+# runs just what it names, in one process.
 TEST_WORKERS ?= 2
 test: setup $(CHROMIUM) lint
 ifeq ($(strip $(PYTEST_ARGS)),)
-	$(BIN)/pytest -n $(TEST_WORKERS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 1
 else
 	$(BIN)/pytest $(PYTEST_ARGS)
 endif

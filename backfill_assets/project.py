@@ -66,6 +66,9 @@ def dbt_env(registry: Registry | None = None) -> dict[str, str]:
     return {
         PACKAGE_ENV: str(DBT_PACKAGE_DIR),
         "DBT_PROFILES_DIR": str(DBT_PACKAGE_DIR),
+        # A user's project may leave dbt's usage statistics on: dbt would send them, and write
+        # its .user.yml into the profiles dir, which is the package's folder.
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         **{
             begin_variable(table.qualified_name): table.partitioning.start.isoformat()
             for table in registry
@@ -133,7 +136,8 @@ def check_dbt_project(project_dir: Path) -> dict:
     dispatched = any(
         isinstance(entry, dict)
         and entry.get("macro_namespace") == "dbt"
-        and PACKAGE in (entry.get("search_order") or [])
+        and PACKAGE in (order := list(entry.get("search_order") or []))
+        and ("dbt" not in order or order.index(PACKAGE) < order.index("dbt"))
         for entry in config.get("dispatch") or []
     )
     if not dispatched:

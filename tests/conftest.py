@@ -10,8 +10,10 @@ server gets a cluster of its own, ``private_cluster_env``).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import statistics
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from psycopg import sql
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import connect
+from backfill_assets.core.registry import TABLES_PATH_ENV
 from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.demo_data import seed
@@ -35,7 +38,18 @@ ORDERS_PER_DAY = 40
 DATA_TEMPLATE = "backfill_template"
 DAGSTER_TEMPLATE = "dagster_template"
 _counter = itertools.count()
+DURATIONS_FILE = Path(__file__).parent / "durations.json"
+"""Seconds each test took in a whole ``make test`` (``BACKFILL_RECORD_DURATIONS=1 make test``)."""
+RECORD_DURATIONS_ENV = "BACKFILL_RECORD_DURATIONS"
+_durations: dict[str, float] = {}
 _STARTED_CLUSTER = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A developer's own tables and dbt project are not the tests': unset before collection
+    (``support.py`` builds the demo's definitions when imported)."""
+    for name in (TABLES_PATH_ENV, settings.DBT_PROJECT_ENV):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,12 +89,34 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pass
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests first, by their measured seconds (``DURATIONS_FILE``; a test not in it
+    counts as a median one). ``make test`` hands tests to its workers one at a time
+    (``--maxschedchunk 1``), so the long ones start early on both workers and the workers end
+    together, instead of one running a long test alone at the end. Every worker sorts the same
+    collection the same way (xdist requires it)."""
+    measured = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+    median = statistics.median(measured.values()) if measured else 0.0
+    items.sort(key=lambda item: -measured.get(item.nodeid, median))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if os.environ.get(RECORD_DURATIONS_ENV):
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A cluster this session started is stopped at its end; one already running is left."""
-    if not hasattr(session.config, "workerinput") and session.config.stash.get(
-        _STARTED_CLUSTER, False
-    ):
+    """A cluster this session started is stopped at its end; one already running is left. With
+    ``BACKFILL_RECORD_DURATIONS=1`` the seconds of every test that ran (set-up, call and
+    teardown) are written to ``DURATIONS_FILE``, over the ones of tests that did not run."""
+    if hasattr(session.config, "workerinput"):
+        return
+    if session.config.stash.get(_STARTED_CLUSTER, False):
         embedded.stop(TEST_PGDATA)
+    if os.environ.get(RECORD_DURATIONS_ENV) and _durations:
+        kept = json.loads(DURATIONS_FILE.read_text()) if DURATIONS_FILE.exists() else {}
+        kept.update({nodeid: round(seconds, 2) for nodeid, seconds in _durations.items()})
+        DURATIONS_FILE.write_text(json.dumps(dict(sorted(kept.items())), indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")

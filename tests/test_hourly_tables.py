@@ -19,10 +19,12 @@ from support import declare_shipped_lines, latest_check
 from backfill_assets.core import rollback
 from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.erasure import SubjectRelation, subject_rows
+from backfill_assets.core.guards import source_stats_all
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partitioning import Partitioning, UnknownPartitionError
 from backfill_assets.core.registry import DeclarationError, load_registry
 from backfill_assets.core.run import RunHooks, run_table
+from backfill_assets.core.staleness import staleness
 from backfill_assets.defs.checks import CHECKS
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 from backfill_assets.defs.partitions import partitions_def
@@ -238,3 +240,25 @@ def test_an_erasure_counts_a_persons_rows_per_utc_hour(conn, tmp_path):
 
     assert rows == {HOURS[1]: 3}  # order 1001's three lines ship at 11:59 UTC
     assert all(table.partitioning.contains_key(key) for key in rows)
+
+
+def test_three_years_of_hours_are_measured_though_a_statement_binds_at_most_65535_values(
+    conn, tmp_path
+):
+    """26,304 hourly windows, three bound values each: more than one statement can carry. The
+    guard's measure and ``stale``'s comparison of every hour answer, and agree with the rows."""
+    conn.execute(HOURLY_SOURCE)
+    years = "partitions: {column: shipped_at, every: hour, start: 2022-01-01, end: 2025-01-01}\n"
+    table = hourly(tmp_path / "tables", partitions=years)
+    windows = table.partitioning.windows(table.partitioning.all_keys())
+    assert len(windows) * 3 > 65535
+
+    measured = source_stats_all(conn, table, windows)
+    stale = staleness(conn, table, windows)
+
+    expected = dict(
+        (key, rows) for key, rows, _ in conn.execute(PER_HOUR.format("shop.order_lines"))
+    )
+    assert {k: s.rows for k, s in measured.items() if s.rows} == expected
+    assert len(stale) == len(windows)
+    assert {s.partition_key: s.source_rows for s in stale if s.source_rows} == expected

@@ -19,7 +19,11 @@ from dagster import AssetKey, materialize
 from support import latest_check
 
 from backfill_assets.core.registry import TABLES_PATH_ENV, load_registry
-from backfill_assets.core.settings import DBT_PROJECT_ENV
+from backfill_assets.core.settings import (
+    DBT_PROJECT_ENV,
+    DEFAULT_DBT_PROJECT_DIR,
+    connection_parts,
+)
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
 from backfill_assets.defs.table_assets import table_asset
@@ -155,6 +159,15 @@ def _no_dispatch(folder: Path) -> None:
     config.write_text(config.read_text().split("dispatch:")[0])
 
 
+def _dbt_first(folder: Path) -> None:
+    config = folder / "dbt_project.yml"
+    config.write_text(
+        config.read_text().replace(
+            "[own_reporting, backfill_assets, dbt]", "[own_reporting, dbt, backfill_assets]"
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "said"),
     [
@@ -169,11 +182,22 @@ def _no_dispatch(folder: Path) -> None:
             "dbt's macros are not dispatched to backfill_assets' package",
         ),
         (
+            lambda tmp: _project_without(tmp, _dbt_first),
+            "dbt's macros are not dispatched to backfill_assets' package",
+        ),
+        (
             lambda tmp: _project_without(tmp, lambda f: (f / "packages.yml").unlink()),
             "does not install backfill_assets' dbt package",
         ),
     ],
-    ids=["missing", "not-a-dbt-project", "other-profile", "no-dispatch", "no-package"],
+    ids=[
+        "missing",
+        "not-a-dbt-project",
+        "other-profile",
+        "no-dispatch",
+        "dbt-before-the-package",
+        "no-package",
+    ],
 )
 def test_an_unusable_dbt_project_is_refused_naming_it_and_the_fix(
     dagster_env, monkeypatch, tmp_path, capsys, value, said
@@ -186,3 +210,20 @@ def test_an_unusable_dbt_project_is_refused_naming_it_and_the_fix(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(folder) in err and said in err
     assert "Traceback" not in err
+
+
+def test_dbt_by_hand_through_exec_reaches_the_projects_database(dagster_env, data_url):
+    """``backfill-assets exec -- dbt ...`` in the dbt project's folder: dbt finds the package's
+    profile, the package and the connection the project gives its own dbt calls."""
+    debug = subprocess.run(
+        ["backfill-assets", "exec", "--", "dbt", "debug"],
+        cwd=DEFAULT_DBT_PROJECT_DIR,
+        env={**os.environ, **dagster_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = debug.stdout + debug.stderr
+    assert debug.returncode == 0, said
+    assert "All checks passed!" in said
+    assert connection_parts(data_url).dbname in said

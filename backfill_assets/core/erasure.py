@@ -23,7 +23,7 @@ from psycopg import sql
 
 from backfill_assets.core.audit import SCHEMA as AUDIT_SCHEMA
 from backfill_assets.core.database import relation_exists
-from backfill_assets.core.guards import per_window
+from backfill_assets.core.guards import fetch_per_window
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.snapshots import SCHEMA as SNAPSHOT_SCHEMA
 from backfill_assets.core.strategies import strategy_of
@@ -139,15 +139,16 @@ def source_still_yields(
     kind = subject_type(table)
     if not keys or not holds(conn, kind, subject):
         return {}
-    query, params = per_window(
+    found = fetch_per_window(
+        conn,
         table,
         table.partitioning.windows(keys),
         sql.SQL("count(*)"),
         sql.SQL("src.{} = %(subject)s::{}").format(
             sql.Identifier(table.subject_column), sql.SQL(kind)
         ),
+        {"subject": subject},
     )
-    found = conn.execute(query, {**params, "subject": subject}).fetchall()
     return {key: rows for key, rows in sorted(found) if rows}
 
 

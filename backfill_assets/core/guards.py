@@ -8,6 +8,7 @@ would wipe good data. Intended shrinks (a GDPR erasure, a cleanup) pass with the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 
 import psycopg
@@ -23,6 +24,15 @@ from backfill_assets.core.tables import TableSpec
 
 WINDOW = sql.Identifier("backfill_window")
 """Alias of the VALUES list of windows in the one-statement measurements below."""
+WINDOWS_PER_STATEMENT = 5000
+"""PostgreSQL binds at most 65,535 parameters in a statement and a window takes three: a long
+range (a year of hours is 8,760 windows) is measured in statements of this many windows."""
+
+
+def in_statements(windows: list[PartitionWindow]) -> Iterator[list[PartitionWindow]]:
+    """``windows`` in slices of at most ``WINDOWS_PER_STATEMENT``."""
+    for first in range(0, len(windows), WINDOWS_PER_STATEMENT):
+        yield windows[first : first + WINDOWS_PER_STATEMENT]
 
 
 def window_type(window: PartitionWindow) -> str:
@@ -83,6 +93,22 @@ def per_window(
     return query, params
 
 
+def fetch_per_window(
+    conn: psycopg.Connection,
+    table: TableSpec,
+    windows: list[PartitionWindow],
+    columns: sql.Composable,
+    where: sql.Composable | None = None,
+    params: dict[str, object] | None = None,
+) -> list[tuple]:
+    """The rows of ``per_window`` for every window (``params`` bound beside the windows')."""
+    found: list[tuple] = []
+    for some in in_statements(windows):
+        query, bound = per_window(table, some, columns, where)
+        found += conn.execute(query, {**bound, **(params or {})}).fetchall()
+    return found
+
+
 def source_stats_all(
     conn: psycopg.Connection, table: TableSpec, windows: list[PartitionWindow]
 ) -> dict[str, SourceStats]:
@@ -106,7 +132,8 @@ def source_stats_all(
                 )
             )
         )
-    query, params = per_window(
+    measured = fetch_per_window(
+        conn,
         table,
         windows,
         sql.SQL(", ").join(
@@ -114,7 +141,7 @@ def source_stats_all(
         ),
     )
     found = {}
-    for key, rows, null_keys, *totals in conn.execute(query, params).fetchall():
+    for key, rows, null_keys, *totals in measured:
         null_required = totals.pop() if filled else 0
         found[key] = SourceStats(rows, null_keys, sums_of(table, totals), null_required)
     return found
@@ -164,12 +191,15 @@ def target_rows_all(
     if not relation_exists(conn, table.schema, table.name):
         return {window.key: 0 for window in windows}
     column = sql.Identifier(table.partition_column)
-    values, params = windows_values(windows)
-    query = sql.SQL(
-        "SELECT {window}.key, (SELECT count(*) FROM {table} WHERE {column} >= {window}.window_start"
-        " AND {column} < {window}.window_end) FROM {values}"
-    ).format(window=WINDOW, table=table.identifier, column=column, values=values)
-    return dict(conn.execute(query, params).fetchall())
+    found: dict[str, int] = {}
+    for some in in_statements(windows):
+        values, params = windows_values(some)
+        query = sql.SQL(
+            "SELECT {window}.key, (SELECT count(*) FROM {table} WHERE {column} >= "
+            "{window}.window_start AND {column} < {window}.window_end) FROM {values}"
+        ).format(window=WINDOW, table=table.identifier, column=column, values=values)
+        found |= dict(conn.execute(query, params).fetchall())
+    return found
 
 
 def guard_all(

@@ -18,7 +18,7 @@ from psycopg import sql
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import ensure_audit_table
 from backfill_assets.core.fingerprint import ROW_HASH, checksum_of
-from backfill_assets.core.guards import per_window
+from backfill_assets.core.guards import fetch_per_window
 from backfill_assets.core.partitioning import PartitionWindow
 from backfill_assets.core.tables import TableSpec
 
@@ -60,7 +60,8 @@ def staleness(
         sql.SQL("{}::{}").format(sql.Identifier("src", c.name), sql.SQL(c.type))
         for c in table.columns
     )
-    query, params = per_window(
+    measured = fetch_per_window(
+        conn,
         table,
         windows,
         sql.SQL("count(*), {}").format(
@@ -68,7 +69,7 @@ def staleness(
         ),
     )
     found = []
-    for key, rows, checksum in conn.execute(query, params).fetchall():
+    for key, rows, checksum in measured:
         written = latest.get(key)
         found.append(
             Staleness(

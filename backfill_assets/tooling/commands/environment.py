@@ -14,7 +14,7 @@ from backfill_assets.core import settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
 from backfill_assets.core.registry import load_registry
 from backfill_assets.core.tables import Timeouts
-from backfill_assets.project import job_name
+from backfill_assets.project import dbt_env, job_name
 from backfill_assets.tooling import embedded
 from backfill_assets.tooling.commands.arguments import bounded, seconds_between
 from backfill_assets.tooling.environment import prepare
@@ -86,6 +86,9 @@ def _exec(args: argparse.Namespace) -> int:
         print("nothing to run: backfill-assets exec -- dagster ...", file=sys.stderr)
         return 2
     prepare()
+    # dbt by hand (`exec -- dbt build` in the dbt project's folder) gets what the project gives
+    # dbt itself: the connection, the package, the profile and the tables' first partitions.
+    os.environ.update({**dbt_env(), **settings.connection_parts(settings.data_url()).as_dbt_env()})
     os.execvp(command[0], command)
 
 

@@ -1,7 +1,7 @@
 {#
   Revenue per order day. Built per partition: Dagster passes the partition window as
   --event-time-start/--event-time-end and every day of it is replaced in its own transaction
-  (see macros/microbatch_window_replace.sql).
+  (see backfill_assets/dbt_package/macros/microbatch_window_replace.sql).
 #}
 {{
   config(
