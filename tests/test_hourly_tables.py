@@ -241,6 +241,12 @@ def test_an_erasure_counts_a_persons_rows_per_utc_hour(conn, tmp_path):
     assert rows == {HOURS[1]: 3}  # order 1001's three lines ship at 11:59 UTC
     assert all(table.partitioning.contains_key(key) for key in rows)
 
+    # Each relation's hours by its own column's type: a table of UTC wall-clock times (a
+    # timestamp) whose mart holds timestamptz values counts the mart's rows in UTC hours too.
+    naive = hourly(tmp_path / "naive", column_type="timestamp not null").partitioning
+    assert not naive.zoned
+    assert subject_rows(conn, relation, "1031", naive) == {HOURS[1]: 3}  # 11:29 UTC
+
 
 def test_three_years_of_hours_are_measured_though_a_statement_binds_at_most_65535_values(
     conn, tmp_path

@@ -15,7 +15,7 @@ type is refused before anything is touched.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 
 import psycopg
@@ -120,6 +120,12 @@ def subject_rows(
         ).fetchone()[0]
         return {"": count} if count else {}
     partitioning = partitioning or Partitioning("", "day", date(1, 1, 1))
+    if partitioning.granularity == "hour":
+        # A mart's time column may be a timestamptz where its table's is a timestamp, or the
+        # reverse: its own type says whether its values are read in UTC.
+        kind = column_type(conn, relation.identifier, relation.day_column)
+        zoned = kind == "timestamp with time zone"
+        partitioning = replace(partitioning, zoned=zoned)
     query = sql.SQL(
         "SELECT {start}, count(*) FROM {relation} WHERE {where} GROUP BY 1 ORDER BY 1"
     ).format(
