@@ -157,7 +157,9 @@ def ensure_package(project_dir: Path, config: Mapping, env: Mapping[str, str]) -
     def current() -> bool:
         if installed.is_symlink():
             return installed.resolve() == DBT_PACKAGE_DIR.resolve()
-        return (installed / "dbt_project.yml").is_file()
+        # A copy (dbt copies where it cannot link) is current while its files are this
+        # package's: one left by another version of backfill_assets is installed again.
+        return installed.is_dir() and _files(installed) == _files(DBT_PACKAGE_DIR)
 
     if current():
         return
@@ -175,6 +177,15 @@ def ensure_package(project_dir: Path, config: Mapping, env: Mapping[str, str]) -
                 f"the dbt project {project_dir} ({DBT_PROJECT_ENV}) does not install "
                 f"backfill_assets' dbt package{problem}; its packages.yml must hold\n{PACKAGES_YML}"
             )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for pattern in ("dbt_project.yml", "macros/**/*")
+        for path in folder.glob(pattern)
+        if path.is_file()
+    }
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from support import latest_check
 
 from backfill_assets.core.registry import TABLES_PATH_ENV, load_registry
 from backfill_assets.core.settings import (
+    DBT_PACKAGE_DIR,
     DBT_PROJECT_ENV,
     DEFAULT_DBT_PROJECT_DIR,
     connection_parts,
@@ -27,6 +28,7 @@ from backfill_assets.core.settings import (
 from backfill_assets.defs.dagster_internals import AssetCheckExecutionRecordStatus
 from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
 from backfill_assets.defs.table_assets import table_asset
+from backfill_assets.project import ensure_manifest
 from backfill_assets.tooling import cli
 
 TESTS = Path(__file__).parent
@@ -227,3 +229,20 @@ def test_dbt_by_hand_through_exec_reaches_the_projects_database(dagster_env, dat
     assert debug.returncode == 0, said
     assert "All checks passed!" in said
     assert connection_parts(data_url).dbname in said
+
+
+def test_a_copy_of_another_version_of_the_package_is_installed_again(tmp_path, monkeypatch):
+    """dbt copies a local package where it cannot link: a copy whose macros are not this
+    package's (left by an older backfill_assets) is replaced before the project is parsed."""
+    folder = _project_without(tmp_path, lambda f: None)
+    stale = folder / "dbt_packages" / "backfill_assets"
+    shutil.copytree(DBT_PACKAGE_DIR, stale)
+    macro = stale / "macros" / "microbatch_window_replace.sql"
+    macro.write_text("{# an older version #}\n" + macro.read_text())
+    monkeypatch.setenv(DBT_PROJECT_ENV, str(folder))
+
+    ensure_manifest(load_registry([TESTS / "own_tables"]))
+
+    installed = folder / "dbt_packages" / "backfill_assets" / "macros"
+    replaced = installed / "microbatch_window_replace.sql"
+    assert replaced.read_text() == (DBT_PACKAGE_DIR / "macros" / replaced.name).read_text()
