@@ -7,15 +7,19 @@ upgrade that moves it fails here by name rather than as a daemon that silently n
 from __future__ import annotations
 
 import inspect
+import logging
+import threading
 import time
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from support import failed_run_report, wait_for
 
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
+from backfill_assets.defs import daemon as daemon_module
 from backfill_assets.defs import dagster_internals
 from backfill_assets.defs.daemon import PromptBackfillDaemon, daemon_assets, project_daemons
+from backfill_assets.defs.dagster_internals import WILL_RETRY_TAG
 from backfill_assets.defs.definitions import build_definitions
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import (
@@ -110,3 +114,38 @@ def test_status_names_the_assets_a_backfill_wants_that_the_running_daemons_code_
         assert cli.main(["status", backfill_id]) == 1
     out = capsys.readouterr().out
     assert "the running daemon's code lacks analytics/fct_orders_merge of this backfill" in out
+
+
+def test_the_retry_daemon_reads_a_failed_runs_status_once_it_is_stored(instance, monkeypatch):
+    """Dagster stores a run's failure event before its status; a retry pass reading the run in
+    between saw it STARTED, tagged "will retry", and gave the retry up for good. The pass now
+    reads the runs of its events again until their status has landed, then retries as Dagster
+    does (whose retry needs a code location: here it is recorded instead)."""
+    run = instance.add_run(
+        DagsterRun(
+            job_name="backfill", status=DagsterRunStatus.STARTED, tags={WILL_RETRY_TAG: "true"}
+        )
+    )
+    stale = instance.get_run_records(filters=RunsFilter(run_ids=[run.run_id]))
+    assert stale[0].dagster_run.status == DagsterRunStatus.STARTED
+    handed: list = []
+    monkeypatch.setattr(
+        daemon_module,
+        "consume_new_runs_for_automatic_reexecution",
+        lambda context, records, logger: (
+            handed.extend(r.dagster_run.status for r in records) or iter(())
+        ),
+    )
+    failing = threading.Timer(0.5, instance.report_run_failed, [run])
+    failing.start()
+
+    context = type("Context", (), {"instance": instance})()
+    retry = daemon_module.SettledRetryDaemon()
+    try:
+        (handler,) = retry.handle_updated_runs_fns
+        list(handler(context, stale, logging.getLogger("test")))
+    finally:
+        failing.join()
+        retry.__exit__(None, None, None)
+
+    assert handed == [DagsterRunStatus.FAILURE]

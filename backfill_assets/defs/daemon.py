@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -27,15 +28,17 @@ from pathlib import Path
 from threading import Event
 from typing import Any
 
-from dagster import DagsterInstance
+from dagster import DagsterInstance, RunsFilter
 
 from backfill_assets.defs.dagster_internals import (
     BackfillDaemon,
     DaemonErrorCapture,
+    EventLogConsumerDaemon,
     SpanMarker,
     WorkspaceFileTarget,
     capture_interrupts,
     code_location_asset_keys,
+    consume_new_runs_for_automatic_reexecution,
     create_daemon_of_type,
     daemon_controller_from_instance,
     execute_backfill_iteration,
@@ -85,6 +88,42 @@ class PromptBackfillDaemon(BackfillDaemon):
             yield None
 
 
+class SettledRetryDaemon(EventLogConsumerDaemon):
+    """Dagster's run-retry daemon, reading a failed run's status once it is stored.
+
+    Dagster stores a run's failure event, then its status: a pass between the two reads a run
+    that is still STARTED, and since the project tags a run "will retry" before failing it (see
+    ``MonitoredRunLauncher._announce_retry``), the retry was attempted, refused ("cannot
+    reexecute from failure a run that is not failed") and never tried again: the backfill failed
+    (seen in the tests under load). The runs of the pass's events are read again until their
+    status has landed (``SETTLE_S`` at most); the retry itself is Dagster's.
+    """
+
+    SETTLE_S = 5.0
+
+    @property
+    def handle_updated_runs_fns(self) -> list:
+        return [self._retry_settled_runs]
+
+    def _retry_settled_runs(self, workspace_process_context, run_records, logger) -> Iterator:
+        instance = workspace_process_context.instance
+        deadline = get_current_timestamp() + self.SETTLE_S
+        while True:
+            unsettled = [r.dagster_run.run_id for r in run_records if not r.dagster_run.is_finished]
+            if not unsettled or get_current_timestamp() > deadline:
+                break
+            yield None
+            time.sleep(0.1)
+            fresh = {
+                r.dagster_run.run_id: r
+                for r in instance.get_run_records(filters=RunsFilter(run_ids=unsettled))
+            }
+            run_records = [fresh.get(r.dagster_run.run_id, r) for r in run_records]
+        yield from consume_new_runs_for_automatic_reexecution(
+            workspace_process_context, run_records, logger
+        )
+
+
 DAEMON_ASSETS_KEY = "backfill_assets/daemon_assets"
 """Where the project's daemon keeps the asset keys of the code it runs (Dagster's key-value
 store, in its run storage): ``status`` compares a backfill's assets with them."""
@@ -115,6 +154,8 @@ def project_daemons(instance: DagsterInstance, interval_s: float) -> list:
     return [
         PromptBackfillDaemon(instance.get_backfill_settings(), interval_s)
         if daemon_type == BackfillDaemon.daemon_type()
+        else SettledRetryDaemon()
+        if daemon_type == EventLogConsumerDaemon.daemon_type()
         else create_daemon_of_type(daemon_type, instance)
         for daemon_type in instance.get_required_daemon_types()
     ]

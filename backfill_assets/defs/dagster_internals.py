@@ -42,6 +42,10 @@ from dagster._core.storage.tags import (
 from dagster._core.utils import make_new_backfill_id
 from dagster._core.workspace.load_target import WorkspaceFileTarget
 from dagster._core.workspace.workspace import CodeLocationLoadStatus
+from dagster._daemon.auto_run_reexecution.auto_run_reexecution import (
+    consume_new_runs_for_automatic_reexecution,
+)
+from dagster._daemon.auto_run_reexecution.event_log_consumer import EventLogConsumerDaemon
 from dagster._daemon.backfill import execute_backfill_iteration
 from dagster._daemon.controller import (
     DEFAULT_DAEMON_INTERVAL_SECONDS,
@@ -90,6 +94,7 @@ __all__ = [
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DaemonErrorCapture",
+    "EventLogConsumerDaemon",
     "InstanceRef",
     "LaunchRunContext",
     "PartitionBackfill",
@@ -103,6 +108,7 @@ __all__ = [
     "WorkspaceFileTarget",
     "auto_reexecution_should_retry_run",
     "capture_interrupts",
+    "consume_new_runs_for_automatic_reexecution",
     "create_daemon_of_type",
     "daemon_controller_from_instance",
     "execute_backfill_iteration",
