@@ -6,8 +6,9 @@ setting changes it). A pass is what submits an asset backfill's next runs and cl
 whose runs ended, so every backfill waited up to 30 s for its first run and again after each run:
 29 s of a 48 s ``launch --wait`` of 90 days. Here the backfill daemon is Dagster's
 ``BackfillDaemon`` (same thread pools, same pass, ``execute_backfill_iteration``), only its loop
-waits ``interval_s`` (``BACKFILL_DAEMON_INTERVAL_S``, 1 s by default) instead. Every other daemon
-(run queue, monitoring, retries, sensors, schedules) is created exactly as ``dagster-daemon run``
+waits ``interval_s`` (``BACKFILL_DAEMON_INTERVAL_S``, 1 s by default) instead, and the run-retry
+daemon waits for a failed run's status before it retries it (``SettledRetryDaemon``). Every other
+daemon (run queue, monitoring, sensors, schedules) is created exactly as ``dagster-daemon run``
 creates it, from the instance's dagster.yaml.
 
 A user who runs Dagster's own ``dagster-daemon run`` gets the same results, each backfill pass 30 s
