@@ -77,16 +77,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         ).fetchall()
         for (name,) in leftovers:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    _seeded_databases(admin)
+
+
+def _seeded_databases(admin: str) -> tuple[str, str]:
+    """Create (anew) ``DATA_TEMPLATE``, the seeded shop, and ``DAGSTER_TEMPLATE``, an empty
+    Dagster storage, on the cluster of ``admin``; returns their URLs (the second SQLAlchemy's)."""
+    with connect(admin) as conn:
         for name in (DATA_TEMPLATE, DAGSTER_TEMPLATE):
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with connect(settings.with_database(admin, DATA_TEMPLATE)) as conn:
+    data_url = settings.with_database(admin, DATA_TEMPLATE)
+    with connect(data_url) as conn:
         seed(conn, orders_per_day=ORDERS_PER_DAY)
     storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
     with instance_for_test(overrides=storage_overrides(storage_url)):
         pass
+    return data_url, storage_url
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -179,11 +188,16 @@ def instance(dagster_storage_url: str) -> Iterator[DagsterInstance]:
 def dagster_env(tmp_path, monkeypatch, data_url, dagster_storage_url) -> dict[str, str]:
     """The environment of a daemon and the dagster CLI: the repository's own dagster.yaml,
     pointed at this test's databases."""
-    home = tmp_path / "dagster_home"
+    return _pointed_at(tmp_path / "dagster_home", monkeypatch, data_url, dagster_storage_url)
+
+
+def _pointed_at(home: Path, monkeypatch, data_url: str, storage_url: str) -> dict[str, str]:
+    """A copy of the repository's dagster.yaml in ``home``, and the environment pointing the
+    project and Dagster at these databases (set in this process too)."""
     home.mkdir()
     shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
-    monkeypatch.setenv(settings.DAGSTER_URL_ENV, dagster_storage_url)
+    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage_url)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return settings.process_env()
 
@@ -200,26 +214,9 @@ def private_cluster_env(tmp_path, monkeypatch) -> Iterator[tuple[str, dict[str, 
     data URL and the environment of a daemon and the dagster CLI (as ``dagster_env``); the
     cluster is stopped after the test and its databases dropped at the next use."""
     embedded.start(PRIVATE_PGDATA)
-    admin = settings.embedded_url(PRIVATE_PGDATA, "postgres")
-    with connect(admin) as conn:
-        for name in (DATA_TEMPLATE, DAGSTER_TEMPLATE):
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    data_url = settings.with_database(admin, DATA_TEMPLATE)
-    with connect(data_url) as conn:
-        seed(conn, orders_per_day=ORDERS_PER_DAY)
-    storage_url = settings.to_sqlalchemy(settings.with_database(admin, DAGSTER_TEMPLATE))
-    with instance_for_test(overrides=storage_overrides(storage_url)):
-        pass
-    home = tmp_path / "private_dagster_home"
-    home.mkdir()
-    shutil.copy(settings.DAGSTER_HOME / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv(settings.DATA_URL_ENV, data_url)
-    monkeypatch.setenv(settings.DAGSTER_URL_ENV, storage_url)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    data_url, storage_url = _seeded_databases(settings.embedded_url(PRIVATE_PGDATA, "postgres"))
+    env = _pointed_at(tmp_path / "private_dagster_home", monkeypatch, data_url, storage_url)
     try:
-        yield data_url, settings.process_env()
+        yield data_url, env
     finally:
         embedded.stop(PRIVATE_PGDATA)
