@@ -70,6 +70,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_STARTED_CLUSTER] = not embedded.is_running(TEST_PGDATA)
     embedded.start(TEST_PGDATA)
     admin = settings.embedded_url(TEST_PGDATA, "postgres")
+    _without_durability(admin)
     with connect(admin) as conn:
         # Databases of the previous session stay until now, for a look after a failure.
         leftovers = conn.execute(
@@ -78,6 +79,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         for (name,) in leftovers:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     _seeded_databases(admin)
+
+
+def _without_durability(admin: str) -> None:
+    """A test cluster need not survive a crash of the machine: no fsync, no waiting for WAL on
+    commit, no full-page images (all reloadable). What a transaction shows other sessions, and a
+    clean stop and start, are unchanged; the CPU the kernel and the server spent on durability
+    was a share of the suite's time (docs/measurements.md)."""
+    with connect(admin) as conn:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = off").format(sql.Identifier(setting)))
+        conn.execute("SELECT pg_reload_conf()")
 
 
 def _seeded_databases(admin: str) -> tuple[str, str]:
@@ -214,7 +226,9 @@ def private_cluster_env(tmp_path, monkeypatch) -> Iterator[tuple[str, dict[str, 
     data URL and the environment of a daemon and the dagster CLI (as ``dagster_env``); the
     cluster is stopped after the test and its databases dropped at the next use."""
     embedded.start(PRIVATE_PGDATA)
-    data_url, storage_url = _seeded_databases(settings.embedded_url(PRIVATE_PGDATA, "postgres"))
+    admin = settings.embedded_url(PRIVATE_PGDATA, "postgres")
+    _without_durability(admin)
+    data_url, storage_url = _seeded_databases(admin)
     env = _pointed_at(tmp_path / "private_dagster_home", monkeypatch, data_url, storage_url)
     try:
         yield data_url, env
