@@ -97,6 +97,7 @@ def ensure_manifest(registry: Registry | None = None) -> dict:
     project has been seen to drop a singular test's description from the manifest; the builds
     still start from the partial-parse file this full parse leaves.
     """
+    registry = registry or load_registry()
     project_dir = dbt_project_dir()
     settings = check_dbt_project(project_dir)
     env = {**os.environ, **dbt_env(registry)}

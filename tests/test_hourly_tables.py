@@ -155,7 +155,7 @@ def test_an_hours_bounds_select_its_utc_hour_whatever_the_sessions_time_zone(con
                 f"WHERE {column} >= %(start)s AND {column} < %(end)s",
                 partitioning.window(hour).as_params(),
             ).fetchone()
-            assert rows == expected[hour], (partitioning.bounds_type, hour)
+            assert rows == expected[hour], (partitioning.zoned, hour)
 
 
 def test_the_writers_hours_are_dagsters_hours(tmp_path):

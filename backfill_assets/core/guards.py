@@ -9,7 +9,6 @@ would wipe good data. Intended shrinks (a GDPR erasure, a cleanup) pass with the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
 
 import psycopg
 from psycopg import sql
@@ -35,18 +34,10 @@ def in_statements(windows: list[PartitionWindow]) -> Iterator[list[PartitionWind
         yield windows[first : first + WINDOWS_PER_STATEMENT]
 
 
-def window_type(window: PartitionWindow) -> str:
-    """The PostgreSQL type of a window's bounds, as bound by the writers: ``date``, or for an
-    hour ``timestamp`` (naive UTC) or ``timestamptz`` (aware)."""
-    if not isinstance(window.start, datetime):
-        return "date"
-    return "timestamp" if window.start.tzinfo is None else "timestamptz"
-
-
 def windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[str, object]]:
     rows, params = [], {}
     for number, window in enumerate(windows):
-        bound = sql.SQL(window_type(window))
+        bound = sql.SQL(window.bounds_type)
         rows.append(
             sql.SQL("({}::text, {}::{bound}, {}::{bound})").format(
                 *(sql.Placeholder(f"{p}{number}") for p in "kse"), bound=bound
@@ -62,8 +53,8 @@ def windows_values(windows: list[PartitionWindow]) -> tuple[sql.Composed, dict[s
 def query_per_window(table: TableSpec) -> sql.SQL:
     """The table's query, its window read from the row of ``WINDOW`` instead of parameters.
 
-    Bound values and these columns have the same type (``window_type``), so each window's rows are
-    exactly those the write's INSERT will select.
+    Bound values and these columns have the same type (``PartitionWindow.bounds_type``), so each
+    window's rows are exactly those the write's INSERT will select.
     """
     text = table.query_text
     text = text.replace("%(start)s", '"backfill_window"."window_start"')

@@ -33,7 +33,6 @@ FIRST_DAY = {
 KEY_FORMAT = "%Y-%m-%d"
 HOUR_KEY_FORMAT = "%Y-%m-%d-%H:%M"
 """Dagster's ``HourlyPartitionsDefinition`` keys: ``2024-03-01-13:00``, UTC."""
-HOUR_COLUMN_TYPES = ("timestamp", "timestamptz")
 
 
 class UnknownPartitionError(ValueError):
@@ -52,6 +51,14 @@ class PartitionWindow:
 
     def as_params(self) -> dict[str, date]:
         return {"start": self.start, "end": self.end}
+
+    @property
+    def bounds_type(self) -> str:
+        """The PostgreSQL type of the bounds as bound: ``date``, or for an hour ``timestamp``
+        (naive UTC) or ``timestamptz`` (aware)."""
+        if not isinstance(self.start, datetime):
+            return "date"
+        return "timestamp" if self.start.tzinfo is None else "timestamptz"
 
     @property
     def tag(self) -> str:
@@ -150,13 +157,6 @@ class Partitioning:
     @property
     def key_format(self) -> str:
         return HOUR_KEY_FORMAT if self.granularity == "hour" else KEY_FORMAT
-
-    @property
-    def bounds_type(self) -> str:
-        """The PostgreSQL type of the window's bounds (and of the partition column's values)."""
-        if self.granularity != "hour":
-            return "date"
-        return "timestamptz" if self.zoned else "timestamp"
 
     def first_key(self) -> str:
         return self.start.strftime(self.key_format)
