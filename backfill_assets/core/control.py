@@ -14,7 +14,7 @@ runs of every backfill (and writers outside Dagster) at once, and it must surviv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,6 +22,8 @@ import psycopg
 from psycopg import sql
 
 from backfill_assets.core.database import relation_exists, schema_changes
+from backfill_assets.core.tables import TableSpec
+from backfill_assets.core.throttle import Throttle
 
 SCHEMA = "backfill_control"
 TABLE = sql.Identifier(SCHEMA, "pauses")
@@ -101,6 +103,22 @@ def _pauses(conn: psycopg.Connection, scopes: list[str]) -> list[Pause]:
         [scopes],
     ).fetchall()
     return [Pause(*row) for row in rows]
+
+
+def hold_back(
+    conn: psycopg.Connection,
+    tables: Iterable[TableSpec],
+    backfill_ids: Iterable[str | None],
+    log: Callable[[str], object],
+) -> None:
+    """What a table's write waits for before a partition, for the work around the writes (a
+    rollback, an erasure's purge, a dbt build): the throttle of each of ``tables``
+    (``ThrottleTimeout`` when the database stays under stress), then the pause switch of each
+    backfill (``None``: only ``pause --all``)."""
+    for table in tables:
+        Throttle(conn, table, log).before_partition()
+    for backfill_id in backfill_ids:
+        wait_while_paused(conn, backfill_id, log)
 
 
 def wait_while_paused(

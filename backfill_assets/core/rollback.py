@@ -21,7 +21,7 @@ from psycopg import sql
 from backfill_assets.core import snapshots
 from backfill_assets.core.audit import TABLE as AUDIT_TABLE
 from backfill_assets.core.audit import AuditTrail, AuditUnavailable, RunInfo
-from backfill_assets.core.control import wait_while_paused
+from backfill_assets.core.control import hold_back
 from backfill_assets.core.fingerprint import Fingerprint, fingerprint_of
 from backfill_assets.core.partition_write import explained
 from backfill_assets.core.partitioning import PartitionWindow
@@ -34,7 +34,7 @@ from backfill_assets.core.strategies import (
 )
 from backfill_assets.core.table_keys import KeysHeldElsewhere, keys_elsewhere
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.throttle import ThrottleTimeout
 from backfill_assets.core.writer import apply_timeouts, lock_partition, with_lock_retries
 
 STRATEGY = "rollback"
@@ -247,7 +247,10 @@ def restore(
         )
 
     def restore_all() -> list[RollbackResult]:
-        hold_back(conn, run, refs, log)  # before the transaction, and before each retry
+        # Like a write, before the transaction and before each retry: each restored table's
+        # throttle, then the pause switch of the backfill undone (or --all).
+        tables = {ref.table.qualified_name: ref.table for ref in refs}.values()
+        hold_back(conn, tables, [run.backfill_id], log or (lambda _line: None))
         with conn.transaction():
             results = [
                 strategy_of(ref.table).restore(conn, ref, *ids[ref.audit_id], record)
@@ -283,21 +286,6 @@ def restore(
             record(ref, status="failed", error=f"rollback not applied: {exc!r}", effect=NOT_APPLIED)
         raise
     return results
-
-
-def hold_back(
-    conn: psycopg.Connection,
-    run: RunInfo,
-    refs: list[SnapshotRef],
-    log: Callable[[str], object] | None,
-) -> None:
-    """What a write waits for before a partition, before the rollback's one transaction: the
-    throttle of each table it restores (``ThrottleTimeout`` when the database stays under
-    stress), then the pause switch of the backfill it undoes (or ``--all``)."""
-    say = log or (lambda _line: None)
-    for table in {ref.table.qualified_name: ref.table for ref in refs}.values():
-        Throttle(conn, table, say).before_partition()
-    wait_while_paused(conn, run.backfill_id, say)
 
 
 def refuse_keys_held_elsewhere(conn: psycopg.Connection, ref: SnapshotRef) -> None:

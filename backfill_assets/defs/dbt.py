@@ -23,7 +23,7 @@ from dagster import AssetExecutionContext, AssetsDefinition, Failure
 from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
 from packaging import version
 
-from backfill_assets.core.control import wait_while_paused
+from backfill_assets.core.control import hold_back
 from backfill_assets.core.database import first_build_lock
 from backfill_assets.core.partitioning import Partitioning
 from backfill_assets.core.registry import (
@@ -42,7 +42,7 @@ from backfill_assets.core.settings import (
     dbt_project_dir,
 )
 from backfill_assets.core.tables import Timeouts
-from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.throttle import ThrottleTimeout
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.defs.dbt_checks import (
     PartitionedChecksTranslator,
@@ -274,12 +274,11 @@ def _dbt_assets(
         # Like a table's write: held back while the database is under stress (each table of
         # this calendar's throttle), then while the backfill is paused (core/control.py).
         with postgres.connect() as conn:
+            backfill_id = context.run.tags.get(BACKFILL_ID_TAG)
             try:
-                for table in throttled:
-                    Throttle(conn, table, context.log.warning).before_partition()
+                hold_back(conn, throttled, [backfill_id], context.log.warning)
             except ThrottleTimeout as exc:
                 raise Failure(f"the dbt models were not built: {exc}; retry later") from None
-            wait_while_paused(conn, context.run.tags.get(BACKFILL_ID_TAG), context.log.warning)
         # Two runs of one backfill reach this step together; the first build of a
         # table must not race (see first_build_lock). Once the tables exist, runs go side by side.
         with first_build_lock(postgres.resolved_url(), incremental, name="dbt") as first_build:

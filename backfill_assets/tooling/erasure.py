@@ -21,7 +21,7 @@ import psycopg
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions
 
 from backfill_assets.core import snapshots
-from backfill_assets.core.control import wait_while_paused
+from backfill_assets.core.control import hold_back
 from backfill_assets.core.database import connect
 from backfill_assets.core.erasure import (
     ErasureError,
@@ -41,7 +41,7 @@ from backfill_assets.core.partition_write import explained
 from backfill_assets.core.registry import Registry
 from backfill_assets.core.session_limits import snapshots_of
 from backfill_assets.core.tables import TableSpec
-from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.throttle import ThrottleTimeout
 from backfill_assets.core.writer import with_lock_retries
 from backfill_assets.project import ensure_manifest
 from backfill_assets.tooling.launch import asset_selection, launch_asset_backfill, wait_for_backfill
@@ -162,10 +162,7 @@ def erase(
     def purge_and_record() -> int:
         """The snapshots' purge, the final count and the record, in one transaction, after the
         throttle and the pause switch (of the erasure's backfills, or ``--all``), as a write."""
-        for table in tables:
-            Throttle(conn, table, echo).before_partition()
-        for backfill_id in backfill_ids or [None]:
-            wait_while_paused(conn, backfill_id, echo)
+        hold_back(conn, tables, backfill_ids or [None], echo)
         return _purge_and_record(conn, tables, relations, before, subject, record_fields, echo)
 
     record_fields = {"reason": reason, "requested_by": requested_by, "backfill_ids": backfill_ids}
