@@ -30,6 +30,7 @@ STATEMENT_TIMEOUT_ENV = "BACKFILL_STATEMENT_TIMEOUT_MS"
 MAX_PARTITIONS_ENV = "BACKFILL_MAX_PARTITIONS"
 DAEMON_INTERVAL_ENV = "BACKFILL_DAEMON_INTERVAL_S"
 DBT_PROJECT_ENV = "BACKFILL_DBT_PROJECT"
+DBT_IN_PROCESS_ENV = "BACKFILL_DBT_IN_PROCESS"
 DEFAULT_DAEMON_INTERVAL_S = 1.0
 """Seconds between the project daemon's backfill passes (Dagster's own daemon: a fixed 30)."""
 DEFAULT_MAX_PARTITIONS = 400
@@ -297,6 +298,19 @@ def daemon_interval_s() -> float:
             f"{DAEMON_INTERVAL_ENV}={DEFAULT_DAEMON_INTERVAL_S:g}, or unset it for that default"
         )
     return value
+
+
+def dbt_in_process() -> bool:
+    """``BACKFILL_DBT_IN_PROCESS``: ``1`` (the default) runs a run's dbt commands in the run's
+    process, ``0`` as child processes, as dagster-dbt does (e.g. for a dbt adapter that needs its
+    own process)."""
+    text = os.environ.get(DBT_IN_PROCESS_ENV, "").strip()
+    if text not in ("", "0", "1"):
+        raise SettingsError(
+            f"{DBT_IN_PROCESS_ENV}={text!r} is neither 1 nor 0; set it to 0 to run dbt in its own "
+            "processes, or unset it to run dbt inside each run's process"
+        )
+    return text != "0"
 
 
 def _validate(url: str, variable: str) -> None:

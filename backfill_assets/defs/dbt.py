@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dbt.version
 from dagster import AssetExecutionContext, AssetsDefinition, Failure
-from dagster_dbt import DbtCliResource, DbtProject, dbt_assets
+from dagster_dbt import DbtCliInvocation, DbtCliResource, DbtProject, dbt_assets
 from packaging import version
 
 from backfill_assets.core.control import hold_back
@@ -49,6 +49,7 @@ from backfill_assets.defs.dbt_checks import (
     checked_days,
     per_partition_check_events,
 )
+from backfill_assets.defs.dbt_in_process import in_process
 from backfill_assets.defs.dbt_windows import check_batch_sizes, event_time_args
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
 from backfill_assets.defs.resources import PostgresResource
@@ -309,8 +310,13 @@ class InstalledDbt(DbtCliResource):
     release). That executable is the dbt-core this process imports, so its version is read from
     the import instead. And before each call it loads dbt's adapter and macros in this process
     (~1 s) for ``fetch_row_counts``/``fetch_column_metadata``, which the project does not use:
-    without an adapter dagster-dbt skips that metadata, and dbt itself is unchanged.
+    without an adapter dagster-dbt skips that metadata, and dbt itself is unchanged. And dbt runs
+    in the run's own process rather than a child that imports it again (``dbt_in_process``).
     """
+
+    def cli(self, args: Sequence[str], **options) -> DbtCliInvocation:
+        with in_process():
+            return super().cli(args, **options)
 
     @cached_property
     def _cli_version(self) -> version.Version:

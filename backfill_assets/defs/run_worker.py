@@ -18,7 +18,8 @@ from __future__ import annotations
 import dagster  # noqa: F401
 import dagster_dbt  # noqa: F401
 import dagster_postgres  # noqa: F401
-import dbt.adapters.postgres  # noqa: F401
+import dbt.adapters.postgres
+import dbt.cli.main  # noqa: F401  (a run's dbt commands run in its process: dbt_in_process)
 import psycopg  # noqa: F401
 from dagster import DagsterInstance
 

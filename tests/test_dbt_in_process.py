@@ -1,0 +1,132 @@
+"""A run's dbt commands run inside the run's process (``defs/dbt_in_process.py``).
+
+The same build through dagster-dbt's resource, once in process and once as dbt's own child
+process (``BACKFILL_DBT_IN_PROCESS=0``): dbt's events come from this process only in the first,
+and both leave the same rows and the same node results. Terminating an in-process build that waits
+on a lock cancels its query at once, as Ctrl-C does to dbt's CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from support import REGISTRY, dbt_resource, fct_orders, materialize_days, other_session, wait_for
+
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
+from backfill_assets.core.settings import DBT_IN_PROCESS_ENV
+from backfill_assets.defs import dbt_in_process
+from backfill_assets.defs.dbt import dbt_process_env
+
+DAYS = ["2024-04-01", "2024-04-02"]
+WINDOW = ["--event-time-start", "2024-04-01", "--event-time-end", "2024-04-03"]
+MARTS = "analytics.daily_revenue", "analytics.customer_daily_orders"
+
+
+def mart_rows(conn) -> dict[str, list[tuple]]:
+    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in MARTS}
+
+
+def build(postgres, *args: str):
+    """``dbt build`` of the marts over DAYS as a run's dbt step starts it; its events."""
+    with dbt_process_env(postgres, REGISTRY):
+        invocation = dbt_resource.cli(["build", *WINDOW, *args], raise_on_error=False)
+        events = list(invocation.stream_raw_events())
+        invocation.wait()
+    return invocation, events
+
+
+def node_results(events) -> list[tuple[str, str]]:
+    """(unique_id, status) of each node dbt finished."""
+    nodes = [e.raw_event["data"]["node_info"] for e in events if is_finished(e)]
+    return sorted((node["unique_id"], node["node_status"]) for node in nodes)
+
+
+def is_finished(event) -> bool:
+    return event.raw_event["info"]["name"] in ("LogModelResult", "LogTestResult")
+
+
+def test_a_dbt_build_runs_in_the_calling_process_with_the_results_of_dbts_own_process(
+    postgres, instance, conn, monkeypatch
+):
+    assert materialize_days(postgres, instance, DAYS[0], DAYS[-1], assets=[fct_orders]).success
+
+    inside, inside_events = build(postgres)
+    inside_rows = mart_rows(conn)
+    monkeypatch.setenv(DBT_IN_PROCESS_ENV, "0")
+    child, child_events = build(postgres)
+
+    assert isinstance(inside.process, dbt_in_process.InProcessDbt)
+    assert isinstance(child.process, subprocess.Popen)
+    assert {e.raw_event["info"]["pid"] for e in inside_events} == {os.getpid()}
+    assert os.getpid() not in {e.raw_event["info"]["pid"] for e in child_events}
+    assert inside.process.returncode == child.process.returncode == 0
+    assert node_results(inside_events) == node_results(child_events)
+    assert len(node_results(inside_events)) > 2, "models and their tests ran"
+    assert inside_rows["analytics.daily_revenue"], "the marts have the two days"
+    assert mart_rows(conn) == inside_rows
+    assert inside.get_artifact("run_results.json")["results"]
+
+
+def test_an_in_process_build_exits_as_dbts_cli_1_for_a_failed_node_2_for_a_bad_command(
+    postgres, instance, conn
+):
+    assert materialize_days(postgres, instance, DAYS[0], assets=[fct_orders]).success
+    conn.execute("ALTER TABLE analytics.fct_orders RENAME COLUMN net_amount TO net")
+    try:
+        failed, failed_events = build(postgres)
+    finally:
+        conn.execute("ALTER TABLE analytics.fct_orders RENAME COLUMN net TO net_amount")
+    broken, _ = build(postgres, "--no-such-flag")
+
+    assert failed.process.returncode == 1
+    assert ("model.shop.daily_revenue", "error") in node_results(failed_events)
+    assert "net_amount" in str(failed.get_error())
+    assert broken.process.returncode == 2
+    assert "--no-such-flag" in str(broken.get_error())
+
+
+def lock_waiters(conn, table: str) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass(%s)", [table]
+    ).fetchone()[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_in_process_build_cancels_its_waiting_query_at_once(
+    postgres, instance, conn, data_url, tmp_path, sig
+):
+    assert materialize_days(postgres, instance, DAYS[0], assets=[fct_orders]).success
+    build(postgres)
+    before = mart_rows(conn)
+    # The mart's statements would wait a minute for the lock another session holds.
+    folder = tmp_path / "tables"
+    shutil.copytree(DEFAULT_TABLES_DIR, folder)
+    for declaration in folder.glob("*.yaml"):
+        declaration.write_text(declaration.read_text() + "timeouts: {lock: 60s}\n")
+    holder = other_session(data_url, "BEGIN; LOCK TABLE analytics.daily_revenue", 120)
+    # As the run's dbt step: the environment dbt was given stays until the build ends.
+    with dbt_process_env(postgres, load_registry([folder])):
+        invocation = dbt_resource.cli(["build", *WINDOW], raise_on_error=False)
+        # dagster-dbt reads dbt's log as it comes (a full pipe would stop dbt).
+        reader = threading.Thread(target=lambda: list(invocation.stream_raw_events()))
+        reader.start()
+        try:
+            wait_for(lambda: lock_waiters(conn, MARTS[0]), 60, "dbt never reached the lock")
+            interrupted = time.monotonic()
+            invocation.process.send_signal(sig)
+            code = invocation.process.wait(timeout=30)
+            ended_in = time.monotonic() - interrupted
+            reader.join(timeout=30)
+        finally:
+            holder.release()
+
+    assert code != 0
+    assert ended_in < 10, f"the build ended {ended_in:.1f}s after the interrupt"
+    assert lock_waiters(conn, MARTS[0]) == 0
+    assert mart_rows(conn) == before, "the cancelled day keeps its rows"
