@@ -91,33 +91,54 @@ def test_an_in_process_build_exits_as_dbts_cli_1_for_a_failed_node_2_for_a_bad_c
     assert "--no-such-flag" in str(broken.get_error())
 
 
-def lock_waiters(conn, table: str) -> int:
+def lock_waiters(conn) -> int:
+    """Sessions of this database waiting for a lock (dbt's, behind the holder's)."""
     return conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass(%s)", [table]
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
     ).fetchone()[0]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_in_process_build_cancels_its_waiting_query_at_once(
-    postgres, instance, conn, data_url, tmp_path, sig
+def revenue_versions(conn) -> dict[str, tuple]:
+    """Each day of daily_revenue: its row and the transaction that wrote it."""
+    rows = conn.execute(
+        "SELECT order_day::text, xmin::text, daily_revenue::text FROM analytics.daily_revenue"
+    ).fetchall()
+    return {day: (xmin, row) for day, xmin, row in rows}
+
+
+THREE_DAYS = ["--event-time-start", "2024-04-01", "--event-time-end", "2024-04-04"]
+HOLDS = {
+    "first-batch": "BEGIN; LOCK TABLE analytics.daily_revenue",
+    "second-batch": "BEGIN; SELECT * FROM analytics.daily_revenue "
+    "WHERE order_day = '2024-04-02' FOR UPDATE",
+}
+
+
+@pytest.mark.parametrize(
+    ("held", "sig"), [("first-batch", signal.SIGINT), ("second-batch", signal.SIGTERM)]
+)
+def test_an_interrupted_in_process_build_stops_at_once_and_starts_nothing_more(
+    postgres, instance, conn, data_url, tmp_path, held, sig
 ):
-    assert materialize_days(postgres, instance, DAYS[0], assets=[fct_orders]).success
-    build(postgres)
-    before = mart_rows(conn)
-    # The mart's statements would wait a minute for the lock another session holds.
+    assert materialize_days(postgres, instance, "2024-04-01", "2024-04-03").success
+    with dbt_process_env(postgres, REGISTRY):
+        dbt_resource.cli(["build", *THREE_DAYS]).wait()
+    before = revenue_versions(conn)
+    # dbt's statements would wait a minute for the lock another session holds.
     folder = tmp_path / "tables"
     shutil.copytree(DEFAULT_TABLES_DIR, folder)
     for declaration in folder.glob("*.yaml"):
         declaration.write_text(declaration.read_text() + "timeouts: {lock: 60s}\n")
-    holder = other_session(data_url, "BEGIN; LOCK TABLE analytics.daily_revenue", 120)
+    holder = other_session(data_url, HOLDS[held], 120)
     # As the run's dbt step: the environment dbt was given stays until the build ends.
     with dbt_process_env(postgres, load_registry([folder])):
-        invocation = dbt_resource.cli(["build", *WINDOW], raise_on_error=False)
+        invocation = dbt_resource.cli(["build", *THREE_DAYS], raise_on_error=False)
         # dagster-dbt reads dbt's log as it comes (a full pipe would stop dbt).
         reader = threading.Thread(target=lambda: list(invocation.stream_raw_events()))
         reader.start()
         try:
-            wait_for(lambda: lock_waiters(conn, MARTS[0]), 60, "dbt never reached the lock")
+            wait_for(lambda: lock_waiters(conn), 60, "dbt never reached the held lock")
             interrupted = time.monotonic()
             invocation.process.send_signal(sig)
             code = invocation.process.wait(timeout=30)
@@ -128,5 +149,9 @@ def test_an_interrupted_in_process_build_cancels_its_waiting_query_at_once(
 
     assert code != 0
     assert ended_in < 10, f"the build ended {ended_in:.1f}s after the interrupt"
-    assert lock_waiters(conn, MARTS[0]) == 0
-    assert mart_rows(conn) == before, "the cancelled day keeps its rows"
+    assert lock_waiters(conn) == 0
+    after = revenue_versions(conn)
+    assert after["2024-04-02"] == before["2024-04-02"], "the interrupted day keeps its row"
+    assert after["2024-04-03"] == before["2024-04-03"], "no batch starts after the interrupt"
+    if held == "first-batch":
+        assert after == before

@@ -3,68 +3,61 @@
 dagster-dbt starts every dbt command as a child process and reads the JSON log lines it prints.
 A child imports dbt again (~1.8 s of CPU, measured) although the run's process imported most of
 dbt with the definitions (importing ``dbt.cli.main`` after them costs ~0.2 s): two seconds per run
-that builds models, paid again by every run of a backfill. ``InProcessDbt`` stands in for that
-child where dagster-dbt starts it (``subprocess.Popen`` in ``dagster_dbt.core.dbt_cli_invocation``,
-replaced for the duration of one ``cli`` call by ``in_process``): it runs dbt's documented
-programmatic entry, ``dbtRunner``, in a thread, with the environment and working directory
-dagster-dbt gives the child, and dbt's console log (the CLI's own JSON lines, same filter, same
-secret scrubbing) into a pipe that dagster-dbt reads as the child's stdout. The exit code is the
-CLI's: 0, 1 (a node failed), 2 (dbt raised). An interrupt (the run being terminated) cancels dbt's
-open queries, as the CLI does on Ctrl-C.
+that builds models, paid again by every run of a backfill. ``popen`` stands in for that child where
+dagster-dbt starts it (``subprocess.Popen`` in ``dagster_dbt.core.dbt_cli_invocation``, replaced
+for the duration of one ``cli`` call by ``in_process``): ``InProcessDbt`` runs dbt's documented
+programmatic entry, ``dbtRunner``, in a thread, with the environment dagster-dbt gives the child,
+and dbt's console log (the CLI's own JSON lines, same filter, same secret scrubbing) into a pipe
+that dagster-dbt reads as the child's stdout. The exit code is the CLI's: 0, 1 (a node failed),
+2 (dbt raised). An interrupt (the run being terminated) stops dbt as Ctrl-C stops its CLI.
 
-dbt keeps its flags, event loggers, adapters, the environment it reads and the working directory
-per process, so invocations take turns (``_ONE_AT_A_TIME``); a run's steps run one at a time
-anyway. ``tests/test_dbt_model.py`` pins that dagster-dbt still starts dbt where this replaces it.
+dbt keeps its flags, event loggers, adapters and the environment it reads per process, so one
+invocation runs at a time (``_ONE_AT_A_TIME``); a call made while another is still running gets
+a child process, as before. ``tests/test_dbt_in_process.py`` pins that dagster-dbt still starts
+dbt where this replaces it.
 """
 
 from __future__ import annotations
 
-import ctypes
+import json
 import os
 import signal
 import subprocess
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 
 import dagster_dbt.core.dbt_cli_invocation as dbt_cli_invocation
+import dbt.task.runnable
+from dbt.graph.thread_pool import DbtThreadPool
 
 from backfill_assets.core.settings import dbt_in_process
 
 _ONE_AT_A_TIME = threading.Lock()
+CANCEL_EVERY_S = 0.5
+"""After an interrupt, dbt's open queries are cancelled again this often until dbt has ended."""
 
 
 class InProcessDbt:
     """What dagster-dbt uses of a ``subprocess.Popen`` of dbt: ``args``, ``stdout`` (bytes,
     one JSON event per line), ``wait``, ``returncode``, ``send_signal``.
 
-    The environment and working directory are the process's from here until dbt ends (libpq
-    reads ``PGOPTIONS`` at each connection): the caller keeps what it gave dbt meanwhile, as the
-    project's dbt step does (``dbt_process_env`` spans the whole build).
+    The environment is the process's from here until dbt ends (libpq reads ``PGOPTIONS`` at each
+    connection): the caller keeps what it gave dbt meanwhile, as the project's dbt step does
+    (``dbt_process_env`` spans the whole build). Built only by ``popen``, holding
+    ``_ONE_AT_A_TIME``, which the thread releases once dbt has ended.
     """
 
-    def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike | None = None,
-        **_popen_options,
-    ) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
         self.args = list(args)
         self.returncode: int | None = None
-        self._signals = threading.Lock()
-        self._in_dbt = False
+        self.stopping = threading.Event()
         read_fd, write_fd = os.pipe()
         self.stdout = os.fdopen(read_fd, "rb")
-        self._log = os.fdopen(write_fd, "w", encoding="utf-8", buffering=1)
-        _ONE_AT_A_TIME.acquire()  # released by the thread, once dbt has ended
-        try:
-            restore = _enter_process_state(dict(env or os.environ), cwd)
-        except BaseException:
-            _ONE_AT_A_TIME.release()
-            raise
+        self._log = _Log(os.fdopen(write_fd, "w", encoding="utf-8", buffering=1))
+        restore = _enter_environment(env)
         self._thread = threading.Thread(target=self._run, args=(restore,), name="dbt", daemon=True)
         self._thread.start()
 
@@ -75,32 +68,34 @@ class InProcessDbt:
         except BaseException as exc:  # reported as the CLI would an error: exit 2
             self._log.write(_error_line(f"dbt could not run in process: {exc!r}") + "\n")
         finally:
-            while True:  # an interrupt landing here must not leave the reader waiting
-                try:
-                    restore()
-                    _ONE_AT_A_TIME.release()
-                    self.returncode = code
-                    self._log.close()
-                    break
-                except KeyboardInterrupt:
-                    continue
+            restore()
+            self.returncode = code
+            self._log.close()
+            _ONE_AT_A_TIME.release()
 
     def _invoke(self, args: list[str]) -> int:
         from dbt.cli.exceptions import DbtUsageException
         from dbt.cli.main import dbtRunner
+        from dbt.deprecations import buffered_deprecations, reset_deprecations
         from dbt_common.events.event_manager_client import cleanup_event_logger
-        from dbt_common.events.functions import capture_stdout_logs, stop_capture_stdout_logs
+        from dbt_common.events.functions import (
+            capture_stdout_logs,
+            reset_metadata_vars,
+            stop_capture_stdout_logs,
+        )
 
+        # What a new process would start without: the last invocation's deprecations (each is
+        # told once per process), metadata variables read from another environment.
+        reset_deprecations()
+        buffered_deprecations.clear()
+        reset_metadata_vars()
         capture_stdout_logs(self._log)
+        pool_class = dbt.task.runnable.DbtThreadPool
+        dbt.task.runnable.DbtThreadPool = _stoppable_pool(self)
         try:
-            with self._signals:
-                self._in_dbt = True
-            try:
-                result = dbtRunner().invoke(args)
-            finally:
-                with self._signals:
-                    self._in_dbt = False
+            result = dbtRunner().invoke(args)
         finally:
+            dbt.task.runnable.DbtThreadPool = pool_class
             stop_capture_stdout_logs()
             cleanup_event_logger()  # its console logger writes to ``_log``, closed next
         if result.success:
@@ -121,23 +116,56 @@ class InProcessDbt:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        """SIGINT/SIGTERM: what Ctrl-C does to dbt's CLI. A KeyboardInterrupt in dbt's thread
-        (dbt stops scheduling nodes and cancels its connections) and, since that thread may be
-        waiting for a node's query, the cancel of the open queries right away."""
-        if sig not in (signal.SIGINT, signal.SIGTERM):
+        """SIGINT/SIGTERM: what Ctrl-C does to dbt's CLI. dbt submits no further node (its next
+        submission raises KeyboardInterrupt in dbt's own thread, which dbt handles as Ctrl-C), a
+        microbatch model starts no further batch (dbt's pool reads as closed), and the queries
+        running meanwhile are cancelled, again every ``CANCEL_EVERY_S`` until dbt has ended."""
+        if sig not in (signal.SIGINT, signal.SIGTERM) or self.stopping.is_set():
             return
-        with self._signals:
-            if not self._in_dbt:
-                return
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self._thread.ident), ctypes.py_object(KeyboardInterrupt)
-            )
-        _cancel_open_queries()
+        self.stopping.set()
+        threading.Thread(target=self._cancel_until_ended, name="dbt-cancel", daemon=True).start()
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
     kill = terminate
+
+    def _cancel_until_ended(self) -> None:
+        while self._thread.is_alive():
+            _cancel_open_queries()
+            time.sleep(CANCEL_EVERY_S)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+
+def _stoppable_pool(invocation: InProcessDbt) -> type:
+    """dbt's thread pool for one invocation, stopped by its interrupt: closed to the microbatch
+    runner, and refusing dbt's next node with the KeyboardInterrupt Ctrl-C would raise."""
+
+    class StoppablePool(DbtThreadPool):
+        def is_closed(self) -> bool:
+            return super().is_closed() or invocation.stopping.is_set()
+
+        def apply_async(self, *args, **kwargs):
+            if invocation.stopping.is_set() and threading.current_thread() is invocation.thread:
+                raise KeyboardInterrupt
+            return super().apply_async(*args, **kwargs)
+
+    return StoppablePool
+
+
+def popen(args: Sequence[str], *, env: Mapping[str, str] | None = None, **options):
+    """dagster-dbt's ``subprocess.Popen`` of dbt: in process, unless another in-process dbt
+    command is still running (then the child process dagster-dbt meant)."""
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        return subprocess.Popen(args, env=env, **options)
+    try:
+        return InProcessDbt(args, dict(env if env is not None else os.environ))
+    except BaseException:
+        _ONE_AT_A_TIME.release()
+        raise
 
 
 def _cancel_open_queries() -> None:
@@ -151,32 +179,49 @@ def _cancel_open_queries() -> None:
 
 
 def _error_line(message: str) -> str:
-    import json
-
-    return json.dumps(
-        {"info": {"level": "error", "msg": message, "name": "InProcessDbtError"}, "data": {}}
-    )
+    """An error as a line of dbt's JSON log (dagster-dbt collects error lines' messages)."""
+    info = {"level": "error", "msg": message, "name": "InProcessDbtError"}
+    return json.dumps({"info": info, "data": {}})
 
 
-def _enter_process_state(env: Mapping[str, str], cwd) -> Callable[[], None]:
-    """Give the process the child's environment and working directory (dbt reads its flags from
-    the environment, libpq its options); returns what puts back what was there."""
-    saved = {name: os.environ.get(name) for name in env}
-    gone = [name for name in os.environ if name not in env]
-    saved.update({name: os.environ[name] for name in gone})
-    here = os.getcwd()
+class _Log:
+    """The pipe's writing end. Once dagster-dbt has stopped reading (a run interrupted), dbt's
+    last lines go nowhere, as a child's would, instead of a logging error per line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        with suppress(OSError, ValueError):
+            self._stream.write(text)
+
+    def flush(self) -> None:
+        with suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def close(self) -> None:
+        with suppress(OSError, ValueError):
+            self._stream.close()
+
+
+def _enter_environment(env: Mapping[str, str]) -> Callable[[], None]:
+    """Give the process the child's environment (dbt reads its flags from it, libpq its
+    options); returns what puts back what was there, leaving any variable someone changed since
+    as they left it."""
+    before = dict(os.environ)
     os.environ.update(env)
-    for name in gone:
+    for name in [name for name in os.environ if name not in env]:
         del os.environ[name]
-    if cwd is not None:
-        os.chdir(cwd)
 
     def restore() -> None:
-        os.chdir(here)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
+        for name, value in env.items():
+            if os.environ.get(name) == value and before.get(name) != value:
+                if name in before:
+                    os.environ[name] = before[name]
+                else:
+                    del os.environ[name]
+        for name, value in before.items():
+            if name not in env and name not in os.environ:
                 os.environ[name] = value
 
     return restore
@@ -184,13 +229,13 @@ def _enter_process_state(env: Mapping[str, str], cwd) -> Callable[[], None]:
 
 @contextmanager
 def in_process() -> Iterator[None]:
-    """dagster-dbt's dbt commands run by ``InProcessDbt`` for the block (unless
+    """dagster-dbt's dbt commands run by ``popen`` for the block (unless
     ``BACKFILL_DBT_IN_PROCESS=0``)."""
     if not dbt_in_process():
         yield
         return
     module = dbt_cli_invocation.subprocess
-    shim = types.SimpleNamespace(Popen=InProcessDbt, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT)
+    shim = types.SimpleNamespace(Popen=popen, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT)
     dbt_cli_invocation.subprocess = shim
     try:
         yield
