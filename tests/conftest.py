@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import uuid
 from collections.abc import Iterator
@@ -47,9 +48,26 @@ _STARTED_CLUSTER = pytest.StashKey[bool]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """A developer's own tables and dbt project are not the tests': unset before collection
-    (``support.py`` builds the demo's definitions when imported)."""
+    (``support.py`` builds the demo's definitions when imported). And the tests run as from a
+    terminal, however they were started (``_interruptible``)."""
     for name in (TABLES_PATH_ENV, settings.DBT_PROJECT_ENV):
         os.environ.pop(name, None)
+    _interruptible()
+
+
+def _interruptible() -> None:
+    """SIGINT and SIGTERM handled, as in a process started from a terminal.
+
+    A shell starts a background job (CI started with ``&``, ``nohup``) with SIGINT ignored.
+    Dagster, running a materialization in the main thread, gives SIGTERM whatever SIGINT has
+    (``setup_interrupt_handlers``): then SIGTERM was ignored by every later child of the worker,
+    among them the ``tail`` processes Dagster starts to copy a step's output, which a run in
+    another thread then could not stop: it waited 2 x 30 s for them (five tests, a minute each,
+    in a CI started in the background), and they were left running."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 
 import dagster_dbt.core.dbt_cli_invocation as dbt_cli_invocation
-import dbt.task.runnable
-from dbt.graph.thread_pool import DbtThreadPool
 
 from backfill_assets.core.settings import dbt_in_process
 
@@ -74,6 +72,7 @@ class InProcessDbt:
             _ONE_AT_A_TIME.release()
 
     def _invoke(self, args: list[str]) -> int:
+        import dbt.task.runnable
         from dbt.cli.exceptions import DbtUsageException
         from dbt.cli.main import dbtRunner
         from dbt.deprecations import buffered_deprecations, reset_deprecations
@@ -143,6 +142,8 @@ class InProcessDbt:
 def _stoppable_pool(invocation: InProcessDbt) -> type:
     """dbt's thread pool for one invocation, stopped by its interrupt: closed to the microbatch
     runner, and refusing dbt's next node with the KeyboardInterrupt Ctrl-C would raise."""
+
+    from dbt.graph.thread_pool import DbtThreadPool
 
     class StoppablePool(DbtThreadPool):
         def is_closed(self) -> bool:
