@@ -57,6 +57,7 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/backfill_speed.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/merge_vs_delete_insert.py
+	$(BIN)/python benchmarks/dbt_in_process.py
 
 # The application's latency (pgbench) during a year's backfill and during naive updates.
 bench-live: setup
