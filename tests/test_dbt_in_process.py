@@ -22,6 +22,7 @@ from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.settings import DBT_IN_PROCESS_ENV
 from backfill_assets.defs import dbt_in_process
 from backfill_assets.defs.dbt import dbt_process_env
+from backfill_assets.tooling import cli
 
 DAYS = ["2024-04-01", "2024-04-02"]
 WINDOW = ["--event-time-start", "2024-04-01", "--event-time-end", "2024-04-03"]
@@ -155,3 +156,26 @@ def test_an_interrupted_in_process_build_stops_at_once_and_starts_nothing_more(
     assert after["2024-04-03"] == before["2024-04-03"], "no batch starts after the interrupt"
     if held == "first-batch":
         assert after == before
+
+
+def test_a_dbt_command_while_another_runs_in_process_gets_a_process_of_its_own(
+    postgres, instance, monkeypatch
+):
+    assert materialize_days(postgres, instance, DAYS[0], assets=[fct_orders]).success
+    monkeypatch.setattr(dbt_in_process, "_ONE_AT_A_TIME", threading.Lock())
+    dbt_in_process._ONE_AT_A_TIME.acquire()  # as while another in-process build runs
+
+    busy, events = build(postgres)
+
+    assert isinstance(busy.process, subprocess.Popen)
+    assert busy.process.returncode == 0 and node_results(events)
+
+
+def test_a_bad_in_process_setting_is_refused_naming_it_before_anything_starts(monkeypatch, capsys):
+    monkeypatch.setenv(DBT_IN_PROCESS_ENV, "yes")
+    monkeypatch.setenv("BACKFILL_PG_URL", "postgresql://nobody@127.0.0.1:1/none")
+
+    assert cli.main(["daemon"]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert f"{DBT_IN_PROCESS_ENV}='yes' is neither 1 nor 0" in err and len(err.splitlines()) == 1

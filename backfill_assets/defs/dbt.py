@@ -39,6 +39,7 @@ from backfill_assets.core.settings import (
     DBT_PACKAGE_DIR,
     DEFAULT_DBT_PROJECT_DIR,
     connection_parts,
+    dbt_in_process,
     dbt_project_dir,
 )
 from backfill_assets.core.tables import Timeouts
@@ -334,6 +335,7 @@ def dbt_project() -> DbtProject:
 
 def installed_dbt() -> InstalledDbt:
     """The ``dbt`` resource for ``dbt_project()``."""
+    dbt_in_process()  # a bad BACKFILL_DBT_IN_PROCESS fails the definitions' load, naming it
     project = dbt_project()
     return InstalledDbt(
         project_dir=project, profiles_dir=str(DBT_PACKAGE_DIR), dbt_executable=DBT_EXECUTABLE
