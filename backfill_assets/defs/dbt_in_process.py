@@ -56,8 +56,8 @@ class InProcessDbt:
         self.stdout = os.fdopen(read_fd, "rb")
         self._log = _Log(os.fdopen(write_fd, "w", encoding="utf-8", buffering=1))
         restore = _enter_environment(env)
-        self._thread = threading.Thread(target=self._run, args=(restore,), name="dbt", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, args=(restore,), name="dbt", daemon=True)
+        self.thread.start()
 
     def _run(self, restore: Callable[[], None]) -> None:
         code = 2
@@ -105,12 +105,9 @@ class InProcessDbt:
             self._log.write(_error_line(f"dbt: {result.exception}") + "\n")
         return 2
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def wait(self, timeout: float | None = None) -> int:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        self.thread.join(timeout)
+        if self.thread.is_alive():
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
@@ -124,19 +121,10 @@ class InProcessDbt:
         self.stopping.set()
         threading.Thread(target=self._cancel_until_ended, name="dbt-cancel", daemon=True).start()
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    kill = terminate
-
     def _cancel_until_ended(self) -> None:
-        while self._thread.is_alive():
+        while self.thread.is_alive():
             _cancel_open_queries()
             time.sleep(CANCEL_EVERY_S)
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
 
 def _stoppable_pool(invocation: InProcessDbt) -> type:
