@@ -8,7 +8,7 @@ refused by its guard is not touched, the run's other partitions are still writte
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
@@ -118,11 +118,12 @@ class VerifiedWrite:
         conn: psycopg.Connection,
         previous: sql.Composable,
         current: sql.Composable | None = None,
+        bound: Mapping[str, object] | None = None,
     ) -> Verification:
         """Every after-write check on the uncommitted partition; a blocking failure raises
         ``VerificationFailed``, rolling the write back."""
         verification = verify(
-            conn, self.table, self.window, self.stats, self.params, previous, current
+            conn, self.table, self.window, self.stats, self.params, previous, current, bound
         )
         self.verification = verification
         if verification.failed_blocking:
@@ -236,7 +237,7 @@ def write_verified(
     )
 
     def verify_and_record(connection: psycopg.Connection, write: WriteResult) -> None:
-        job.verify(connection, kept.relation(table))
+        job.verify(connection, kept.relation(table), bound=kept.params)
         job.record_success(connection, write.rows_deleted, write.rows_inserted)
 
     return job.outcome(

@@ -10,6 +10,7 @@ it is one statement per partition.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -26,7 +27,12 @@ from backfill_assets.core.fingerprint import (
 from backfill_assets.core.outcomes import CheckOutcome, SourceStats
 from backfill_assets.core.params import BackfillParams
 from backfill_assets.core.partitioning import PartitionWindow
-from backfill_assets.core.table_keys import KeysElsewhere, keys_elsewhere
+from backfill_assets.core.table_keys import (
+    ELSEWHERE_COLUMNS,
+    KeysElsewhere,
+    elsewhere_of,
+    found_elsewhere,
+)
 from backfill_assets.core.tables import TableSpec
 
 
@@ -96,70 +102,69 @@ def verify(
     params: BackfillParams,
     previous: sql.Composable,
     current: sql.Composable | None = None,
+    bound: Mapping[str, object] | None = None,
 ) -> Verification:
-    """Evaluate every after-write check on the uncommitted partition: one statement, and one
-    lookup of the new rows' keys in the table's other partitions (``table_keys``).
+    """Evaluate every after-write check on the uncommitted partition, in one statement.
 
     ``previous`` is a relation shaped like the table holding the partition's old rows (the rows
     the DELETE removed, or the partition a swap replaces); ``current`` the one holding the new
-    rows (default: the table). Each side is read once (materialized CTEs);
-    fingerprints, measure sums, NULL counts, duplicated keys and the keyed diff are all computed
-    from those two reads, with no sort (the checksum is order-independent).
+    rows (default: the table); ``bound``, values of their placeholders. Each side is read once
+    (materialized CTEs) and each row's text hashed once: fingerprints, measure sums, NULL
+    counts, duplicated keys, the keyed diff (a row changed when its hash did) and the lookup of
+    the new keys in the table's other partitions (``table_keys``) all come from those two
+    reads, with no sort (the checksum is order-independent). Only what the checks need is
+    carried (the keys, the hash, the measures and required columns, under generated names), not
+    the rows' text.
     """
+    keys = [sql.Identifier(k) for k in table.unique_key]
     measures = [sql.Identifier(m) for m in table.measures]
-    carried = sql.SQL("").join(sql.SQL(", {}").format(m) for m in measures)
-    sums = sql.SQL("").join(sql.SQL(", sum({})").format(m) for m in measures)
-    nulls = sql.SQL("").join(
-        sql.SQL(", count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(c))
-        for c in table.required_columns
+    required = [sql.Identifier(c) for c in table.required_columns]
+    k = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+    m = [sql.Identifier(f"m{i}") for i in range(len(measures))]
+    q = [sql.Identifier(f"q{i}") for i in range(len(required))]
+
+    def side(relation: sql.Composable, with_required: bool) -> sql.Composed:
+        columns = [
+            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(keys, k, strict=True)),
+            sql.SQL("{} AS h").format(ROW_HASH.format(row_text=row_text(table, "t"))),
+            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(measures, m, strict=True)),
+        ]
+        if with_required:
+            columns += [
+                sql.SQL("{} IS NULL AS {}").format(c, a) for c, a in zip(required, q, strict=True)
+            ]
+        return sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(
+            sql.SQL(", ").join(columns), relation, table.window_filter()
+        )
+
+    sums = sql.SQL("").join(sql.SQL(", sum({})").format(a) for a in m)
+    nulls = sql.SQL("").join(sql.SQL(", count(*) FILTER (WHERE {})").format(a) for a in q)
+    same_key = sql.SQL(" AND ").join(sql.SQL("o.{a} = n.{a}").format(a=a) for a in k)
+    new_keys = sql.SQL("(SELECT DISTINCT {} FROM n)").format(
+        sql.SQL(", ").join(sql.SQL("{} AS {}").format(a, c) for a, c in zip(k, keys, strict=True))
     )
-    key = sql.SQL("ROW({})::text").format(
-        sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key)
-    )
-    side = sql.SQL(
-        "SELECT k, r, {row_hash} AS h{carried}{required} FROM "
-        "(SELECT {key} AS k, {row} AS r{carried}{required} FROM {rel}) AS side"
-    )
-    required = sql.SQL("").join(
-        sql.SQL(", {}").format(sql.Identifier(c))
-        for c in table.required_columns
-        if c not in table.measures
-    )
-    row_hash = ROW_HASH.format(row_text=sql.SQL("r"))
     query = sql.SQL(
-        "WITH o AS MATERIALIZED ({old}), n AS MATERIALIZED ({new}) "
+        "WITH o AS MATERIALIZED ({old}), n AS MATERIALIZED ({new}), {found} "
         "SELECT * FROM "
         "(SELECT count(*), {checksum}{sums} FROM o) AS before, "
         "(SELECT count(*), {checksum}{sums}{nulls} FROM n) AS after, "
         "(SELECT count(*), coalesce(sum(c), 0) FROM "
-        "  (SELECT count(*) AS c FROM n GROUP BY k HAVING count(*) > 1) AS d) AS dup, "
-        "(SELECT count(*) FILTER (WHERE o.k IS NULL), count(*) FILTER (WHERE n.k IS NULL), "
-        "  count(*) FILTER (WHERE o.k IS NOT NULL AND n.k IS NOT NULL AND o.r <> n.r) "
-        "  FROM o FULL JOIN n ON o.k = n.k) AS diff"
+        "  (SELECT count(*) AS c FROM n GROUP BY {k} HAVING count(*) > 1) AS d) AS dup, "
+        "(SELECT count(*) FILTER (WHERE o.h IS NULL), count(*) FILTER (WHERE n.h IS NULL), "
+        "  count(*) FILTER (WHERE o.h <> n.h) FROM o FULL JOIN n ON {same_key}) AS diff, "
+        "(SELECT {elsewhere}) AS elsewhere"
     ).format(
-        old=side.format(
-            key=key,
-            row=row_text(table),
-            row_hash=row_hash,
-            carried=carried,
-            required=sql.SQL(""),
-            rel=sql.SQL("{} AS t WHERE {}").format(previous, table.window_filter()),
-        ),
-        new=side.format(
-            key=key,
-            row=row_text(table),
-            row_hash=row_hash,
-            carried=carried,
-            required=required,
-            rel=sql.SQL("{} AS t WHERE {}").format(
-                current or table.identifier, table.window_filter()
-            ),
-        ),
+        old=side(previous, with_required=False),
+        new=side(current or table.identifier, with_required=True),
+        found=found_elsewhere(conn, table, new_keys),
         checksum=checksum_of(sql.SQL("h")),
         sums=sums,
         nulls=nulls,
+        k=sql.SQL(", ").join(k),
+        same_key=same_key,
+        elsewhere=ELSEWHERE_COLUMNS,
     )
-    values = list(conn.execute(query, window.as_params()).fetchone())
+    values = list(conn.execute(query, {**window.as_params(), **(bound or {})}).fetchone())
     m, r = len(table.measures), len(table.required_columns)
 
     def take(count: int) -> list:
@@ -172,6 +177,7 @@ def verify(
     sums_after, null_counts = rest[:m], rest[m:]
     duplicated_keys, rows_with_duplicates = take(2)
     added, removed, changed = take(3)
+    elsewhere = elsewhere_of(table, take(3))
     before = Fingerprint(rows_before, checksum_before, sums_of(table, sums_before))
     after = Fingerprint(rows_after, checksum_after, sums_of(table, sums_after))
     diff = PartitionDiff(
@@ -181,7 +187,6 @@ def verify(
         sums_before=before.sums,
         sums_after=after.sums,
     )
-    elsewhere = keys_elsewhere(conn, table, window, current)
     outcomes = {
         "rows_match_source": CheckOutcome(
             after.rows == source.rows,

@@ -86,9 +86,34 @@ def keys_elsewhere(
 ) -> KeysElsewhere | None:
     """The keys of ``new_rows``' window (default: the table's own, as just written in this
     transaction) that the table holds outside the window; None when there are none."""
-    keys = table.unique_key
-    if not keys:
+    if not table.unique_key:
         return None
+    new_keys = sql.SQL("(SELECT DISTINCT {keys} FROM {new} AS n WHERE {in_window})").format(
+        keys=sql.SQL(", ").join(sql.Identifier(k) for k in table.unique_key),
+        new=new_rows or table.identifier,
+        in_window=table.window_filter(),
+    )
+    query = sql.SQL("WITH {} SELECT {}").format(
+        found_elsewhere(conn, table, new_keys), ELSEWHERE_COLUMNS
+    )
+    return elsewhere_of(table, conn.execute(query, window.as_params()).fetchone())
+
+
+ELSEWHERE_COLUMNS = sql.SQL(
+    "(SELECT count(DISTINCT k) FROM found), "
+    "ARRAY(SELECT DISTINCT k FROM found ORDER BY k LIMIT {shown_keys}), "
+    "ARRAY(SELECT DISTINCT p FROM found ORDER BY p LIMIT {shown_partitions})"
+).format(shown_keys=sql.Literal(SHOWN_KEYS), shown_partitions=sql.Literal(SHOWN_PARTITIONS))
+"""The three values ``elsewhere_of`` reads, from the CTE ``found_elsewhere`` defines."""
+
+
+def found_elsewhere(
+    conn: psycopg.Connection, table: TableSpec, new_keys: sql.Composable
+) -> sql.Composed:
+    """The CTE ``found (k, p)``: each key of ``new_keys`` (a relation of distinct keys, columns
+    named as the table's) that the table holds outside the window (``%(start)s``/``%(end)s``),
+    as text, and the start of the partition holding it. A statement can compute it beside
+    other things (``reconcile.verify`` does, from the new rows it already reads)."""
     part = sql.Identifier("t", table.partition_column)
     # With an index led by the key, one probe per key (LATERAL; OFFSET 0 keeps PostgreSQL from
     # flattening it into a join): its estimate of the rows outside the window otherwise picks a
@@ -99,32 +124,29 @@ def keys_elsewhere(
         if has_index_led_by_key(conn, table)
         else "JOIN {table} AS t ON {same}"
     )
-    query = sql.SQL(
-        "WITH found AS MATERIALIZED (SELECT ROW({t_keys})::text AS k, {start} AS p "
-        "FROM (SELECT DISTINCT {keys} FROM {new} AS n WHERE {in_window}) AS n "
+    return sql.SQL(
+        "found AS MATERIALIZED (SELECT ROW({t_keys})::text AS k, {start} AS p FROM {new} AS n "
         + join
-        + " WHERE NOT ({part} >= %(start)s AND {part} < %(end)s)) "
-        "SELECT (SELECT count(DISTINCT k) FROM found), "
-        "ARRAY(SELECT DISTINCT k FROM found ORDER BY k LIMIT {shown_keys}), "
-        "ARRAY(SELECT DISTINCT p FROM found ORDER BY p LIMIT {shown_partitions})"
+        + " WHERE NOT ({part} >= %(start)s AND {part} < %(end)s))"
     ).format(
-        t_keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in keys),
+        t_keys=sql.SQL(", ").join(sql.Identifier("t", k) for k in table.unique_key),
         start=_partition_start(table, part),
         part=part,
-        keys=sql.SQL(", ").join(sql.Identifier(k) for k in keys),
-        new=new_rows or table.identifier,
-        in_window=table.window_filter(),
+        new=new_keys,
         table=table.identifier,
         same=sql.SQL(" AND ").join(
-            sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("n", k)) for k in keys
+            sql.SQL("{} = {}").format(sql.Identifier("t", k), sql.Identifier("n", k))
+            for k in table.unique_key
         ),
-        shown_keys=sql.Literal(SHOWN_KEYS),
-        shown_partitions=sql.Literal(SHOWN_PARTITIONS),
     )
-    count, found_keys, days = conn.execute(query, window.as_params()).fetchone()
+
+
+def elsewhere_of(table: TableSpec, values) -> KeysElsewhere | None:
+    """The ``ELSEWHERE_COLUMNS`` of a statement as a finding; None when no key was found."""
+    count, found_keys, starts = values
     if not count:
         return None
-    return KeysElsewhere(count, tuple(found_keys), _partition_keys(table, days))
+    return KeysElsewhere(count, tuple(found_keys), _partition_keys(table, starts))
 
 
 def _partition_start(table: TableSpec, column: sql.Composable) -> sql.Composed:

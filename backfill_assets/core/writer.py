@@ -92,11 +92,17 @@ class KeptRows:
     def temporary(self) -> bool:
         return self.table == PREVIOUS_ROWS
 
+    @property
+    def params(self) -> dict[str, object]:
+        """The tag's values, bound to the placeholders of ``relation`` and ``statements`` (one
+        statement text for every write: PostgreSQL plans it once, psycopg prepares it)."""
+        return {f"kept_{name}": value for name, value in self.tag}
+
     def relation(self, table: TableSpec) -> sql.Composed:
-        """The kept rows, shaped like ``table``, as a subquery."""
+        """The kept rows, shaped like ``table``, as a subquery (bind ``params``)."""
         # `=` (not IS NOT DISTINCT FROM, which no index serves) where there is a value.
         where = sql.SQL(" AND ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
+            sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(f"kept_{name}"))
             if value is not None
             else sql.SQL("{} IS NULL").format(sql.Identifier(name))
             for name, value in self.tag
@@ -107,7 +113,7 @@ class KeptRows:
 
     def statements(self, table: TableSpec) -> list[sql.Composed]:
         tag_columns = [sql.Identifier(name) for name, _ in self.tag]
-        tag_values = [sql.Literal(value) for _, value in self.tag]
+        tag_values = [sql.Placeholder(f"kept_{name}") for name, _ in self.tag]
         delete = sql.SQL(
             "WITH gone AS (DELETE FROM {table} WHERE {window} RETURNING *) "
             "INSERT INTO {kept} ({columns}) SELECT {values} FROM gone"
@@ -177,7 +183,11 @@ def replace_partition(
     the partition back.
     Concurrent writers of the same partition take turns (``lock_partition``).
     """
-    bound = {**window.as_params(), **(params or {})}
+    bound = {
+        **window.as_params(),
+        **(params or {}),
+        **(keep_previous.params if keep_previous else {}),
+    }
     started = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         lock_partition(cur, table, window)

@@ -119,7 +119,7 @@ def restore_rows(
     def checksums_and_audit(connection: psycopg.Connection, write: WriteResult) -> None:
         kept["after"] = fingerprint_of(connection, ref.table, ref.table.identifier, window).checksum
         kept["before"] = fingerprint_of(
-            connection, ref.table, kept_rows.relation(ref.table), window
+            connection, ref.table, kept_rows.relation(ref.table), window, kept_rows.params
         ).checksum
         record(
             ref,
