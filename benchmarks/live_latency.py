@@ -13,6 +13,9 @@ Phases:
   delete_insert  the project's strategy: ``analytics.fct_orders`` for the year, a partition per
                  transaction, under its timeouts and throttle (what a run does per day);
   delete_insert_paced  the same with ``throttle: {pause: 50ms}`` between partitions;
+  delete_insert_busy_50, delete_insert_busy_25  the same under a budget, ``throttle: {max_busy:
+                 0.5}`` and ``0.25``: the writer rests so that its writes take at most that share
+                 of the run's wall time;
   batched_update the project's in-place strategy on the live table itself: ``app.orders``'
                  new ``bench_total`` filled for the year, a day at a time in key-ordered batches
                  sized to 50 ms statements (``core/strategies/in_place.py``);
@@ -26,7 +29,7 @@ Phases:
   partition_swap_monthly  the same with a partition per month (large partitions).
 
 Usage: python benchmarks/live_latency.py [--orders-per-day 2000] [--rate 200] [--clients 4]
-                                         [--window 60]
+                                         [--window 90] [--phases baseline delete_insert ...]
 """
 
 from __future__ import annotations
@@ -157,6 +160,16 @@ def delete_insert(url: str, table: TableSpec = TABLE) -> int:
 def paced(url: str) -> int:
     """The same, throttled: 50 ms between partitions (``throttle: {pause: 50ms}``)."""
     return delete_insert(url, dataclasses.replace(TABLE, throttle=ThrottleLimits(pause_ms=50)))
+
+
+def budgeted(share: float):
+    """The same under ``throttle: {max_busy: share}``."""
+
+    def backfill(url: str) -> int:
+        limits = ThrottleLimits(max_busy=share)
+        return delete_insert(url, dataclasses.replace(TABLE, throttle=limits))
+
+    return backfill
 
 
 IN_PLACE = """
@@ -374,6 +387,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="application transactions/s")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--window", type=int, default=90, help="seconds pgbench runs per phase")
+    parser.add_argument("--phases", nargs="+", help="only these phases (and the baseline)")
     args = parser.parse_args()
 
     embedded.start(settings.embedded_pgdata())
@@ -386,13 +400,16 @@ def main() -> None:
         f"of the year: {raw_rows:,} rows in {raw_s:.2f}s ({raw_rows / raw_s:,.0f} rows/s)"
     )
 
-    partition_swap(url, "day")  # the partitions exist before their backfill
-    partition_swap(url, "month")
+    if not args.phases or any(name.startswith("partition_swap") for name in args.phases):
+        partition_swap(url, "day")  # the partitions exist before their backfill
+        partition_swap(url, "month")
     phases = []
     for name, backfill in (
         ("baseline", None),
         ("delete_insert", delete_insert),
         ("delete_insert_paced", paced),
+        ("delete_insert_busy_50", budgeted(0.5)),
+        ("delete_insert_busy_25", budgeted(0.25)),
         ("partition_swap", partition_swap),
         ("partition_swap_monthly", partition_swap_monthly),
         ("batched_update", batched_update),
@@ -400,6 +417,8 @@ def main() -> None:
         ("naive_update", naive_update),
         ("classic_loop", classic_loop),
     ):
+        if args.phases and name not in args.phases and name != "baseline":
+            continue
         print(f"phase {name} ...", flush=True)
         phases.append(run_phase(url, name, backfill, app, args))
         if name in ("batched_update", "batched_update_paced", "naive_update", "classic_loop"):

@@ -122,6 +122,61 @@ def test_the_throttle_holds_writes_back_while_a_transaction_stays_open(data_url,
     assert throttle.paused_s >= 0.3 + 2
 
 
+def test_a_busy_budget_rests_in_proportion_to_what_each_write_took(conn):
+    """``max_busy: 0.25``: after a write of 0.2 s the writer rests 0.6 s; after one of 0.05 s,
+    only what keeps the total within a quarter of the time; a wait for the pause switch is not
+    counted as writing. (The clock and the sleeps are the test's; the stress checks are real.)"""
+    table = dataclasses.replace(FCT_ORDERS, throttle=ThrottleLimits(max_busy=0.25))
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    throttle = Throttle(conn, table, print, sleep=sleep, clock=lambda: now[0])
+    throttle.before_partition()
+    assert slept == [], "no rest before the first write"
+    now[0] += 0.2  # the first write
+    throttle.before_partition()
+    assert slept == [0.6], "0.2 s of writing is 25 % of 0.8 s"
+    now[0] += 0.05  # a small write
+    throttle.before_partition()
+    assert slept == [0.6, 0.15], "0.25 s of writing is 25 % of 1.0 s"
+    now[0] += 5.0  # a wait for the pause switch, then a write of 0.1 s
+    throttle.not_busy(5.0)
+    now[0] += 0.1
+    throttle.before_partition()
+    assert slept == [0.6, 0.15], "the pause already rested more than the budget asks"
+    assert throttle.busy_s == pytest.approx(0.35)
+    assert throttle.budget_s == throttle.paused_s == pytest.approx(0.75)
+
+    unlimited = Throttle(conn, FCT_ORDERS, print, sleep=sleep, clock=lambda: now[0])
+    for _ in range(3):
+        unlimited.before_partition()
+        now[0] += 0.2
+    assert unlimited.paused_s == 0 and len(slept) == 2, "no budget: no rest"
+
+
+def test_a_run_under_a_busy_budget_writes_at_most_that_share_of_its_time(postgres, instance, conn):
+    limits = ThrottleLimits(max_busy=0.3)
+    budgeted = table_asset(dataclasses.replace(FCT_ORDERS, throttle=limits))
+    result = materialize_days(postgres, instance, DAYS[0], DAYS[-1], assets=(budgeted,))
+
+    assert result.success
+    writes = audit_rows(conn, status="succeeded")
+    assert [w["partition_key"] for w in writes] == DAYS
+    # Before each write, the ones before it took at most 30 % of the time since the first began
+    # (the throttle counts a write from its end of one rest to the start of the next: more
+    # than the audit's transaction, so it rests at least this much).
+    first = writes[0]["started_at"]
+    for number, write in enumerate(writes[1:], start=1):
+        busy = sum((w["ended_at"] - w["started_at"]).total_seconds() for w in writes[:number])
+        assert (write["started_at"] - first).total_seconds() >= busy / 0.3 - 0.01
+    infos = [r.user_message for r in instance.all_logs(result.run_id) if r.level == 20]
+    assert any("of it keeping writes within max_busy 30% of the time" in i for i in infos), infos
+
+
 def test_stress_past_max_wait_stops_the_run_and_the_rest_keep_their_rows(
     postgres, instance, conn, data_url
 ):
@@ -160,6 +215,21 @@ def test_throttle_limits_are_read_from_the_declaration(tmp_path):
     with pytest.raises(DeclarationError, match=r"throttle\.pause: 'soon' is not a duration"):
         load_registry([bad])
     assert ThrottleTimeout.__doc__
+
+    for given, share in (("0.3", 0.3), ("30%", 0.3), ("1", 1.0)):
+        (tmp_path / given).mkdir()
+        budget = f"throttle: {{max_busy: {given}}}\npartitions:"
+        folder = _declaration(tmp_path / given, ("partitions:", budget))
+        table = load_registry([folder]).table("reporting.shipped_lines")
+        assert table.throttle.max_busy == share
+    for bad_share in ("0", "2", "lots"):
+        (tmp_path / f"bad_{bad_share}").mkdir()
+        folder = _declaration(
+            tmp_path / f"bad_{bad_share}",
+            ("partitions:", f"throttle: {{max_busy: {bad_share}}}\npartitions:"),
+        )
+        with pytest.raises(DeclarationError, match=r"throttle\.max_busy: .* between 0\.01 and 1"):
+            load_registry([folder])
 
 
 def test_a_paused_backfill_builds_no_mart_until_resumed(postgres, instance, conn):

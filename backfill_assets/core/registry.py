@@ -46,8 +46,8 @@ KEYS = {
     "snapshots": "keep (true | false), retention_days",
     "partitions_per_run": "partitions one backfill run writes (default: sized from the audit)",
     "timeouts": "lock (5s), statement (30min), lock_retries (8): limits of every write statement",
-    "throttle": "pause, max_lock_waiters, max_transaction_age, max_active_connections, "
-    "max_replica_lag, max_wait: when writes hold back",
+    "throttle": "pause, max_busy, max_lock_waiters, max_transaction_age, "
+    "max_active_connections, max_replica_lag, max_wait: when writes hold back",
 }
 PARTITION_KEYS = ("column", "every", "start", "end")
 THRESHOLD_KEYS = ("max_shrink", "diff_warn", "sum_tolerance")
@@ -55,6 +55,7 @@ SNAPSHOT_KEYS = ("keep", "retention_days")
 TIMEOUT_KEYS = ("lock", "statement", "lock_retries")
 THROTTLE_KEYS = (
     "pause",
+    "max_busy",
     "max_lock_waiters",
     "max_transaction_age",
     "max_active_connections",
@@ -291,7 +292,27 @@ def _throttle(value: object) -> ThrottleLimits:
             doc, "max_replica_lag", default.max_replica_lag_ms, 1_000, day, "throttle"
         ),
         max_wait_ms=_duration(doc, "max_wait", default.max_wait_ms, 1_000, day, "throttle"),
+        max_busy=_share(doc, "max_busy", default.max_busy),
     )
+
+
+def _share(doc: Mapping, key: str, default: float) -> float:
+    """A share of wall time: a number in (0, 1] (``0.3``) or a percentage (``30%``)."""
+    value = doc.get(key, default)
+    share: float | None = None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            share = None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        share = float(value)
+    if share is None or not 0.01 <= share <= 1:
+        raise DeclarationError(
+            f"throttle.{key}: {value!r} is not a share of the run's wall time between 0.01 and 1 "
+            "(e.g. 0.3 or 30%: its writes take at most that share, it waits the rest)"
+        )
+    return share
 
 
 def _count(doc: Mapping, key: str, default: int) -> int:

@@ -124,7 +124,9 @@ def run_table(
         strategy that writes a partition in several transactions."""
         throttle.before_partition()
         # Read last: a pause given during the throttle's wait holds this write.
-        paused[0] += wait_while_paused(conn, run.backfill_id, hooks.warn)
+        waited = wait_while_paused(conn, run.backfill_id, hooks.warn)
+        throttle.not_busy(waited)
+        paused[0] += waited
 
     write_hooks = WriteHooks(hooks.info, hooks.warn, hold_back)
     stopped = None
@@ -162,9 +164,15 @@ def run_table(
             stopped = outcome.error
             break
     if paused[0] or throttle.paused_s:
+        budget = (
+            f" ({throttle.budget_s:.0f}s of it keeping writes within max_busy "
+            f"{table.throttle.max_busy:.0%} of the time)"
+            if throttle.budget_s
+            else ""
+        )
         hooks.info(
-            f"{table.qualified_name}: held back {throttle.paused_s:.0f}s by the throttle "
-            f"and {paused[0]:.0f}s by a pause"
+            f"{table.qualified_name}: held back {throttle.paused_s:.0f}s by the throttle"
+            f"{budget} and {paused[0]:.0f}s by a pause"
         )
     return RunResult(windows, outcomes, stopped)
 

@@ -67,6 +67,9 @@ class ThrottleLimits:
     max_active_connections: int = 0
     max_replica_lag_ms: int = 30_000
     max_wait_ms: int = 30 * 60_000
+    max_busy: float = 1.0
+    """The share of a run's wall time its writes may take (1: no budget); the rest it waits,
+    between partitions and batches."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,17 @@ that adding load now would hurt:
 
 While any limit is exceeded it waits, backing off from 1 s to at most 30 s, and says why; after
 ``max_wait`` it gives up, and the run's remaining partitions are not attempted (they keep their
-rows; retry later). Sessions of other roles are only visible with ``pg_monitor`` (or
-``pg_read_all_stats``): without it the transaction and activity checks see the role's own
-sessions only.
+rows; retry later).
+
+A budget (``max_busy``) bounds the share of the run's wall time its writes take: after writing
+for ``w`` seconds at ``max_busy: 0.3`` the run waits until the writes have taken no more than 30 %
+of the time since its first partition (about ``w * 0.7 / 0.3``). A fixed ``pause`` spaces writes
+equally whatever they cost; the budget spaces them by what they cost, so a day of many rows is
+followed by a longer rest than a day of few. Both are waits between partitions (and between a
+strategy's batches): a write itself runs at full speed.
+
+Sessions of other roles are only visible with ``pg_monitor`` (or ``pg_read_all_stats``): without
+it the transaction and activity checks see the role's own sessions only.
 """
 
 from __future__ import annotations
@@ -99,18 +107,54 @@ class Throttle:
         log: Callable[[str], object],
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._conn, self._table, self._log, self._sleep = conn, table, log, sleep
+        self._clock = clock
         self._limits = table.throttle
         self._first = True
+        self._began: float | None = None
+        self._busy_since: float | None = None
+        self.busy_s = 0.0
+        """Seconds the run spent writing so far: from the end of one ``before_partition`` to the
+        start of the next, less what ``not_busy`` says was waiting."""
         self.paused_s = 0.0
-        """Seconds spent in pauses and back-off so far (for the run's metadata)."""
+        """Seconds spent in pauses, the budget and back-off so far (for the run's metadata)."""
+        self.budget_s = 0.0
+        """Of ``paused_s``, the waits the budget (``max_busy``) imposed."""
+
+    def not_busy(self, seconds: float) -> None:
+        """``seconds`` since ``before_partition`` returned were not writing (the run waited for
+        the pause switch): they do not count against the budget."""
+        if self._busy_since is not None:
+            self._busy_since = min(self._busy_since + seconds, self._clock())
 
     def before_partition(self) -> None:
+        now = self._clock()
+        if self._busy_since is not None:
+            self.busy_s += now - self._busy_since
+        if self._began is None:
+            self._began = now
         if not self._first and self._limits.pause_ms:
             self._sleep(self._limits.pause_ms / 1000)
             self.paused_s += self._limits.pause_ms / 1000
         self._first = False
+        self._keep_budget()
+        self._wait_while_stressed()
+        self._busy_since = self._clock()
+
+    def _keep_budget(self) -> None:
+        """Wait until the writes so far took at most ``max_busy`` of the run's wall time."""
+        share = self._limits.max_busy
+        if share >= 1 or self._began is None:
+            return
+        due = self.busy_s / share - (self._clock() - self._began)
+        if due > 0:
+            self._sleep(due)
+            self.paused_s += due
+            self.budget_s += due
+
+    def _wait_while_stressed(self) -> None:
         started = time.monotonic()
         backoff, reminded = 1.0, None
         while reasons := stress(self._conn, self._table).reasons(self._limits):
