@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test soak lint format ui screenshots bench bench-live db-stop clean
+.PHONY: setup demo test soak lint format ui screenshots bench bench-scale bench-live db-stop clean
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ bench: setup
 	$(BIN)/python benchmarks/backfill_speed.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/merge_vs_delete_insert.py
 	$(BIN)/python benchmarks/dbt_in_process.py
+
+# Over 20 M rows: 2,001 days of ~10,000 orders, end to end through the daemon (~1 h, ~15 GB).
+bench-scale: setup
+	$(BIN)/python benchmarks/backfill_speed.py --scale $(BENCH_ARGS)
 
 # The application's latency (pgbench) during a year's backfill and during naive updates.
 bench-live: setup

@@ -27,8 +27,13 @@ it also prints the share of the wall time that is orchestration: everything but 
 writes' own time (from the audit rows' start and end), how long after the launch the first run
 was created ("pickup") and how long after the last run ended the command returned ("closing").
 
+With ``--scale`` (``make bench-scale``): 2,001 days of ~10,000 orders a day (over 20 M rows) of a
+``fct_orders`` declared from 2019 (a copy of the repository's declaration in a temporary folder,
+``BACKFILL_TABLES_PATH``), one round, end to end through the project's daemon only. For every
+end-to-end path it prints where the runs' seconds went (``time_split``).
+
 Usage: python benchmarks/backfill_speed.py [--days 90] [--sizes 200 2400] [--rounds 3]
-                                            [--no-e2e] [--job-days N]
+                                            [--no-e2e] [--job-days N] [--variants ...] [--scale]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 import yaml
@@ -52,6 +58,7 @@ from backfill_assets.core.audit import AuditTrail, RunInfo
 from backfill_assets.core.database import connect
 from backfill_assets.core.params import params_for
 from backfill_assets.core.partition_write import run_guards, write_verified
+from backfill_assets.core.registry import DEFAULT_TABLES_DIR, TABLES_PATH_ENV
 from backfill_assets.core.snapshots import ensure_snapshot_table, snapshot_table
 from backfill_assets.core.table_keys import keys_elsewhere
 from backfill_assets.core.tables import ensure_table
@@ -68,6 +75,8 @@ from backfill_assets.tooling.launch import (
 )
 
 TABLE = demo_table()
+SCALE_DAYS = 2001
+SCALE_ROWS = 10_000
 RAW = sql.Identifier("bench", "raw_target")
 
 
@@ -209,7 +218,9 @@ def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: st
             "FROM backfill_audit.backfill_runs WHERE status = 'succeeded' AND backfill_id = %s",
             [backfill_id],
         ).fetchone()
+        split = time_split(conn, records, backfill_id)
     return {
+        "split": split,
         "seconds": elapsed,
         "writes": writes,
         "db_s": float(db_seconds),
@@ -219,7 +230,67 @@ def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: st
     }
 
 
+def time_split(conn, records, backfill_id: str) -> dict[str, float]:
+    """Where the runs' seconds went, summed over the backfill's runs, from the runs' own times
+    (Dagster's run records) and their writes' (the audit rows):
+
+    queued:    the run created, not yet started (the run queue, the launcher);
+    start:     the run started, its first write not yet (process start, definitions load, the
+               run's checks of privileges and contract, its guards);
+    writes:    its writes' transactions (the data database);
+    between:   between its writes (the throttle's and pause switch's checks, Python);
+    after:     its last write's end to the run's end (Dagster storage: the materializations and
+               check evaluations, then the process's exit).
+    """
+    spans = dict(
+        (run_id, (first, last, busy))
+        for run_id, first, last, busy in conn.execute(
+            "SELECT dagster_run_id, extract(epoch FROM min(started_at)), "
+            "extract(epoch FROM max(ended_at)), sum(extract(epoch FROM ended_at - started_at)) "
+            "FROM backfill_audit.backfill_runs WHERE backfill_id = %s AND status = 'succeeded' "
+            "GROUP BY dagster_run_id",
+            [backfill_id],
+        )
+    )
+    split = dict.fromkeys(("queued", "start", "writes", "between", "after"), 0.0)
+    for record in records:
+        run = record.dagster_run
+        if run.run_id not in spans or not (record.start_time and record.end_time):
+            continue
+        first, last, busy = (float(v) for v in spans[run.run_id])
+        split["queued"] += record.start_time - record.create_timestamp.timestamp()
+        split["start"] += first - record.start_time
+        split["writes"] += busy
+        split["between"] += (last - first) - busy
+        split["after"] += record.end_time - last
+    return split
+
+
+VARIANTS = ("asset_cli", "asset_cli_dagster_daemon", "job_backfill", "job_backfill_spawned")
+SCALE_FIRST = "2019-01-01"
+
+
+def scaled_tables(days: int) -> Path:
+    """A folder declaring ``analytics.fct_orders`` over ``days`` days from ``SCALE_FIRST`` (the
+    repository's declares one year): the scale run's table, read by this process, the daemon and
+    its runs through ``BACKFILL_TABLES_PATH``; the shop is seeded for exactly those days."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_scale_tables_"))
+    source = DEFAULT_TABLES_DIR / "fct_orders.yaml"
+    end = date.fromisoformat(SCALE_FIRST) + timedelta(days=days)
+    text = source.read_text()
+    for old, new in (
+        ("start: 2024-01-01", f"start: {SCALE_FIRST}"),
+        ("end: 2025-01-01", f"end: {end}"),
+    ):
+        assert old in text, f"{source} no longer declares {old!r}"
+        text = text.replace(old, new)
+    (folder / "fct_orders.yaml").write_text(text)
+    shutil.copy(DEFAULT_TABLES_DIR / "fct_orders.sql", folder)
+    return folder
+
+
 def main() -> None:
+    global TABLE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="first", default="2024-03-01")
     parser.add_argument("--days", type=int, default=90)
@@ -229,7 +300,20 @@ def main() -> None:
     parser.add_argument(
         "--job-days", type=int, help="days for `dagster job backfill` (default: --days)"
     )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help=f"{SCALE_DAYS} days of ~{SCALE_ROWS:,} rows (over 20 M) from {SCALE_FIRST}, one "
+        "round, end to end through the project's daemon only (it sets --from, --days, "
+        "--sizes, --rounds and --variants)",
+    )
     args = parser.parse_args()
+    if args.scale:
+        args.first, args.days, args.sizes, args.rounds = SCALE_FIRST, SCALE_DAYS, [SCALE_ROWS], 1
+        args.variants = ["asset_cli"]
+        os.environ[TABLES_PATH_ENV] = str(scaled_tables(args.days))
+        TABLE = demo_table()
     keys = TABLE.partitioning.all_keys()
     start = keys.index(args.first)
     windows = TABLE.partitioning.windows(keys[start : start + args.days])
@@ -247,43 +331,40 @@ def main() -> None:
 
     for size in args.sizes:
         url = fresh_database(admin, "bench_speed")
+        seeding = time.perf_counter()
         with connect(url) as conn:
             seed(conn, orders_per_day=size)
+        print(f"seeded ~{size} orders a day in {time.perf_counter() - seeding:.0f} s", flush=True)
         best, rows = in_database(url, windows, args.rounds)
         table = pd.DataFrame({"seconds": best}).rename_axis("path")
+        results = {}
         if args.e2e:
-            cli = end_to_end(admin, url, "asset_cli", first, last)
-            table.loc["asset_cli"] = cli["seconds"]
-            stock = end_to_end(admin, url, "asset_cli_dagster_daemon", first, last)
-            table.loc["asset_cli_dagster_daemon"] = stock["seconds"]
             job_last = keys[start + job_days - 1]
-            job = end_to_end(admin, url, "job_backfill", first, job_last)
-            table.loc["job_backfill"] = job["seconds"] * args.days / job_days
-            spawned = end_to_end(admin, url, "job_backfill_spawned", first, job_last)
-            table.loc["job_backfill_spawned"] = spawned["seconds"] * args.days / job_days
+            for variant in args.variants:
+                job = variant.startswith("job_")
+                result = end_to_end(admin, url, variant, first, job_last if job else last)
+                results[variant] = result
+                scaled = args.days / job_days if job else 1
+                table.loc[variant] = result["seconds"] * scaled
         table["x_raw"] = table["seconds"] / table.loc["raw", "seconds"]
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
         print(
             f"\n{args.days} days ({first}..{last}) of {TABLE.qualified_name}, {rows} rows, "
-            f"~{size} rows a day; in-database: best of {args.rounds} rounds"
+            f"~{size} rows a day; in-database: best of {args.rounds} rounds; load average {load}"
         )
         print(table.round(3).to_string())
-        if args.e2e:
-            results = (
-                ("asset_cli", cli),
-                ("asset_cli_dagster_daemon", stock),
-                ("job_backfill", job),
-                ("job_backfill_spawned", spawned),
+        for name, result in results.items():
+            share = 1 - result["db_s"] / result["seconds"]
+            split = ", ".join(f"{k} {v:.1f} s" for k, v in result["split"].items())
+            print(f"{name}: summed over its runs: {split}")
+            print(
+                f"{name}: {result['runs']} runs, {result['writes']} partitions written in "
+                f"{result['db_s']:.1f} s of database time within {result['seconds']:.1f} s: "
+                f"orchestration {share:.0%}; pickup {result['pickup_s']:.1f} s after the "
+                f"launch, closing {result['closing_s']:.1f} s after the last run ended"
             )
-            for name, result in results:
-                share = 1 - result["db_s"] / result["seconds"]
-                print(
-                    f"{name}: {result['runs']} runs, {result['writes']} partitions written in "
-                    f"{result['db_s']:.1f} s of database time within {result['seconds']:.1f} s: "
-                    f"orchestration {share:.0%}; pickup {result['pickup_s']:.1f} s after the "
-                    f"launch, closing {result['closing_s']:.1f} s after the last run ended"
-                )
-            if job_days != args.days:
-                print(f"(job backfills ran {job_days} days; their times are scaled to {args.days})")
+        if job_days != args.days and any(v.startswith("job_") for v in results):
+            print(f"(job backfills ran {job_days} days; their times are scaled to {args.days})")
 
 
 if __name__ == "__main__":
