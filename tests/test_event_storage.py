@@ -1,9 +1,12 @@
-"""Dagster's event log as dagster.yaml configures it: one kept connection, the same events."""
+"""Dagster's event log as dagster.yaml configures it: one kept connection, events stored by the
+batch, the same events and check results as Dagster's stock storage."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
+from conftest import DAGSTER_TEMPLATE, DATA_TEMPLATE
 from dagster import (
     AssetKey,
     AssetMaterialization,
@@ -11,10 +14,15 @@ from dagster import (
     DagsterInstance,
     instance_for_test,
 )
+from psycopg import sql
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from support import FCT_ORDERS, FCT_ORDERS_KEY, fct_orders, latest_check, materialize_days
 
+from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.defs.event_storage import PooledPostgresEventLogStorage
+from backfill_assets.defs.resources import PostgresResource
 
 EVENTS = 50
 
@@ -51,3 +59,80 @@ def test_storing_many_events_opens_a_connection_once_not_per_statement(
     stock = {"storage": {"postgres": {"postgres_url": dagster_storage_url}}}
     with instance_for_test(overrides=stock) as instance:
         assert _sessions_opened_storing_events(instance, cluster, dagster_storage_url) >= EVENTS
+
+
+DAYS = ("2024-04-01", "2024-04-05")
+
+
+def _statements(storage) -> list[str]:
+    """Every statement the storage sends to PostgreSQL from now on (its engine's own events)."""
+    sent: list[str] = []
+    event.listen(
+        storage._engine, "before_cursor_execute", lambda *args: sent.append(args[2].split()[0])
+    )
+    return sent
+
+
+def _check_results(instance: DagsterInstance) -> dict[tuple[str, str], tuple]:
+    """Every check's result per partition, read the way the UI reads them."""
+    results = {}
+    for key in fct_orders.check_keys:
+        for day in FCT_ORDERS.partitioning.keys_between(*DAYS):
+            record = latest_check(instance, key.name, day)
+            evaluation = record.evaluation
+            results[key.name, day] = (
+                record.status,
+                evaluation.passed,
+                sorted(evaluation.metadata),
+                record.event.dagster_event.event_specific_data.partition,
+                evaluation.target_materialization_data is not None,
+            )
+    return results
+
+
+def _materialized_days(instance: DagsterInstance) -> list[str]:
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=FCT_ORDERS_KEY), limit=100
+    ).records
+    return sorted(r.partition_key for r in records)
+
+
+def _database(cluster: str, template: str) -> str:
+    """A new database copied from one of the session's templates."""
+    name = f"{template}_{uuid.uuid4().hex[:8]}"
+    with connect(cluster) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    return settings.with_database(cluster, name)
+
+
+def test_a_runs_events_are_stored_by_the_batch_and_read_as_if_stored_one_by_one(
+    cluster, postgres, instance
+):
+    """The same run of 5 partitions (each on its own copy of the shop) under the project's
+    storage and under Dagster's stock one: the same materializations and check results per
+    partition; the project's in a few statements."""
+    batched = _statements(instance.event_log_storage)
+    assert materialize_days(postgres, instance, *DAYS).success
+    ours = _check_results(instance)
+
+    stock_url = settings.to_sqlalchemy(_database(cluster, DAGSTER_TEMPLATE))
+    stock = {"storage": {"postgres": {"postgres_url": stock_url}}}
+    with instance_for_test(overrides=stock) as stock_instance:
+        assert not isinstance(stock_instance.event_log_storage, PooledPostgresEventLogStorage)
+        one_by_one = _statements(stock_instance.event_log_storage)
+        other_shop = PostgresResource(url=_database(cluster, DATA_TEMPLATE))
+        assert materialize_days(other_shop, stock_instance, *DAYS).success
+        assert _check_results(stock_instance) == ours
+        assert _materialized_days(stock_instance) == _materialized_days(instance)
+
+    days = len(FCT_ORDERS.partitioning.keys_between(*DAYS))
+    assert len(ours) == days * len(fct_orders.check_keys)
+    assert all(status.value == "SUCCEEDED" and passed for status, passed, *_ in ours.values())
+    # Stock: an INSERT per check evaluation and per planned materialization (7 a partition);
+    # here those of the whole run in a few statements.
+    saved = one_by_one.count("INSERT") - batched.count("INSERT")
+    assert saved >= days * 7, (batched.count("INSERT"), one_by_one.count("INSERT"))

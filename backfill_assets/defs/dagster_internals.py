@@ -28,6 +28,10 @@ from dagster._core.execution.retries import auto_reexecution_should_retry_run
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.event_log.schema import (
+    AssetCheckExecutionsTable,
+    SqlEventLogStorageTable,
+)
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -86,6 +90,7 @@ __all__ = [
     "WILL_RETRY_TAG",
     "AssetCheckEvaluationTargetMaterializationData",
     "AssetCheckExecutionRecordStatus",
+    "AssetCheckExecutionsTable",
     "AssetGraphSubset",
     "AssetKeyPartitionKey",
     "BackfillDaemon",
@@ -101,6 +106,7 @@ __all__ = [
     "PartitionKeyFilter",
     "SerializableErrorInfo",
     "SpanMarker",
+    "SqlEventLogStorageTable",
     "StaleCause",
     "StaleCauseCategory",
     "StaleStatus",
