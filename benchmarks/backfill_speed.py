@@ -30,10 +30,13 @@ was created ("pickup") and how long after the last run ended the command returne
 With ``--scale`` (``make bench-scale``): 2,001 days of ~10,000 orders a day (over 20 M rows) of a
 ``fct_orders`` declared from 2019 (a copy of the repository's declaration in a temporary folder,
 ``BACKFILL_TABLES_PATH``), one round, end to end through the project's daemon only. For every
-end-to-end path it prints where the runs' seconds went (``time_split``).
+end-to-end path it prints where the runs' seconds went (``time_split``). With ``--writers 1 2 4``:
+the same backfill (``fct_orders`` alone, ``--per-run`` partitions a run) through the project's
+daemon with 1, 2, then 4 runs in progress at once.
 
 Usage: python benchmarks/backfill_speed.py [--days 90] [--sizes 200 2400] [--rounds 3]
                                             [--no-e2e] [--job-days N] [--variants ...] [--scale]
+                                            [--writers 1 2 4 [--per-run 10]]
 """
 
 from __future__ import annotations
@@ -157,13 +160,20 @@ def key_lookups(conn, windows) -> dict[str, list[float]]:
 STOCK_DAEMON = ("dagster-daemon", "run", "-w", str(settings.WORKSPACE_FILE))
 
 
-def end_to_end(admin_url: str, data_url: str, variant: str, first: str, last: str) -> dict:
-    """Wall time of one backfill through a real daemon, and the verified writes' share of it."""
+def end_to_end(
+    admin_url: str, data_url: str, variant: str, first: str, last: str, writers: int = 0
+) -> dict:
+    """Wall time of one backfill through a real daemon, and the verified writes' share of it;
+    ``writers``: runs in progress at once (the instance's run queue and writers' pool), default
+    the repository's dagster.yaml."""
     storage = settings.to_sqlalchemy(fresh_database(admin_url, "bench_speed_dagster"))
     home = Path(tempfile.mkdtemp(prefix="bench_dagster_home_"))
     config = yaml.safe_load((settings.DAGSTER_HOME / "dagster.yaml").read_text())
     if variant == "job_backfill_spawned":
         config["run_launcher"]["config"] = {"fork_runs": False}
+    if writers:
+        config["concurrency"]["runs"]["max_concurrent_runs"] = writers
+        config["concurrency"]["pools"]["default_limit"] = writers
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     os.environ.update(
         {
@@ -270,20 +280,20 @@ VARIANTS = ("asset_cli", "asset_cli_dagster_daemon", "job_backfill", "job_backfi
 SCALE_FIRST = "2019-01-01"
 
 
-def scaled_tables(days: int) -> Path:
-    """A folder declaring ``analytics.fct_orders`` over ``days`` days from ``SCALE_FIRST`` (the
-    repository's declares one year): the scale run's table, read by this process, the daemon and
-    its runs through ``BACKFILL_TABLES_PATH``; the shop is seeded for exactly those days."""
-    folder = Path(tempfile.mkdtemp(prefix="bench_scale_tables_"))
+def bench_tables(first: str, days: int, per_run: int | None = None) -> Path:
+    """A folder declaring only ``analytics.fct_orders``, over ``days`` days from ``first`` (the
+    repository's declares one year), ``per_run`` partitions per run if given (else sized from the
+    audit): read by this process, the daemon and its runs through ``BACKFILL_TABLES_PATH``; the
+    shop is seeded for exactly those days."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_tables_"))
     source = DEFAULT_TABLES_DIR / "fct_orders.yaml"
-    end = date.fromisoformat(SCALE_FIRST) + timedelta(days=days)
+    end = date.fromisoformat(first) + timedelta(days=days)
     text = source.read_text()
-    for old, new in (
-        ("start: 2024-01-01", f"start: {SCALE_FIRST}"),
-        ("end: 2025-01-01", f"end: {end}"),
-    ):
+    for old, new in (("start: 2024-01-01", f"start: {first}"), ("end: 2025-01-01", f"end: {end}")):
         assert old in text, f"{source} no longer declares {old!r}"
         text = text.replace(old, new)
+    if per_run:
+        text += f"partitions_per_run: {per_run}\n"
     (folder / "fct_orders.yaml").write_text(text)
     shutil.copy(DEFAULT_TABLES_DIR / "fct_orders.sql", folder)
     return folder
@@ -302,6 +312,14 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument(
+        "--writers",
+        type=int,
+        nargs="+",
+        help="end to end through the project's daemon with this many runs at once (each "
+        "value in turn), the table alone in a folder of its own, --per-run partitions a run",
+    )
+    parser.add_argument("--per-run", type=int, default=10, help="with --writers (default 10)")
+    parser.add_argument(
         "--scale",
         action="store_true",
         help=f"{SCALE_DAYS} days of ~{SCALE_ROWS:,} rows (over 20 M) from {SCALE_FIRST}, one "
@@ -312,7 +330,12 @@ def main() -> None:
     if args.scale:
         args.first, args.days, args.sizes, args.rounds = SCALE_FIRST, SCALE_DAYS, [SCALE_ROWS], 1
         args.variants = ["asset_cli"]
-        os.environ[TABLES_PATH_ENV] = str(scaled_tables(args.days))
+        os.environ[TABLES_PATH_ENV] = str(bench_tables(SCALE_FIRST, args.days))
+        TABLE = demo_table()
+    if args.writers:
+        # Runs in parallel: the table alone (no other table's size on its calendar), a backfill
+        # of several runs, each run's partitions one after another.
+        os.environ[TABLES_PATH_ENV] = str(bench_tables(args.first, args.days, args.per_run))
         TABLE = demo_table()
     keys = TABLE.partitioning.all_keys()
     start = keys.index(args.first)
@@ -340,12 +363,16 @@ def main() -> None:
         results = {}
         if args.e2e:
             job_last = keys[start + job_days - 1]
-            for variant in args.variants:
+            for variant in args.variants if not args.writers else []:
                 job = variant.startswith("job_")
                 result = end_to_end(admin, url, variant, first, job_last if job else last)
                 results[variant] = result
                 scaled = args.days / job_days if job else 1
                 table.loc[variant] = result["seconds"] * scaled
+            for writers in args.writers or []:
+                name = f"asset_cli_{writers}_writers"
+                results[name] = end_to_end(admin, url, "asset_cli", first, last, writers)
+                table.loc[name] = results[name]["seconds"]
         table["x_raw"] = table["seconds"] / table.loc["raw", "seconds"]
         load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
         print(
