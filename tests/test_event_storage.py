@@ -110,7 +110,7 @@ def _database(cluster: str, template: str) -> str:
 
 
 def test_a_runs_events_are_stored_by_the_batch_and_read_as_if_stored_one_by_one(
-    cluster, postgres, instance
+    cluster, postgres, instance, monkeypatch
 ):
     """The same run of 5 partitions (each on its own copy of the shop) under the project's
     storage and under Dagster's stock one: the same materializations and check results per
@@ -121,6 +121,8 @@ def test_a_runs_events_are_stored_by_the_batch_and_read_as_if_stored_one_by_one(
 
     stock_url = settings.to_sqlalchemy(_database(cluster, DAGSTER_TEMPLATE))
     stock = {"storage": {"postgres": {"postgres_url": stock_url}}}
+    # Dagster's own defaults: no batches (the project's storage turns them on where it loads).
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
     with instance_for_test(overrides=stock) as stock_instance:
         assert not isinstance(stock_instance.event_log_storage, PooledPostgresEventLogStorage)
         one_by_one = _statements(stock_instance.event_log_storage)

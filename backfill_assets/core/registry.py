@@ -300,9 +300,10 @@ def _share(doc: Mapping, key: str, default: float) -> float:
     """A share of wall time: a number in (0, 1] (``0.3``) or a percentage (``30%``)."""
     value = doc.get(key, default)
     share: float | None = None
-    if isinstance(value, str) and value.strip().endswith("%"):
+    if isinstance(value, str):
+        text = value.strip()
         try:
-            share = float(value.strip()[:-1]) / 100
+            share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
         except ValueError:
             share = None
     elif isinstance(value, int | float) and not isinstance(value, bool):

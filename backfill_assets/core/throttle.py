@@ -124,10 +124,19 @@ class Throttle:
         """Of ``paused_s``, the waits the budget (``max_busy``) imposed."""
 
     def not_busy(self, seconds: float) -> None:
-        """``seconds`` since ``before_partition`` returned were not writing (the run waited for
-        the pause switch): they do not count against the budget."""
+        """``seconds`` since ``before_partition`` returned were spent waiting for the pause
+        switch: neither writing nor rest for the budget (see ``_not_counted``)."""
         if self._busy_since is not None:
             self._busy_since = min(self._busy_since + seconds, self._clock())
+        self._not_counted(seconds)
+
+    def _not_counted(self, seconds: float) -> None:
+        """Leave ``seconds`` out of the budget's clock. A wait for the pause switch or for a
+        stressed database is not rest the run may then write through: after a 10-minute pause
+        a run at ``max_busy: 0.3`` keeps resting as before, instead of writing without a rest
+        for minutes on the credit."""
+        if self._began is not None:
+            self._began += seconds
 
     def before_partition(self) -> None:
         now = self._clock()
@@ -140,15 +149,23 @@ class Throttle:
             self.paused_s += self._limits.pause_ms / 1000
         self._first = False
         self._keep_budget()
+        stressed_from = self._clock()
         self._wait_while_stressed()
+        self._not_counted(self._clock() - stressed_from)
         self._busy_since = self._clock()
 
     def _keep_budget(self) -> None:
-        """Wait until the writes so far took at most ``max_busy`` of the run's wall time."""
+        """Wait until the writes so far took at most ``max_busy`` of the run's wall time (less
+        its waits for the pause switch and the stress checks)."""
         share = self._limits.max_busy
         if share >= 1 or self._began is None:
             return
         due = self.busy_s / share - (self._clock() - self._began)
+        if due >= REMIND_S:
+            self._log(
+                f"{self._table.qualified_name}: resting {due:.0f}s to keep its writes within "
+                f"max_busy {share:.0%} of the time"
+            )
         if due > 0:
             self._sleep(due)
             self.paused_s += due
