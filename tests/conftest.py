@@ -173,7 +173,8 @@ def storage_overrides(storage_url: str) -> dict[str, dict]:
     return {name: {**config[name], "config": {"postgres_url": storage_url}} for name in sections}
 
 
-def _clone(admin: str, template: str, prefix: str) -> str:
+def clone_database(admin: str, template: str, prefix: str) -> str:
+    """A new database on ``admin``'s server copied from ``template``; returns its URL."""
     name = f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
     with connect(admin) as conn:
         conn.execute(
@@ -187,7 +188,7 @@ def _clone(admin: str, template: str, prefix: str) -> str:
 @pytest.fixture
 def data_url(cluster: str) -> str:
     """A fresh database holding the seeded demo shop (schema app) and nothing else."""
-    return _clone(cluster, DATA_TEMPLATE, "data")
+    return clone_database(cluster, DATA_TEMPLATE, "data")
 
 
 @pytest.fixture
@@ -203,7 +204,7 @@ def postgres(data_url: str) -> PostgresResource:
 
 @pytest.fixture
 def dagster_storage_url(cluster: str) -> str:
-    return settings.to_sqlalchemy(_clone(cluster, DAGSTER_TEMPLATE, "dagster"))
+    return settings.to_sqlalchemy(clone_database(cluster, DAGSTER_TEMPLATE, "dagster"))
 
 
 @pytest.fixture

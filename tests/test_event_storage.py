@@ -4,9 +4,8 @@ batch, the same events and check results as Dagster's stock storage."""
 from __future__ import annotations
 
 import time
-import uuid
 
-from conftest import DAGSTER_TEMPLATE, DATA_TEMPLATE
+from conftest import DAGSTER_TEMPLATE, DATA_TEMPLATE, clone_database
 from dagster import (
     AssetKey,
     AssetMaterialization,
@@ -14,7 +13,6 @@ from dagster import (
     DagsterInstance,
     instance_for_test,
 )
-from psycopg import sql
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from support import FCT_ORDERS, FCT_ORDERS_KEY, fct_orders, latest_check, materialize_days
@@ -97,18 +95,6 @@ def _materialized_days(instance: DagsterInstance) -> list[str]:
     return sorted(r.partition_key for r in records)
 
 
-def _database(cluster: str, template: str) -> str:
-    """A new database copied from one of the session's templates."""
-    name = f"{template}_{uuid.uuid4().hex[:8]}"
-    with connect(cluster) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
-    return settings.with_database(cluster, name)
-
-
 def test_a_runs_events_are_stored_by_the_batch_and_read_as_if_stored_one_by_one(
     cluster, postgres, instance, monkeypatch
 ):
@@ -119,14 +105,14 @@ def test_a_runs_events_are_stored_by_the_batch_and_read_as_if_stored_one_by_one(
     assert materialize_days(postgres, instance, *DAYS).success
     ours = _check_results(instance)
 
-    stock_url = settings.to_sqlalchemy(_database(cluster, DAGSTER_TEMPLATE))
+    stock_url = settings.to_sqlalchemy(clone_database(cluster, DAGSTER_TEMPLATE, "stock"))
     stock = {"storage": {"postgres": {"postgres_url": stock_url}}}
     # Dagster's own defaults: no batches (the project's storage turns them on where it loads).
     monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
     with instance_for_test(overrides=stock) as stock_instance:
         assert not isinstance(stock_instance.event_log_storage, PooledPostgresEventLogStorage)
         one_by_one = _statements(stock_instance.event_log_storage)
-        other_shop = PostgresResource(url=_database(cluster, DATA_TEMPLATE))
+        other_shop = PostgresResource(url=clone_database(cluster, DATA_TEMPLATE, "shop"))
         assert materialize_days(other_shop, stock_instance, *DAYS).success
         assert _check_results(stock_instance) == ours
         assert _materialized_days(stock_instance) == _materialized_days(instance)
