@@ -112,9 +112,9 @@ class Throttle:
         self._conn, self._table, self._log, self._sleep = conn, table, log, sleep
         self._clock = clock
         self._limits = table.throttle
-        self._first = True
         self._began: float | None = None
-        self._busy_since: float | None = None
+        """When the first partition began (moved on by waits the budget does not count)."""
+        self._busy_since = 0.0
         self.busy_s = 0.0
         """Seconds the run spent writing so far: from the end of one ``before_partition`` to the
         start of the next, less what ``not_busy`` says was waiting."""
@@ -126,8 +126,7 @@ class Throttle:
     def not_busy(self, seconds: float) -> None:
         """``seconds`` since ``before_partition`` returned were spent waiting for the pause
         switch: neither writing nor rest for the budget (see ``_not_counted``)."""
-        if self._busy_since is not None:
-            self._busy_since = min(self._busy_since + seconds, self._clock())
+        self._busy_since = min(self._busy_since + seconds, self._clock())
         self._not_counted(seconds)
 
     def _not_counted(self, seconds: float) -> None:
@@ -140,15 +139,14 @@ class Throttle:
 
     def before_partition(self) -> None:
         now = self._clock()
-        if self._busy_since is not None:
-            self.busy_s += now - self._busy_since
-        if self._began is None:
+        if self._began is None:  # the run's first partition: nothing to rest after
             self._began = now
-        if not self._first and self._limits.pause_ms:
-            self._sleep(self._limits.pause_ms / 1000)
-            self.paused_s += self._limits.pause_ms / 1000
-        self._first = False
-        self._keep_budget()
+        else:
+            self.busy_s += now - self._busy_since
+            if self._limits.pause_ms:
+                self._sleep(self._limits.pause_ms / 1000)
+                self.paused_s += self._limits.pause_ms / 1000
+            self._keep_budget()
         stressed_from = self._clock()
         self._wait_while_stressed()
         self._not_counted(self._clock() - stressed_from)
@@ -158,7 +156,7 @@ class Throttle:
         """Wait until the writes so far took at most ``max_busy`` of the run's wall time (less
         its waits for the pause switch and the stress checks)."""
         share = self._limits.max_busy
-        if share >= 1 or self._began is None:
+        if share >= 1:
             return
         due = self.busy_s / share - (self._clock() - self._began)
         if due >= REMIND_S:
