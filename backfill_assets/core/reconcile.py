@@ -119,29 +119,30 @@ def verify(
     keys = [sql.Identifier(k) for k in table.unique_key]
     measures = [sql.Identifier(m) for m in table.measures]
     required = [sql.Identifier(c) for c in table.required_columns]
-    k = [sql.Identifier(f"k{i}") for i in range(len(keys))]
-    m = [sql.Identifier(f"m{i}") for i in range(len(measures))]
-    q = [sql.Identifier(f"q{i}") for i in range(len(required))]
+    # The CTEs hold generated names only: no table's own column can clash with h, c or k0.
+    key_as = [sql.Identifier(f"k{i}") for i in range(len(keys))]
+    measure_as = [sql.Identifier(f"m{i}") for i in range(len(measures))]
+    null_as = [sql.Identifier(f"q{i}") for i in range(len(required))]
 
     def side(relation: sql.Composable, with_required: bool) -> sql.Composed:
         columns = [
-            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(keys, k, strict=True)),
+            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(keys, key_as, strict=True)),
             sql.SQL("{} AS h").format(ROW_HASH.format(row_text=row_text(table, "t"))),
-            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(measures, m, strict=True)),
+            *(sql.SQL("{} AS {}").format(c, a) for c, a in zip(measures, measure_as, strict=True)),
         ]
         if with_required:
-            columns += [
-                sql.SQL("{} IS NULL AS {}").format(c, a) for c, a in zip(required, q, strict=True)
-            ]
+            nulls_of = zip(required, null_as, strict=True)
+            columns += [sql.SQL("{} IS NULL AS {}").format(c, a) for c, a in nulls_of]
         return sql.SQL("SELECT {} FROM {} AS t WHERE {}").format(
             sql.SQL(", ").join(columns), relation, table.window_filter()
         )
 
-    sums = sql.SQL("").join(sql.SQL(", sum({})").format(a) for a in m)
-    nulls = sql.SQL("").join(sql.SQL(", count(*) FILTER (WHERE {})").format(a) for a in q)
-    same_key = sql.SQL(" AND ").join(sql.SQL("o.{a} = n.{a}").format(a=a) for a in k)
+    sums = sql.SQL("").join(sql.SQL(", sum({})").format(a) for a in measure_as)
+    nulls = sql.SQL("").join(sql.SQL(", count(*) FILTER (WHERE {})").format(a) for a in null_as)
+    same_key = sql.SQL(" AND ").join(sql.SQL("o.{a} = n.{a}").format(a=a) for a in key_as)
+    named_back = zip(key_as, keys, strict=True)
     new_keys = sql.SQL("(SELECT DISTINCT {} FROM n)").format(
-        sql.SQL(", ").join(sql.SQL("{} AS {}").format(a, c) for a, c in zip(k, keys, strict=True))
+        sql.SQL(", ").join(sql.SQL("{} AS {}").format(a, c) for a, c in named_back)
     )
     query = sql.SQL(
         "WITH o AS MATERIALIZED ({old}), n AS MATERIALIZED ({new}), {found} "
@@ -160,7 +161,7 @@ def verify(
         checksum=checksum_of(sql.SQL("h")),
         sums=sums,
         nulls=nulls,
-        k=sql.SQL(", ").join(k),
+        k=sql.SQL(", ").join(key_as),
         same_key=same_key,
         elsewhere=ELSEWHERE_COLUMNS,
     )
