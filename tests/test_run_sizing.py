@@ -1,4 +1,4 @@
-"""Partitions per backfill run: from the measured cost of a partition, bounded, per partitioning."""
+"""Partitions per backfill run: from a partition's measured cost, bounded, shared along lineage."""
 
 from __future__ import annotations
 
@@ -37,14 +37,23 @@ def test_the_cost_of_a_partition_is_the_median_of_the_tables_recent_successful_w
     assert seconds_per_partition(conn) == {FCT_ORDERS.qualified_name: 4.0}
 
 
-def test_tables_sharing_a_partitioning_share_the_smallest_size_and_a_declared_one_wins():
+def test_tables_read_by_the_same_models_share_the_smallest_size_and_others_keep_their_own():
     slow = replace(FCT_ORDERS, name="slow_orders")
+    new = replace(FCT_ORDERS, name="new_orders")
     fixed = replace(FCT_ORDERS, name="fixed_orders", partitions_per_run=3)
-    registry = Registry((FCT_ORDERS, slow))
+    registry = Registry((FCT_ORDERS, slow, new, fixed))
     measured = {FCT_ORDERS.qualified_name: 0.5, slow.qualified_name: 5.0}
+    names = [t.qualified_name for t in (FCT_ORDERS, slow, new, fixed)]
 
-    assert sizes(registry, measured) == {FCT_ORDERS.partitioning.calendar: 12}
-    assert sizes(Registry((FCT_ORDERS, fixed)), measured) == {FCT_ORDERS.partitioning.calendar: 3}
+    assert sizes(registry, measured) == dict(
+        zip(names, [120, 12, UNMEASURED_PER_RUN, 3], strict=True)
+    )
+    # Linked through two groups of models (fct_orders with slow_orders, slow_orders with the
+    # fixed one): all three take the smallest; the unmeasured table, linked to none, its own.
+    together = [{names[0], names[1]}, {names[1], names[3]}]
+    assert sizes(registry, measured, together) == dict(
+        zip(names, [3, 3, UNMEASURED_PER_RUN, 3], strict=True)
+    )
 
 
 def test_a_table_and_the_dbt_models_built_from_it_get_the_same_measured_run_size(
@@ -60,10 +69,12 @@ def test_a_table_and_the_dbt_models_built_from_it_get_the_same_measured_run_size
         key.to_user_string(): graph.get(key).backfill_policy.max_partitions_per_run
         for key in graph.get_all_asset_keys()
         if graph.get(key).partitions_def is not None
-        and key.to_user_string() != "analytics/order_status_daily"  # another table, unmeasured
     }
+    # order_status_daily, on the same calendar but read by no model of fct_orders', is sized on
+    # its own (unmeasured): it does not hold fct_orders' runs to its size.
     assert policies == {
         "analytics/fct_orders": 6,
         "analytics/daily_revenue": 6,
         "analytics/customer_daily_orders": 6,
+        "analytics/order_status_daily": UNMEASURED_PER_RUN,
     }

@@ -12,6 +12,7 @@ declaration may fix the number (``partitions_per_run``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable
 
 import psycopg
 
@@ -60,16 +61,25 @@ def partitions_per_run(seconds: float | None, *, target_s: float = TARGET_RUN_S)
     return max(MIN_PER_RUN, min(MAX_PER_RUN, wanted))
 
 
-def sizes(registry, measured: dict[str, float]) -> dict[object, int]:
-    """Partitions per run for each distinct partitioning (``Partitioning.calendar``) of
-    ``registry``.
+def sizes(
+    registry, measured: dict[str, float], together: Iterable[Collection[str]] = ()
+) -> dict[str, int]:
+    """Partitions per run for each table of ``registry`` (by qualified name).
 
-    Tables sharing a partitioning share the smallest size: the backfill daemon puts a table and
-    the dbt models built from it in one run only when their backfill policies are equal.
+    Tables in one set of ``together`` (the tables one ``@dbt_assets`` definition's models read),
+    directly or through another set, share the smallest of their sizes: the backfill daemon puts
+    a table and the dbt models built from it in one run only when their backfill policies are
+    equal. Other tables keep their own size, whatever calendar they share: a table the audit has
+    not seen yet does not shrink the runs of an unrelated, measured one.
     """
-    found: dict[object, int] = {}
-    for table in registry:
-        size = table.partitions_per_run or partitions_per_run(measured.get(table.qualified_name))
-        calendar = table.partitioning.calendar
-        found[calendar] = min(size, found.get(calendar, size))
-    return found
+    size = {
+        table.qualified_name: table.partitions_per_run
+        or partitions_per_run(measured.get(table.qualified_name))
+        for table in registry
+    }
+    lineage = {name: {name} for name in size}
+    for names in together:
+        linked = set().union(*(lineage[name] for name in names if name in lineage))
+        for name in linked:
+            lineage[name] = linked
+    return {name: min(size[other] for other in lineage[name]) for name in size}

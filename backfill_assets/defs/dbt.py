@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -71,10 +72,27 @@ def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
     ]
 
 
+@dataclass(frozen=True)
+class ModelGroup:
+    """The models built by one ``@dbt_assets`` definition (one partitioning), and the declared
+    tables they read (qualified names): those tables and these models share one backfill policy,
+    so their runs are sized together (``core/run_sizing.py``)."""
+
+    models: list[str] = field(default_factory=list)
+    tables: set[str] = field(default_factory=set)
+
+
+def model_groups(registry: Registry) -> dict[Partitioning | None, ModelGroup]:
+    """The dbt project's models for ``registry``, grouped as ``dbt_model_assets`` builds them."""
+    manifest = ensure_manifest(registry)
+    left_out = demo_tables_left_out(registry, Path(dbt_project().project_dir))
+    return models_by_partitioning(manifest, registry, left_out)
+
+
 def models_by_partitioning(
     manifest: Mapping, registry: Registry, left_out: Collection[tuple[str, str]] = ()
-) -> dict[Partitioning | None, list[str]]:
-    """Model names grouped by the partitioning of the declared table(s) they read.
+) -> dict[Partitioning | None, ModelGroup]:
+    """Models grouped by the partitioning of the declared table(s) they read.
 
     A model reads a declared table through a dbt source pointing at it, directly or through other
     models. Models that read none are unpartitioned; a model reading two tables partitioned
@@ -101,7 +119,7 @@ def models_by_partitioning(
             found |= tables_read(parent, seen)
         return found
 
-    groups: dict[Partitioning | None, list[str]] = {}
+    groups: dict[Partitioning | None, ModelGroup] = {}
     for unique_id, node in nodes.items():
         if node["resource_type"] != "model":
             continue
@@ -124,7 +142,9 @@ def models_by_partitioning(
                 "partitions, or split the model"
             )
         key = declared[next(iter(read))].partitioning if read else None
-        groups.setdefault(key and key.calendar, []).append(node["name"])
+        group = groups.setdefault(key and key.calendar, ModelGroup())
+        group.models.append(node["name"])
+        group.tables.update(declared[relation].qualified_name for relation in read)
     return groups
 
 
@@ -214,26 +234,28 @@ def _timeout_options(registry: Registry) -> str:
 
 
 def dbt_model_assets(
-    registry: Registry, run_sizes: Mapping[Partitioning, int] | None = None
+    registry: Registry,
+    run_sizes: Mapping[str, int] | None = None,
+    groups: Mapping[Partitioning | None, ModelGroup] | None = None,
 ) -> list[AssetsDefinition]:
-    """One ``@dbt_assets`` per partitioning; its runs are sized like its tables' (``run_sizes``),
-    so the daemon builds a table and its models in the same runs."""
+    """One ``@dbt_assets`` per partitioning (``groups``, default ``model_groups``); its runs are
+    sized like the tables its models read (``run_sizes``, per qualified name), so the daemon
+    builds a table and its models in the same runs."""
     manifest = ensure_manifest(registry)
     incremental = incremental_relations(manifest)
     sizes = run_sizes or {}
     project = dbt_project()
-    left_out = demo_tables_left_out(registry, Path(project.project_dir))
     return [
         _dbt_assets(
             manifest,
             project,
-            models,
+            group.models,
             partitioning,
             incremental,
             registry,
-            sizes.get(partitioning, UNMEASURED_PER_RUN),
+            min((sizes[t] for t in group.tables if t in sizes), default=UNMEASURED_PER_RUN),
         )
-        for partitioning, models in models_by_partitioning(manifest, registry, left_out).items()
+        for partitioning, group in (groups or model_groups(registry)).items()
     ]
 
 

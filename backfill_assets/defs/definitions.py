@@ -17,7 +17,7 @@ from backfill_assets.core.run_sizing import (
 )
 from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
 from backfill_assets.core.strategies import strategy_of
-from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt
+from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt, model_groups
 from backfill_assets.defs.jobs import table_jobs
 from backfill_assets.defs.late_data import late_data_sensor
 from backfill_assets.defs.resources import PostgresResource
@@ -34,8 +34,8 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
     not yield its declared columns fails loading with one message naming the table, the file and
     the columns (``ContractError``). An unreachable database only skips the check (the runs check
     again before writing), so the UI still loads to say what is wrong. The same load sizes each
-    table's backfill runs from its measured cost (``core/run_sizing.py``); without ``check_sql``
-    runs get the unmeasured default.
+    table's backfill runs from its measured cost, shared with the tables its dbt models link it
+    to (``core/run_sizing.py``); without ``check_sql`` runs get the unmeasured default.
     """
     if check_sql:
         try:
@@ -46,9 +46,11 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
             unchecked = check_contracts(registry, url)
         for message in unchecked:
             log.warning(message)
-    run_sizes = sizes(registry, measured_costs() if check_sql else {})
-    tables = [table_asset(table, run_sizes[table.partitioning.calendar]) for table in registry]
-    assets = [*tables, *dbt_model_assets(registry, run_sizes)]
+    groups = model_groups(registry)
+    measured = measured_costs() if check_sql else {}
+    run_sizes = sizes(registry, measured, [group.tables for group in groups.values()])
+    tables = [table_asset(table, run_sizes[table.qualified_name]) for table in registry]
+    assets = [*tables, *dbt_model_assets(registry, run_sizes, groups)]
     return Definitions(
         assets=[*source_specs(registry), *assets],
         jobs=[job for table in registry for job in table_jobs(table, assets)]
