@@ -12,13 +12,20 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
-from support import failed_run_report, wait_for
+from support import failed_run_report, record_past_writes, wait_for
 
+from backfill_assets.core import settings
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.defs import daemon as daemon_module
 from backfill_assets.defs import dagster_internals
-from backfill_assets.defs.daemon import PromptBackfillDaemon, daemon_assets, project_daemons
+from backfill_assets.defs.daemon import (
+    PromptBackfillDaemon,
+    PromptRunQueueDaemon,
+    daemon_assets,
+    project_daemons,
+)
 from backfill_assets.defs.dagster_internals import WILL_RETRY_TAG
 from backfill_assets.defs.definitions import build_definitions
 from backfill_assets.tooling import cli
@@ -58,6 +65,13 @@ def test_the_dagster_internals_the_daemon_relies_on_are_where_they_were(instance
         assert [d.daemon_type() for d in daemons] == stock, "every daemon dagster-daemon starts"
         (backfill,) = [d for d in daemons if d.daemon_type() == "BACKFILL"]
         assert isinstance(backfill, PromptBackfillDaemon) and backfill.interval_s == 1.0
+        (queue,) = [d for d in daemons if d.daemon_type() == "QUEUED_RUN_COORDINATOR"]
+        assert isinstance(queue, PromptRunQueueDaemon)
+        assert queue.interval_seconds == instance.run_coordinator.dequeue_interval_seconds
+        assert queue.woken is backfill.passed, "a backfill pass wakes the run queue"
+        # The loop PromptRunQueueDaemon replaces: Dagster's interval loop around run_iteration.
+        stock_queue_loop = inspect.getsource(dagster_internals.QueuedRunCoordinatorDaemon.core_loop)
+        assert "self.run_iteration(workspace_process_context)" in stock_queue_loop
         # The pass is handed the thread pools the stock BackfillDaemon builds from the settings.
         assert hasattr(backfill, "_threadpool_executor")
         assert hasattr(backfill, "_submit_threadpool_executor")
@@ -87,6 +101,37 @@ def test_a_backfill_is_closed_within_seconds_of_its_last_run_ending(dagster_env,
         closing_wait = backfill.backfill_end_timestamp - run.end_time
     assert first_run_wait < 10, f"first run submitted {first_run_wait:.1f}s after the launch"
     assert closing_wait < 10, f"backfill closed {closing_wait:.1f}s after its run ended"
+
+
+def test_a_runs_end_wakes_the_backfill_pass_and_the_run_queue_before_their_intervals(
+    dagster_env, tmp_path, conn, monkeypatch
+):
+    """Backfill passes and run queue passes a minute apart: a backfill of three one-day runs,
+    two at a time, still ends well within a minute of its first run. The third run starts when
+    one of the first two ends (the queue woken by it), and the backfill is closed when the last
+    one ends (the backfill pass woken by it), not at the next passes a minute later."""
+    record_past_writes(conn, "analytics.fct_orders", seconds=600)  # one partition a run
+    home = Path(dagster_env["DAGSTER_HOME"])
+    config = yaml.safe_load((home / "dagster.yaml").read_text())
+    config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 60
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    env = {**dagster_env, settings.DAEMON_INTERVAL_ENV: "60"}
+    log = tmp_path / "daemon.log"
+    with DagsterInstance.get() as instance:
+        # Launched before the daemon starts: its first backfill pass, at once, submits the runs.
+        backfill_id = launch_asset_backfill(instance, [FCT_ORDERS], "2024-05-01", "2024-05-03")
+        with running_daemon(env, log):
+            wait_for_backfill(instance, backfill_id, timeout_s=300, poll_s=0.2)
+        backfill = instance.get_backfill(backfill_id)
+        runs = instance.get_run_records()
+        ids = [record.dagster_run.run_id for record in runs]
+        assert backfill.status.value == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+        assert len(runs) == 3
+        first_run = min(record.create_timestamp.timestamp() for record in runs)
+        last_start = max(record.start_time for record in runs)
+        took = backfill.backfill_end_timestamp - first_run
+    assert last_start - first_run < 50, f"the third run started {last_start - first_run:.0f} s in"
+    assert took < 50, f"the backfill ended {took:.0f} s after its first run was submitted"
 
 
 def test_status_names_the_assets_a_backfill_wants_that_the_running_daemons_code_lacks(

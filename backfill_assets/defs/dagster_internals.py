@@ -57,6 +57,9 @@ from dagster._daemon.controller import (
     daemon_controller_from_instance,
 )
 from dagster._daemon.daemon import BackfillDaemon, SpanMarker
+from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+    QueuedRunCoordinatorDaemon,
+)
 from dagster._daemon.utils import DaemonErrorCapture
 from dagster._serdes import ConfigurableClassData
 from dagster._time import get_current_datetime, get_current_timestamp
@@ -104,6 +107,7 @@ __all__ = [
     "LaunchRunContext",
     "PartitionBackfill",
     "PartitionKeyFilter",
+    "QueuedRunCoordinatorDaemon",
     "SerializableErrorInfo",
     "SpanMarker",
     "SqlEventLogStorageTable",

@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dagster import (
@@ -100,6 +101,13 @@ class MonitoredRunLauncher(DefaultRunLauncher):
     def __init__(self, inst_data: ConfigurableClassData | None = None, fork_runs: bool = True):
         super().__init__(inst_data=inst_data)
         self.fork_runs = fork_runs
+        self._when_runs_end: list[Callable[[], None]] = []
+
+    def when_runs_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a forked run's process has ended, its run's end stored (by
+        the run, or here for a crash): the daemon's loops look at once instead of at their next
+        pass (``daemon.py``)."""
+        self._when_runs_end.append(callback)
 
     @classmethod
     def config_type(cls) -> dict:
@@ -146,6 +154,13 @@ class MonitoredRunLauncher(DefaultRunLauncher):
         process.join()
         exit_code = process.exitcode
         process.close()
+        try:
+            self._store_crash(run_id, exit_code)
+        finally:
+            for callback in self._when_runs_end:
+                callback()
+
+    def _store_crash(self, run_id: str, exit_code: int | None) -> None:
         run = self._instance.get_run_by_id(run_id)
         if run is None or run.is_finished:
             return
