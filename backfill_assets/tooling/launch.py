@@ -291,7 +291,7 @@ def wait_for_backfill(
     *,
     timeout_s: float = 900,
     on_progress: Callable[[BackfillReport], None] | None = None,
-    poll_s: float = 1.0,
+    poll_s: float = 0.25,
 ) -> BackfillReport:
     """Follow the backfill until it has ended (``report.has_ended``: closed by Dagster, no run
     in flight), with the follower ``status --wait`` and ``launch --wait`` use (``report.watch``);
