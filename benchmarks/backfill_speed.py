@@ -6,6 +6,9 @@ PostgreSQL, the same days of ``analytics.fct_orders`` are written by:
 raw:           one ``INSERT ... SELECT`` of the whole range into an emptied, equally indexed twin
                table (the physical-limit proxy; every ratio is against it);
 raw_per_day:   the same, one statement and commit per day;
+raw_replace_per_day: per day one transaction of the two statements a replace needs, DELETE of the
+               day's rows and INSERT ... SELECT into the table itself (the SQL floor of
+               replacing partitions one transaction each);
 bare:          ``writer.replace_partition`` per day (DELETE + INSERT, one transaction each);
 verified:      what a run does per day: the guards of all days (two statements), then per day the
                DELETE filling the snapshot, INSERT, one verification statement, the lookup of
@@ -22,7 +25,9 @@ job_backfill:  ``dagster job backfill`` end to end through the daemon (one run p
 job_backfill_spawned: the same with ``fork_runs: false``: each run a new interpreter spawned by
                the code server, as Dagster's default launcher does.
 
-The in-database timings are the best of ``--rounds`` alternating rounds. For the end-to-end paths
+The in-database timings are the best of ``--rounds`` alternating rounds; one more round of
+``verified`` times each statement by the project function that ran it (``StatementClock``): where a
+verified partition's milliseconds go. For the end-to-end paths
 it also prints the share of the wall time that is orchestration: everything but the verified
 writes' own time (from the audit rows' start and end), how long after the launch the first run
 was created ("pickup") and how long after the last run ended the command returned ("closing").
@@ -31,7 +36,9 @@ With ``--scale`` (``make bench-scale``): 2,001 days of ~10,000 orders a day (ove
 ``fct_orders`` declared from 2019 (a copy of the repository's declaration in a temporary folder,
 ``BACKFILL_TABLES_PATH``): the in-database paths in one round, then end to end through the
 project's daemon only. For every
-end-to-end path it prints where the runs' seconds went (``time_split``). With ``--writers 1 2 4``:
+end-to-end path it prints where the runs' seconds went (``time_split``). Last, the targets of
+issue 31 that this invocation measured, each with its ratio and, where it is not met, the split
+that says why (``TARGETS``). With ``--writers 1 2 4``:
 the same backfill (``fct_orders`` alone, ``--per-run`` partitions a run) through the project's
 daemon with 1, 2, then 4 runs in progress at once.
 
@@ -52,6 +59,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+import psycopg
 import yaml
 from common import fresh_database
 from dagster import DagsterInstance, RunsFilter
@@ -67,7 +75,7 @@ from backfill_assets.core.session_limits import SessionLimits
 from backfill_assets.core.snapshots import ensure_snapshot_table, snapshot_table
 from backfill_assets.core.table_keys import keys_elsewhere
 from backfill_assets.core.tables import ensure_table
-from backfill_assets.core.writer import replace_partition
+from backfill_assets.core.writer import delete_statement, insert_statement, replace_partition
 from backfill_assets.defs.daemon import RUNS_FORK_WARM
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
 from backfill_assets.project import ensure_manifest, job_name
@@ -91,10 +99,12 @@ RAW = sql.Identifier("bench", "raw_target")
 
 def in_database(
     url: str, windows, rounds: int, lookups: bool = True
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], int, StatementClock]:
     """Best seconds of each in-database path over ``rounds`` alternating rounds (and the key
-    lookups alone, with and without the key index, if ``lookups``)."""
-    timings: dict[str, list[float]] = {"raw": [], "raw_per_day": [], "bare": [], "verified": []}
+    lookups alone, with and without the key index, if ``lookups``), the rows of a path, and
+    one more verified round's statements timed."""
+    paths = ("raw", "raw_per_day", "raw_replace_per_day", "bare", "verified")
+    timings: dict[str, list[float]] = {name: [] for name in paths}
     everything = windows[0].as_params() | {"end": windows[-1].end}
     with connect(url, limits=LONG) as conn, AuditTrail(url) as audit:
         ensure_table(conn, TABLE)
@@ -126,22 +136,89 @@ def in_database(
 
             started = time.perf_counter()
             for window in windows:
+                with conn.transaction():
+                    conn.execute(delete_statement(TABLE), window.as_params())
+                    conn.execute(insert_statement(TABLE), window.as_params())
+            timings["raw_replace_per_day"].append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            for window in windows:
                 replace_partition(conn, TABLE, window)
             timings["bare"].append(time.perf_counter() - started)
 
-            started = time.perf_counter()
-            guarded = run_guards(conn, TABLE, windows, params)
-            for window in windows:
-                outcome = write_verified(
-                    conn, audit, run, TABLE, window, params, guarded[window.key]
-                )
-                assert outcome.succeeded, outcome.error
-            timings["verified"].append(time.perf_counter() - started)
-            conn.execute(sql.SQL("TRUNCATE {}").format(snapshot_table(TABLE)))
-            conn.execute(sql.SQL("VACUUM {}").format(TABLE.identifier))
+            timings["verified"].append(verified_round(conn, audit, run, windows, params))
+        # One more round of verified writes, each statement timed (a few microseconds each).
+        clock = StatementClock()
+        conn.cursor_factory = clock.cursor_class()  # the audit row goes through conn too
+        clock.total = verified_round(conn, audit, run, windows, params)
+        conn.cursor_factory = psycopg.Cursor
         if lookups:
             timings |= key_lookups(conn, windows)
-    return {name: min(values) for name, values in timings.items()}, rows
+    return {name: min(values) for name, values in timings.items()}, rows, clock
+
+
+def verified_round(conn, audit, run, windows, params) -> float:
+    """Seconds of what a run does per partition (after its guards), for every window; the
+    snapshot emptied and the table vacuumed after, outside the time."""
+    started = time.perf_counter()
+    guarded = run_guards(conn, TABLE, windows, params)
+    for window in windows:
+        outcome = write_verified(conn, audit, run, TABLE, window, params, guarded[window.key])
+        assert outcome.succeeded, outcome.error
+    seconds = time.perf_counter() - started
+    conn.execute(sql.SQL("TRUNCATE {}").format(snapshot_table(TABLE)))
+    conn.execute(sql.SQL("VACUUM {}").format(TABLE.identifier))
+    return seconds
+
+
+class StatementClock:
+    """Seconds of statements, by the project function that ran them and the statement's first
+    word: what a cursor of ``cursor_class`` executes is timed from the call to its result.
+    ``total`` minus the statements is Python, commits and round trips outside a statement."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.total = 0.0
+
+    def cursor_class(self) -> type[psycopg.Cursor]:
+        clock = self
+
+        class TimedCursor(psycopg.Cursor):
+            def execute(self, query, params=None, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return super().execute(query, params, **kwargs)
+                finally:
+                    spent = time.perf_counter() - started
+                    text = query if isinstance(query, str) else query.as_string(self.connection)
+                    label = f"{_caller()} {text.split(None, 1)[0].upper()}"
+                    clock.seconds[label] = clock.seconds.get(label, 0.0) + spent
+
+        return TimedCursor
+
+    def line(self, partitions: int) -> str:
+        """Milliseconds per partition, the largest first."""
+        parts = sorted(self.seconds.items(), key=lambda item: -item[1])
+        other = self.total - sum(self.seconds.values())
+        shown = [
+            f"{name} {1000 * v / partitions:.1f}" for name, v in parts if v >= 0.005 * self.total
+        ]
+        shown.append(
+            f"rest (Python, commits, the smaller statements) {1000 * other / partitions:.1f}"
+        )
+        return f"{1000 * self.total / partitions:.1f} ms a partition: " + ", ".join(shown)
+
+
+def _caller() -> str:
+    """The innermost project function (``module.function``) on the stack outside this file and
+    the database helpers."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("backfill_assets.") and module != "backfill_assets.core.database":
+            return f"{module.rsplit('.', 1)[-1]}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "bench"
 
 
 def key_lookups(conn, windows) -> dict[str, list[float]]:
@@ -244,7 +321,14 @@ def end_to_end(
             [backfill_id],
         ).fetchone()
         split = time_split(conn, records, backfill_id)
+        spans = conn.execute(
+            "SELECT extract(epoch FROM started_at), extract(epoch FROM ended_at) "
+            "FROM backfill_audit.backfill_runs WHERE status = 'succeeded' AND backfill_id = %s "
+            "ORDER BY started_at",
+            [backfill_id],
+        ).fetchall()
     return {
+        "writing_s": covered(spans),
         "split": split,
         "seconds": elapsed,
         "writes": writes,
@@ -253,6 +337,20 @@ def end_to_end(
         "pickup_s": pickup,
         "closing_s": returned - last_run_end,
     }
+
+
+def covered(spans) -> float:
+    """Seconds within at least one of ``spans`` (start, end), sorted by start: the wall time
+    during which some write of the backfill was in progress, runs at once or not."""
+    total, reach = 0.0, None
+    for start, end in ((float(a), float(b)) for a, b in spans):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
 
 
 def time_split(conn, records, backfill_id: str) -> dict[str, float]:
@@ -289,6 +387,60 @@ def time_split(conn, records, backfill_id: str) -> dict[str, float]:
         split["between"] += (last - first) - busy
         split["after"] += record.end_time - last
     return split
+
+
+TARGETS = {
+    200: {"verified": 4.0, "asset_cli": 150.0},
+    2400: {"bare": 1.5, "verified": 2.5, "asset_cli": 15.0},
+    SCALE_ROWS: {"asset_cli": 3.0},
+}
+"""Issue 31's targets: per rows a day, the most times raw ``INSERT ... SELECT`` a path may take."""
+OUTSIDE_TARGET = 0.2
+"""Issue 31: over 1,000 days or more, at most this share of the end-to-end wall time outside the
+data database (the verified writes' own transactions)."""
+
+
+def target_rows(size: int, days: int, table, results: dict, clock: StatementClock) -> list:
+    """The targets this size measured: (what, measured, target, met, why if not met)."""
+    x = table["x_raw"]
+    found = []
+    for path, target in TARGETS.get(size, {}).items():
+        if path not in x:
+            continue
+        why = ""
+        if path == "bare":
+            floor = x["raw_replace_per_day"]
+            why = (
+                f"the SQL alone, DELETE + INSERT in one transaction a day, is {floor:.2f}x "
+                f"(raw_replace_per_day; one statement a day {x['raw_per_day']:.2f}x); the "
+                f"writer adds {x['bare'] / floor - 1:.0%} to it"
+            )
+        elif path == "verified":
+            why = f"{clock.line(days)}; the bare replace is {x['bare']:.2f}x"
+        elif path in results:
+            split = ", ".join(f"{k} {v:.1f} s" for k, v in results[path]["split"].items())
+            why = (
+                f"its runs: {split}; the CLI's own start and launch, pickup and closing the "
+                f"rest of {results[path]['seconds']:.1f} s"
+            )
+        found.append((f"{path}, ~{size:,} rows a day", f"{x[path]:.2f}x", f"{target:g}x", why))
+    result = results.get("asset_cli")
+    if days >= 1000 and result:
+        outside = 1 - result["writing_s"] / result["seconds"]
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in result["split"].items())
+        found.append(
+            (
+                f"asset_cli, {days} days: wall time with no write in progress",
+                f"{outside:.0%}",
+                f"{OUTSIDE_TARGET:.0%}",
+                f"its runs: {split}",
+            )
+        )
+    return [(what, got, target, _met(got, target), why) for what, got, target, why in found]
+
+
+def _met(got: str, target: str) -> bool:
+    return float(got.rstrip("x%")) <= float(target.rstrip("x%"))
 
 
 VARIANTS = ("asset_cli", "asset_cli_dagster_daemon", "job_backfill", "job_backfill_spawned")
@@ -368,6 +520,7 @@ def main() -> None:
 
     import pandas as pd
 
+    targets = []
     for size in args.sizes:
         url = fresh_database(admin, "bench_speed")
         seeding = time.perf_counter()
@@ -375,7 +528,7 @@ def main() -> None:
             seed(conn, orders_per_day=size)
         print(f"seeded ~{size} orders a day in {time.perf_counter() - seeding:.0f} s", flush=True)
         # At scale a lookup without the index scans 20 M rows a day: not measured.
-        best, rows = in_database(url, windows, args.rounds, lookups=not args.scale)
+        best, rows, clock = in_database(url, windows, args.rounds, lookups=not args.scale)
         table = pd.DataFrame({"seconds": best}).rename_axis("path")
         results = {}
         if args.e2e:
@@ -408,10 +561,24 @@ def main() -> None:
                 f"{result['db_s']:.1f} s of database time (summed over runs at once) within "
                 f"{result['seconds']:.1f} s: {writing:.2f} s of writing per second; pickup "
                 f"{result['pickup_s']:.1f} s after the launch, closing {result['closing_s']:.1f} "
-                "s after the last run ended"
+                f"s after the last run ended; no write in progress "
+                f"{1 - result['writing_s'] / result['seconds']:.0%} of the wall time"
             )
         if job_days != args.days and any(v.startswith("job_") for v in results):
             print(f"(job backfills ran {job_days} days; their times are scaled to {args.days})")
+        print(
+            f"verified, statements timed by the function that ran them: {clock.line(len(windows))}"
+        )
+        targets += target_rows(size, len(windows), table, results, clock)
+    if targets:
+        print(f"\nissue 31's targets measured here (load average {os.getloadavg()[0]:.2f}):")
+        frame = pd.DataFrame(
+            [row[:4] for row in targets], columns=["what", "measured", "target", "met"]
+        )
+        print(frame.to_string(index=False))
+        for what, _, _, met, why in targets:
+            if not met and why:
+                print(f"- {what}, not met: {why}")
 
 
 if __name__ == "__main__":
