@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import itertools
 import subprocess
 import tempfile
 import threading
@@ -109,11 +110,12 @@ class Phase:
         """Latencies of the transactions that overlapped one of the backfill's writes, and of
         the others (those that ran while the writer rested or was between statements)."""
         starts = [start for start, _ in self.writes]
+        reach = list(itertools.accumulate((end for _, end in self.writes), max))
         during, outside = [], []
         for began, ms in self.latencies_ms:
-            # The last write that started before this transaction ended.
+            # Of the writes that started before this transaction ended, the latest end.
             at = bisect.bisect_right(starts, began + ms / 1000) - 1
-            overlaps = at >= 0 and self.writes[at][1] >= began
+            overlaps = at >= 0 and reach[at] >= began
             (during if overlaps else outside).append(ms)
         return during, outside
 

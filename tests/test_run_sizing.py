@@ -54,6 +54,10 @@ def test_tables_read_by_the_same_models_share_the_smallest_size_and_others_keep_
     assert sizes(registry, measured, together) == dict(
         zip(names, [3, 3, UNMEASURED_PER_RUN, 3], strict=True)
     )
+    # A table reading another declared table of its calendar shares its size, as one read by
+    # the same models does.
+    reads = replace(new, upstream=(*new.upstream, slow.qualified_name))
+    assert sizes(Registry((FCT_ORDERS, slow, reads)), measured)[reads.qualified_name] == 12
 
 
 def test_a_table_and_the_dbt_models_built_from_it_get_the_same_measured_run_size(

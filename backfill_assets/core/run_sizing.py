@@ -67,18 +67,26 @@ def sizes(
     """Partitions per run for each table of ``registry`` (by qualified name).
 
     Tables in one set of ``together`` (the tables one ``@dbt_assets`` definition's models read),
-    directly or through another set, share the smallest of their sizes: the backfill daemon puts
-    a table and the dbt models built from it in one run only when their backfill policies are
-    equal. Other tables keep their own size, whatever calendar they share: a table the audit has
-    not seen yet does not shrink the runs of an unrelated, measured one.
+    and a table with a table of the same calendar it reads (``upstream``), directly or through
+    others, share the smallest of their sizes: the backfill daemon puts assets that depend on
+    each other in one run only when their backfill policies are equal. Other tables keep their
+    own size, whatever calendar they share: a table the audit has not seen yet does not shrink
+    the runs of an unrelated, measured one.
     """
     size = {
         table.qualified_name: table.partitions_per_run
         or partitions_per_run(measured.get(table.qualified_name))
         for table in registry
     }
+    calendar = {table.qualified_name: table.partitioning.calendar for table in registry}
+    reads = [
+        {table.qualified_name, name}
+        for table in registry
+        for name in table.upstream
+        if calendar.get(name) == table.partitioning.calendar
+    ]
     lineage = {name: {name} for name in size}
-    for names in together:
+    for names in [*together, *reads]:
         linked = set().union(*(lineage[name] for name in names if name in lineage))
         for name in linked:
             lineage[name] = linked

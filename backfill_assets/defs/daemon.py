@@ -57,10 +57,12 @@ from backfill_assets.defs.run_launcher import MonitoredRunLauncher, fork_context
 
 
 class PromptBackfillDaemon(BackfillDaemon):
-    """Dagster's backfill daemon whose passes are ``interval_s`` apart instead of 30 s.
+    """Dagster's backfill daemon whose passes are ``interval_s`` apart instead of 30 s, sooner
+    when ``woken``, and which sets ``passed`` once a pass's work is done.
 
     The loop is ``dagster._daemon.backfill.execute_backfill_iteration_loop`` with the interval as a
-    parameter: the same pass, the same error capture and spans, the same shutdown.
+    parameter and ``rest`` for its wait: the same pass, the same error capture and spans; shutdown
+    is seen within half a second.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class PromptBackfillDaemon(BackfillDaemon):
 
     def core_loop(self, workspace_process_context, shutdown_event: Event) -> Iterator:
         backfill_futures: dict[str, Future] = {}
+        hooked: set[int] = set()  # ids of the futures that set ``passed`` when done
         published: set[str] | None = None
         while True:
             started = get_current_timestamp()
@@ -105,11 +108,14 @@ class PromptBackfillDaemon(BackfillDaemon):
                 )
             yield SpanMarker.END_SPAN
             # A pass hands each backfill's evaluation to a thread (Dagster's default settings):
-            # its runs are submitted when that future is done.
-            self.passed.set()
+            # its runs are submitted when that future is done. Each future is hooked once (a
+            # done one calls back at once), before ``passed`` is set for the pass itself.
             for future in backfill_futures.values():
-                if not future.done():
+                if id(future) not in hooked:
+                    hooked.add(id(future))
                     future.add_done_callback(lambda _: self.passed.set())
+            hooked &= {id(future) for future in backfill_futures.values()}
+            self.passed.set()
             elapsed = get_current_timestamp() - started
             yield from rest(shutdown_event, self.woken, self.interval_s - elapsed)
             yield None
@@ -147,8 +153,8 @@ class PromptRunQueueDaemon(QueuedRunCoordinatorDaemon):
 
 def rest(shutdown_event: Event, woken: Event, seconds: float) -> Iterator[None]:
     """Wait up to ``seconds`` between a daemon's passes: less if ``woken`` is set (it is cleared
-    here) or the daemon is shutting down. Yields every half second, as Dagster's loops do while
-    they wait, so the controller sees the daemon alive."""
+    here) or the daemon is shutting down. Yields every half second, as Dagster's
+    ``IntervalDaemon`` does while it waits, so the controller sees the daemon alive."""
     deadline = time.monotonic() + seconds
     while not shutdown_event.is_set():
         remaining = deadline - time.monotonic()

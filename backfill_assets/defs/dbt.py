@@ -72,7 +72,7 @@ def incremental_relations(manifest: Mapping) -> list[tuple[str, str]]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelGroup:
     """The models built by one ``@dbt_assets`` definition (one partitioning), and the declared
     tables they read (qualified names): those tables and these models share one backfill policy,

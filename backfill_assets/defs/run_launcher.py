@@ -35,6 +35,7 @@ monitoring.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -165,7 +166,10 @@ class MonitoredRunLauncher(DefaultRunLauncher):
             self._store_crash(run_id, exit_code)
         finally:
             for callback in self._when_runs_end:
-                callback()
+                try:
+                    callback()
+                except Exception:  # one listener's error neither stops the others nor this thread
+                    logging.getLogger(__name__).exception("a when_runs_end callback failed")
 
     def _store_crash(self, run_id: str, exit_code: int | None) -> None:
         run = self._instance.get_run_by_id(run_id)

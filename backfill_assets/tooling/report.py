@@ -428,4 +428,4 @@ def watch(
                 f"{report.line()} after {timeout_s:.0f}s; is `backfill-assets daemon` running? "
                 "The demo's daemon log is logs/daemon.log"
             )
-        time.sleep(max(poll_s, 10 * spent))
+        time.sleep(min(max(poll_s, 10 * spent), max(0.0, deadline - time.monotonic())))
