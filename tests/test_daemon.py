@@ -90,11 +90,7 @@ def test_a_backfill_is_closed_within_seconds_of_its_last_run_ending(dagster_env,
             assert time.time() - started < 120, "the daemon never reported its backfill loop"
             time.sleep(0.2)
         backfill_id = launch_asset_backfill(instance, [FCT_ORDERS], "2024-05-01", "2024-05-02")
-        wait_for_backfill(instance, backfill_id, timeout_s=300, poll_s=0.2)
-        backfill = instance.get_backfill(backfill_id)
-        runs = instance.get_run_records()
-        ids = [record.dagster_run.run_id for record in runs]
-        assert backfill.status.value == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+        backfill, runs = succeeded(instance, backfill_id, log)
         assert len(runs) == 1
         (run,) = runs
         first_run_wait = run.create_timestamp.timestamp() - backfill.backfill_timestamp
@@ -104,7 +100,7 @@ def test_a_backfill_is_closed_within_seconds_of_its_last_run_ending(dagster_env,
 
 
 def test_a_runs_end_wakes_the_backfill_pass_and_the_run_queue_before_their_intervals(
-    dagster_env, tmp_path, conn, monkeypatch
+    dagster_env, tmp_path, conn
 ):
     """Backfill passes and run queue passes a minute apart: a backfill of three one-day runs,
     two at a time, still ends well within a minute of its first run. The third run starts when
@@ -121,17 +117,24 @@ def test_a_runs_end_wakes_the_backfill_pass_and_the_run_queue_before_their_inter
         # Launched before the daemon starts: its first backfill pass, at once, submits the runs.
         backfill_id = launch_asset_backfill(instance, [FCT_ORDERS], "2024-05-01", "2024-05-03")
         with running_daemon(env, log):
-            wait_for_backfill(instance, backfill_id, timeout_s=300, poll_s=0.2)
-        backfill = instance.get_backfill(backfill_id)
-        runs = instance.get_run_records()
-        ids = [record.dagster_run.run_id for record in runs]
-        assert backfill.status.value == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+            backfill, runs = succeeded(instance, backfill_id, log)
         assert len(runs) == 3
         first_run = min(record.create_timestamp.timestamp() for record in runs)
         last_start = max(record.start_time for record in runs)
         took = backfill.backfill_end_timestamp - first_run
     assert last_start - first_run < 50, f"the third run started {last_start - first_run:.0f} s in"
     assert took < 50, f"the backfill ended {took:.0f} s after its first run was submitted"
+
+
+def succeeded(instance: DagsterInstance, backfill_id: str, log: Path) -> tuple:
+    """The backfill and the instance's run records once it has ended; fails, naming its failed
+    runs, unless it completed successfully."""
+    wait_for_backfill(instance, backfill_id, timeout_s=300, poll_s=0.2)
+    backfill = instance.get_backfill(backfill_id)
+    runs = instance.get_run_records()
+    ids = [record.dagster_run.run_id for record in runs]
+    assert backfill.status.value == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+    return backfill, runs
 
 
 def test_status_names_the_assets_a_backfill_wants_that_the_running_daemons_code_lacks(

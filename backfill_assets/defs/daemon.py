@@ -28,7 +28,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,26 +87,21 @@ class PromptBackfillDaemon(BackfillDaemon):
         published: set[str] | None = None
         while True:
             started = get_current_timestamp()
-            yield SpanMarker.START_SPAN
             try:  # for `status`; never in the way of the pass itself
                 published = publish_assets(workspace_process_context, published)
             except Exception:
                 self._logger.warning("could not store the loaded asset keys", exc_info=True)
-            try:
-                yield from execute_backfill_iteration(
+            yield from one_pass(
+                lambda: execute_backfill_iteration(
                     workspace_process_context,
                     self._logger,
                     threadpool_executor=self._threadpool_executor,
                     backfill_futures=backfill_futures,
                     submit_threadpool_executor=self._submit_threadpool_executor,
-                )
-            except Exception:
-                yield DaemonErrorCapture.process_exception(
-                    exc_info=sys.exc_info(),
-                    logger=self._logger,
-                    log_message="BackfillDaemon caught an error",
-                )
-            yield SpanMarker.END_SPAN
+                ),
+                self._logger,
+                "BackfillDaemon",
+            )
             # A pass hands each backfill's evaluation to a thread (Dagster's default settings):
             # its runs are submitted when that future is done. Each future is hooked once (a
             # done one calls back at once), before ``passed`` is set for the pass itself.
@@ -136,19 +131,27 @@ class PromptRunQueueDaemon(QueuedRunCoordinatorDaemon):
     def core_loop(self, workspace_process_context, shutdown_event: Event) -> Iterator:
         while True:
             started = get_current_timestamp()
-            yield SpanMarker.START_SPAN
-            try:
-                yield from self.run_iteration(workspace_process_context)
-            except Exception:
-                yield DaemonErrorCapture.process_exception(
-                    exc_info=sys.exc_info(),
-                    logger=self._logger,
-                    log_message="QueuedRunCoordinatorDaemon caught an error",
-                )
-            yield SpanMarker.END_SPAN
+            yield from one_pass(
+                lambda: self.run_iteration(workspace_process_context),
+                self._logger,
+                "QueuedRunCoordinatorDaemon",
+            )
             elapsed = get_current_timestamp() - started
             yield from rest(shutdown_event, self.woken, self.interval_seconds - elapsed)
             yield None
+
+
+def one_pass(iteration: Callable[[], Iterator], logger, name: str) -> Iterator:
+    """One pass of a daemon's loop as Dagster's loops run one: between its spans, an error
+    captured and logged (the loop goes on) rather than raised."""
+    yield SpanMarker.START_SPAN
+    try:
+        yield from iteration()
+    except Exception:
+        yield DaemonErrorCapture.process_exception(
+            exc_info=sys.exc_info(), logger=logger, log_message=f"{name} caught an error"
+        )
+    yield SpanMarker.END_SPAN
 
 
 def rest(shutdown_event: Event, woken: Event, seconds: float) -> Iterator[None]:

@@ -133,7 +133,7 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
     def _store_evaluations(self, held: list[EventLogEntry]) -> None:
         with self.index_transaction() as conn:
             rows = [self._event_to_row(event) for event in held]
-            ids = self._insert_events(conn, rows)
+            ids = _insert_rows(conn, SqlEventLogStorageTable, rows, returning="id")
             executions = [
                 _execution_row(event, row["event"], event_id)
                 for event, row, event_id in zip(held, rows, ids, strict=True)
@@ -141,7 +141,7 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             updated = _update_planned(conn, executions)
             missing = [e for e in executions if e["evaluation_event_storage_id"] not in updated]
             if missing:
-                conn.execute(AssetCheckExecutionsTable.insert().values(missing))
+                _insert_rows(conn, AssetCheckExecutionsTable, missing)
 
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
         """Dagster's batches (``DAGSTER_EVENT_BATCH_SIZE``): materializations as Dagster stores
@@ -155,7 +155,7 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             return
         with self.index_transaction() as conn:
             rows = [self._event_to_row(event) for event in events]
-            ids = self._insert_events(conn, rows)
+            ids = _insert_rows(conn, SqlEventLogStorageTable, rows, returning="id")
             assets = [
                 (event, event_id)
                 for event, event_id in zip(events, ids, strict=True)
@@ -173,24 +173,30 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
                 for row in _planned_rows(event, row["event"], event_id)
             ]
             if planned_checks:
-                conn.execute(AssetCheckExecutionsTable.insert().values(planned_checks))
+                _insert_rows(conn, AssetCheckExecutionsTable, planned_checks)
 
-    def _insert_events(self, conn, rows: list[dict[str, Any]]) -> list[int]:
-        """Insert event rows (``_event_to_row``) in one statement, their values bound as arrays
-        (``WITH ORDINALITY`` keeps their order); their storage ids, in order."""
-        names = list(rows[0])
-        dialect = postgresql.dialect()
-        types = {name: SqlEventLogStorageTable.c[name].type.compile(dialect) for name in names}
-        arrays = ", ".join(f"CAST(:{name} AS {types[name]}[])" for name in names)
-        columns = ", ".join(names)
-        inserted = conn.execute(
-            db.text(
-                f"INSERT INTO event_logs ({columns}) SELECT {columns} FROM unnest({arrays}) "
-                f"WITH ORDINALITY AS g ({columns}, n) ORDER BY n RETURNING id"
-            ),
-            {name: [row[name] for row in rows] for name in names},
-        )
-        return [int(event_id) for (event_id,) in inserted]
+
+def _insert_rows(
+    conn, table: db.Table, rows: list[dict[str, Any]], *, returning: str | None = None
+) -> list[int]:
+    """Insert ``rows`` (dicts of ``table``'s columns, all with the same keys) in one statement,
+    their values bound as one array per column: one short text to plan whatever their number
+    (SQLAlchemy's multi-row VALUES compiles a parameter per value: ~0.2 ms a row). ``WITH
+    ORDINALITY`` keeps their order; the ``returning`` column of each, in order."""
+    names = list(rows[0])
+    dialect = postgresql.dialect()
+    types = {name: table.c[name].type.compile(dialect) for name in names}
+    arrays = ", ".join(f"CAST(:{name} AS {types[name]}[])" for name in names)
+    columns = ", ".join(names)
+    inserted = conn.execute(
+        db.text(
+            f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM unnest({arrays}) "
+            f"WITH ORDINALITY AS g ({columns}, n) ORDER BY n"
+            + (f" RETURNING {returning}" if returning else "")
+        ),
+        {name: [row[name] for row in rows] for name in names},
+    )
+    return [int(value) for (value,) in inserted] if returning else []
 
 
 PLANNED = {
@@ -263,7 +269,7 @@ def _timestamp(event: EventLogEntry) -> datetime:
     return datetime.fromtimestamp(event.timestamp, UTC).replace(tzinfo=None)
 
 
-UPDATE_PLANNED = db.text(
+UPDATE_PLANNED = (
     "UPDATE asset_check_executions AS t SET execution_status = g.status, "
     "evaluation_event = g.event, evaluation_event_timestamp = g.at, "
     "evaluation_event_storage_id = g.event_id, materialization_event_storage_id = g.target "
@@ -272,10 +278,14 @@ UPDATE_PLANNED = db.text(
     "CAST(:ats AS timestamp[]), CAST(:event_ids AS bigint[]), CAST(:targets AS bigint[])) "
     "AS g (asset_key, check_name, run_id, partition, status, event, at, event_id, target) "
     "WHERE t.asset_key = g.asset_key AND t.check_name = g.check_name AND t.run_id = g.run_id "
-    "AND t.partition IS NOT DISTINCT FROM g.partition RETURNING g.event_id"
+    "AND {partition} RETURNING g.event_id"
 )
 """The planned rows of a batch of evaluations (same asset, check, run and partition) turned into
-their results: one statement, its values bound as arrays (one text to plan, whatever the size)."""
+their results: one statement, its values bound as arrays (one text to plan, whatever the size).
+Partitions are matched with ``=`` when every evaluation has one: the join then runs on the
+unique index's four columns. ``IS NOT DISTINCT FROM`` (for unpartitioned checks) only filters
+after the other three, a run's every partition for each evaluation: 0.2 s per 1,000 evaluations
+of a 366-partition run, growing with the run."""
 
 
 def _update_planned(conn, rows: Sequence[dict[str, object]]) -> set[int]:
@@ -284,8 +294,14 @@ def _update_planned(conn, rows: Sequence[dict[str, object]]) -> set[int]:
     def column(name: str) -> list[object]:
         return [row[name] for row in rows]
 
+    partitioned = all(row["partition"] is not None for row in rows)
+    match = (
+        "t.partition = g.partition"
+        if partitioned
+        else "t.partition IS NOT DISTINCT FROM g.partition"
+    )
     found = conn.execute(
-        UPDATE_PLANNED,
+        db.text(UPDATE_PLANNED.format(partition=match)),
         {
             "asset_keys": column("asset_key"),
             "checks": column("check_name"),
