@@ -13,8 +13,10 @@ import threading
 import time
 
 import pytest
+from conftest import DATA_TEMPLATE, clone_database
 from support import (
     FCT_ORDERS,
+    OtherSession,
     audit_rows,
     dbt_models,
     fingerprints,
@@ -26,9 +28,10 @@ from support import (
 
 from backfill_assets.core import control
 from backfill_assets.core.audit import ensure_audit_table
+from backfill_assets.core.database import connect
 from backfill_assets.core.registry import DEFAULT_TABLES_DIR, load_registry
 from backfill_assets.core.tables import ThrottleLimits
-from backfill_assets.core.throttle import Throttle, ThrottleTimeout
+from backfill_assets.core.throttle import Throttle, ThrottleTimeout, stress
 from backfill_assets.defs.dbt import dbt_model_assets
 from backfill_assets.defs.table_assets import table_asset
 from backfill_assets.tooling import cli
@@ -120,6 +123,25 @@ def test_the_throttle_holds_writes_back_while_a_transaction_stays_open(data_url,
     assert "a transaction has been open for" in said[0] and "max_transaction_age 1s" in said[0]
     assert said[-1].startswith("analytics.fct_orders: going on after")
     assert throttle.paused_s >= 0.3 + 2
+
+
+def test_only_sessions_waiting_in_this_database_count_as_contention(cluster, conn):
+    """``pg_locks`` shows every database's locks, and databases copied from one template have
+    the same tables' oids: a session waiting for ``app.orders`` in another database is not
+    contention on this one's (it held runs back beside other tests' databases)."""
+    other = clone_database(cluster, DATA_TEMPLATE, "other")
+    orders = dataclasses.replace(FCT_ORDERS, schema="app", name="orders")
+    lock = "LOCK TABLE app.orders IN ACCESS EXCLUSIVE MODE"
+    holder = other_session(other, lock, seconds=60)
+    waiter = OtherSession(other, lock, seconds=0)
+    waiter.start()  # blocked behind the holder until it is released
+    try:
+        with connect(other) as there:
+            wait_for(lambda: stress(there, orders).lock_waiters, 30, "the waiter never waited")
+        assert stress(conn, orders).lock_waiters == 0
+    finally:
+        holder.release()
+        waiter.join()
 
 
 def test_a_busy_budget_rests_in_proportion_to_what_each_write_took(conn):
@@ -278,9 +300,11 @@ def demo_tables_with(tmp_path, fct_orders_extra: str) -> tuple:
 
 
 def mart_lock_waiters(conn) -> int:
+    """Sessions waiting for the mart in this test's database (``pg_locks`` shows every one's)."""
     return conn.execute(
         "SELECT count(*) FROM pg_locks WHERE NOT granted "
-        "AND relation = to_regclass('analytics.daily_revenue')"
+        "AND relation = to_regclass('analytics.daily_revenue') "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     ).fetchone()[0]
 
 

@@ -4,7 +4,9 @@ A backfill competes with the application for the same server. Before each partit
 can sleep a fixed pause (``throttle.pause``), then asks PostgreSQL, in one statement, for the signs
 that adding load now would hurt:
 
-- sessions waiting for a lock on the target table (``max_lock_waiters``): the table is contended;
+- sessions waiting for a lock on the target table (``max_lock_waiters``): the table is contended
+  (in this database: ``pg_locks`` shows every database's, and databases copied from one template
+  share their tables' oids);
 - the oldest open transaction of another session (``max_transaction_age``): while it is open,
   vacuum cannot remove the rows a backfill deletes, so every partition adds bloat;
 - active sessions (``max_active_connections``), when set: the server is busy;
@@ -42,7 +44,8 @@ REMIND_S = 60.0
 STRESS = """
 SELECT
     (SELECT count(*) FROM pg_locks AS l
-      WHERE l.relation = to_regclass(%(table)s) AND NOT l.granted),
+      WHERE l.relation = to_regclass(%(table)s) AND NOT l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())),
     (SELECT coalesce(max(extract(epoch FROM now() - a.xact_start)), 0) FROM pg_stat_activity AS a
       WHERE a.xact_start IS NOT NULL AND a.pid <> pg_backend_pid()
         AND a.backend_type = 'client backend' AND a.datname = current_database()
