@@ -332,24 +332,19 @@ def end_to_end(
         runs = len(progress.runs)
     shutil.rmtree(home, ignore_errors=True)
     with connect(data_url) as conn:
-        writes, db_seconds = conn.execute(
-            "SELECT count(*), coalesce(sum(extract(epoch FROM ended_at - started_at)), 0) "
-            "FROM backfill_audit.backfill_runs WHERE status = 'succeeded' AND backfill_id = %s",
-            [backfill_id],
-        ).fetchone()
-        split = time_split(conn, records, backfill_id)
-        spans = conn.execute(
-            "SELECT extract(epoch FROM started_at), extract(epoch FROM ended_at) "
-            "FROM backfill_audit.backfill_runs WHERE status = 'succeeded' AND backfill_id = %s "
-            "ORDER BY started_at",
+        # Each successful write of the backfill: its run, start and end (the audit rows).
+        writes = conn.execute(
+            "SELECT dagster_run_id, extract(epoch FROM started_at)::float8, "
+            "extract(epoch FROM ended_at)::float8 FROM backfill_audit.backfill_runs "
+            "WHERE status = 'succeeded' AND backfill_id = %s ORDER BY started_at",
             [backfill_id],
         ).fetchall()
     return {
-        "writing_s": covered(spans),
-        "split": split,
+        "writing_s": covered([(start, end) for _, start, end in writes]),
+        "split": time_split(records, writes),
         "seconds": elapsed,
-        "writes": writes,
-        "db_s": float(db_seconds),
+        "writes": len(writes),
+        "db_s": sum(end - start for _, start, end in writes),
         "runs": runs,
         "pickup_s": pickup,
         "closing_s": returned - last_run_end,
@@ -370,9 +365,9 @@ def covered(spans) -> float:
     return total
 
 
-def time_split(conn, records, backfill_id: str) -> dict[str, float]:
+def time_split(records, writes) -> dict[str, float]:
     """Where the runs' seconds went, summed over the backfill's runs, from the runs' own times
-    (Dagster's run records) and their writes' (the audit rows):
+    (Dagster's run records) and their writes' (``writes``: run id, start, end of each):
 
     queued:    the run created, not yet started (the run queue, the launcher);
     start:     the run started, its first write not yet (process start, definitions load, the
@@ -382,22 +377,16 @@ def time_split(conn, records, backfill_id: str) -> dict[str, float]:
     after:     its last write's end to the run's end (Dagster storage: the materializations and
                check evaluations, then the process's exit).
     """
-    spans = dict(
-        (run_id, (first, last, busy))
-        for run_id, first, last, busy in conn.execute(
-            "SELECT dagster_run_id, extract(epoch FROM min(started_at)), "
-            "extract(epoch FROM max(ended_at)), sum(extract(epoch FROM ended_at - started_at)) "
-            "FROM backfill_audit.backfill_runs WHERE backfill_id = %s AND status = 'succeeded' "
-            "GROUP BY dagster_run_id",
-            [backfill_id],
-        )
-    )
+    spans: dict[str, tuple[float, float, float]] = {}  # run: first start, last end, busy
+    for run_id, start, end in writes:
+        first, last, busy = spans.get(run_id, (start, end, 0.0))
+        spans[run_id] = (min(first, start), max(last, end), busy + end - start)
     split = dict.fromkeys(("queued", "start", "writes", "between", "after"), 0.0)
     for record in records:
         run = record.dagster_run
         if run.run_id not in spans or not (record.start_time and record.end_time):
             continue
-        first, last, busy = (float(v) for v in spans[run.run_id])
+        first, last, busy = spans[run.run_id]
         split["queued"] += record.start_time - record.create_timestamp.timestamp()
         split["start"] += first - record.start_time
         split["writes"] += busy
