@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test soak lint format ui screenshots bench bench-scale bench-live db-stop clean
+.PHONY: setup broker demo test soak lint format ui screenshots bench bench-scale bench-live db-stop clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,21 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq chromium >/dev/null \
 		|| { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
 	else echo "the UI test needs Chromium at $(CHROMIUM): sudo apt-get install -y chromium"; exit 1; fi
+
+# The Celery tests' broker: RabbitMQ on 127.0.0.1:5672, the machine's when one listens there;
+# else Debian's rabbitmq-server, installed (as Chromium is) and started.
+PORT_OPEN = $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 2)" 2>/dev/null
+broker: setup
+	@$(PORT_OPEN) && exit 0; \
+	if ! command -v rabbitmq-server >/dev/null; then \
+		if [ "$$(id -u)" != 0 ]; then echo "the Celery tests need RabbitMQ on 127.0.0.1:5672: \
+			sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached"; exit 1; fi; \
+		apt-get install -y -qq rabbitmq-server >/dev/null 2>&1 \
+			|| { apt-get update -qq && apt-get install -y -qq rabbitmq-server >/dev/null 2>&1; }; \
+	fi; \
+	$(PORT_OPEN) || rabbitmq-server -detached; \
+	for i in $$(seq 120); do $(PORT_OPEN) && exit 0; sleep 1; done; \
+	echo "RabbitMQ did not start listening on 127.0.0.1:5672"; exit 1
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -29,7 +44,7 @@ demo: setup
 # first (tests/durations.json; BACKFILL_RECORD_DURATIONS=1 make test updates it). PYTEST_ARGS
 # runs just what it names, in one process.
 TEST_WORKERS ?= 2
-test: setup $(CHROMIUM) lint
+test: setup $(CHROMIUM) broker lint
 ifeq ($(strip $(PYTEST_ARGS)),)
 	$(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 1
 else

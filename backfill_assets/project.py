@@ -30,8 +30,10 @@ from backfill_assets.core.registry import Registry, load_registry
 from backfill_assets.core.settings import (
     DBT_PACKAGE_DIR,
     DBT_PROJECT_ENV,
+    DBT_TARGET_ENV,
     SettingsError,
     dbt_project_dir,
+    dbt_target_dir,
 )
 from backfill_assets.core.tables import TableSpec
 
@@ -69,6 +71,12 @@ def dbt_env(registry: Registry | None = None) -> dict[str, str]:
         # A user's project may leave dbt's usage statistics on: dbt would send them, and write
         # its .user.yml into the profiles dir, which is the package's folder.
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        # dbt's log beside its other files (the project's logs/ unless a folder is named).
+        **(
+            {"DBT_LOG_PATH": str(dbt_target_dir() / "logs")}
+            if os.environ.get(DBT_TARGET_ENV)
+            else {}
+        ),
         **{
             begin_variable(table.qualified_name): table.partitioning.start.isoformat()
             for table in registry
@@ -76,14 +84,14 @@ def dbt_env(registry: Registry | None = None) -> dict[str, str]:
     }
 
 
-def parse_dir(registry: Registry | None = None, project_dir: Path | None = None) -> Path:
+def parse_dir(registry: Registry | None = None) -> Path:
     """Where dbt's manifest for ``registry``'s first partitions is parsed: one folder per set of
-    ``BACKFILL_BEGIN__*`` values (under the dbt project's ``target/``). Runs of that registry
+    ``BACKFILL_BEGIN__*`` values (under the dbt project's ``target/``, or this process's
+    ``BACKFILL_DBT_TARGET_DIR``). Runs of that registry
     point dagster-dbt here (``DBT_TARGET_PATH``), so each dbt build starts from its partial parse,
     and processes of two registries (the demo's tables, a user's) never undo each other's parse."""
     values = "\n".join(f"{k}={v}" for k, v in sorted(dbt_env(registry).items()))
-    target = (project_dir or dbt_project_dir()) / "target"
-    return target / f"parsed-{hashlib.sha1(values.encode()).hexdigest()[:12]}"
+    return dbt_target_dir() / f"parsed-{hashlib.sha1(values.encode()).hexdigest()[:12]}"
 
 
 def ensure_manifest(registry: Registry | None = None) -> dict:
@@ -102,7 +110,7 @@ def ensure_manifest(registry: Registry | None = None) -> dict:
     settings = check_dbt_project(project_dir)
     env = {**os.environ, **dbt_env(registry)}
     ensure_package(project_dir, settings, env)
-    target = parse_dir(registry, project_dir)
+    target = parse_dir(registry)
     manifest = target / "manifest.json"
     with _turns(target / "parse.lock"):
         if not _fresh(manifest, project_dir):
@@ -164,7 +172,7 @@ def ensure_package(project_dir: Path, config: Mapping, env: Mapping[str, str]) -
 
     if current():
         return
-    with _turns(project_dir / "target" / "deps.lock"):
+    with _turns(dbt_target_dir() / "deps.lock"):
         if current():
             return
         try:

@@ -31,6 +31,18 @@ MAX_PARTITIONS_ENV = "BACKFILL_MAX_PARTITIONS"
 DAEMON_INTERVAL_ENV = "BACKFILL_DAEMON_INTERVAL_S"
 DBT_PROJECT_ENV = "BACKFILL_DBT_PROJECT"
 DBT_IN_PROCESS_ENV = "BACKFILL_DBT_IN_PROCESS"
+DBT_TARGET_ENV = "BACKFILL_DBT_TARGET_DIR"
+EXECUTOR_ENV = "BACKFILL_EXECUTOR"
+CELERY_BROKER_ENV = "BACKFILL_CELERY_BROKER"
+CELERY_QUEUE_ENV = "BACKFILL_CELERY_QUEUE"
+EXECUTORS = ("in_process", "celery")
+"""``in_process`` (the default): a run executes its steps in its own process. ``celery``: each step
+is a task on the Celery workers listening on ``BACKFILL_CELERY_QUEUE`` of the broker."""
+DEFAULT_CELERY_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
+"""RabbitMQ's own default account on this host: fine for one machine; name your broker else."""
+DEFAULT_CELERY_QUEUE = "dagster"
+"""dagster-celery's queue, so Dagster's own ``dagster-celery worker start`` serves it too."""
+CELERY_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
 DEFAULT_DAEMON_INTERVAL_S = 1.0
 """Seconds between the project daemon's backfill passes (Dagster's own daemon: a fixed 30)."""
 DEFAULT_MAX_PARTITIONS = 400
@@ -311,6 +323,78 @@ def dbt_in_process() -> bool:
             "processes, or unset it to run dbt inside each run's process"
         )
     return text != "0"
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where a run's steps execute (``BACKFILL_EXECUTOR``), and for Celery through which broker
+    and queue."""
+
+    name: str
+    broker: str = ""
+    queue: str = DEFAULT_CELERY_QUEUE
+
+    @property
+    def distributed(self) -> bool:
+        return self.name == "celery"
+
+    def describe(self) -> str:
+        if not self.distributed:
+            return "steps in each run's own process"
+        return (
+            f"steps on the Celery workers of queue {self.queue!r} at {redact_broker(self.broker)}"
+        )
+
+
+def executor() -> Executor:
+    """``BACKFILL_EXECUTOR`` (``in_process`` or ``celery``), with ``BACKFILL_CELERY_BROKER`` and
+    ``BACKFILL_CELERY_QUEUE`` for Celery; a bad value is refused naming the variable."""
+    name = os.environ.get(EXECUTOR_ENV, "").strip() or "in_process"
+    if name not in EXECUTORS:
+        raise SettingsError(
+            f"{EXECUTOR_ENV}={name!r} is not an executor; set it to celery to run steps on Celery "
+            "workers (`backfill-assets worker`), or unset it for in_process"
+        )
+    if name == "in_process":
+        return Executor(name)
+    broker = os.environ.get(CELERY_BROKER_ENV, "").strip() or DEFAULT_CELERY_BROKER
+    scheme = broker.partition("://")[0]
+    if "://" not in broker or scheme not in CELERY_SCHEMES:
+        raise SettingsError(
+            f"{CELERY_BROKER_ENV}={redact_broker(broker)!r} is not a broker URL; expected e.g. "
+            f"pyamqp://user:password@rabbitmq-host:5672// (schemes: {', '.join(CELERY_SCHEMES)})"
+        )
+    queue = os.environ.get(CELERY_QUEUE_ENV, "").strip() or DEFAULT_CELERY_QUEUE
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", queue):
+        raise SettingsError(
+            f"{CELERY_QUEUE_ENV}={queue!r} is not a queue name: letters, digits, _ . : - only"
+        )
+    return Executor(name, broker, queue)
+
+
+def require_celery() -> Executor:
+    """The Celery settings, or a ``SettingsError`` saying why a worker would receive nothing."""
+    choice = executor()
+    if not choice.distributed:
+        raise SettingsError(
+            f"{EXECUTOR_ENV} is not celery: runs execute their steps in their own "
+            f"process and no step would reach a worker; set {EXECUTOR_ENV}=celery for "
+            "the daemon, the UI and every worker"
+        )
+    return choice
+
+
+def redact_broker(url: str) -> str:
+    """A broker URL with its password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^/]*@", rf"\1{MASK}@", url)
+
+
+def dbt_target_dir() -> Path:
+    """Where dbt writes in this process (manifests, builds' folders, logs):
+    ``BACKFILL_DBT_TARGET_DIR``, else the dbt project's ``target/``. A Celery worker keeps its
+    own (``backfill-assets worker --scratch``), so no host writes into another's files."""
+    value = os.environ.get(DBT_TARGET_ENV, "").strip()
+    return Path(value).expanduser().resolve() if value else dbt_project_dir() / "target"
 
 
 def _validate(url: str, variable: str) -> None:

@@ -24,7 +24,7 @@ from dagster._core.execution.backfill import (
     BulkActionStatus,
     PartitionBackfill,
 )
-from dagster._core.execution.retries import auto_reexecution_should_retry_run
+from dagster._core.execution.retries import RetryMode, auto_reexecution_should_retry_run
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
@@ -108,6 +108,7 @@ __all__ = [
     "PartitionBackfill",
     "PartitionKeyFilter",
     "QueuedRunCoordinatorDaemon",
+    "RetryMode",
     "SerializableErrorInfo",
     "SpanMarker",
     "SqlEventLogStorageTable",

@@ -3,7 +3,7 @@
 import logging
 
 import psycopg
-from dagster import Definitions, in_process_executor
+from dagster import Definitions
 
 from backfill_assets.core import settings
 from backfill_assets.core.contract import check_contracts
@@ -18,6 +18,7 @@ from backfill_assets.core.run_sizing import (
 from backfill_assets.core.session_limits import TimedOut, definitions_load, timed
 from backfill_assets.core.strategies import strategy_of
 from backfill_assets.defs.dbt import dbt_model_assets, installed_dbt, model_groups
+from backfill_assets.defs.executors import run_executor
 from backfill_assets.defs.jobs import table_jobs
 from backfill_assets.defs.late_data import late_data_sensor
 from backfill_assets.defs.resources import PostgresResource
@@ -57,10 +58,8 @@ def build_definitions(registry: Registry, *, check_sql: bool = True) -> Definiti
         + [rollback_job(registry)],
         sensors=[late_data_sensor(table) for table in registry if strategy_of(table).late_data],
         resources={"postgres": PostgresResource(), "dbt": installed_dbt()},
-        # A run's steps (the table, then its dbt models) depend on each other and run one after
-        # the other anyway; the default multiprocess executor would start a Python process per
-        # step, each importing these definitions again (~2.5 s). Measured in docs/measurements.md.
-        executor=in_process_executor,
+        # In each run's process, or on Celery workers (BACKFILL_EXECUTOR; defs/executors.py).
+        executor=run_executor(),
     )
 
 

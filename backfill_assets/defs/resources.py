@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import psycopg
 from dagster import ConfigurableResource, InitResourceContext
 
@@ -9,6 +11,12 @@ from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.core.session_limits import SessionLimits
 from backfill_assets.defs.run_launcher import record_worker
+
+
+def in_celery_task() -> bool:
+    """Whether this code runs inside a Celery task (a step on a worker)."""
+    celery = sys.modules.get("celery")
+    return celery is not None and bool(celery.current_task)
 
 
 class PostgresResource(ConfigurableResource):
@@ -22,8 +30,10 @@ class PostgresResource(ConfigurableResource):
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         """Record the run's worker (host, pid) as the run starts, so run monitoring can tell a
-        dead one, whoever launched the run (``run_launcher.record_worker``)."""
-        if context.instance is not None and context.run is not None:
+        dead one, whoever launched the run (``run_launcher.record_worker``). A step on a Celery
+        worker is not the run's process (that one orchestrates elsewhere): it records nothing,
+        and the worker's name is in the step's event "Executing steps ... in celery worker"."""
+        if context.instance is not None and context.run is not None and not in_celery_task():
             record_worker(context.instance, context.run)
 
     def resolved_url(self) -> str:

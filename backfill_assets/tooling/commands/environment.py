@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from backfill_assets.core import settings
 from backfill_assets.core.database import DatabaseUnavailableError, connect, ensure_database
@@ -100,6 +101,12 @@ def _daemon(args: argparse.Namespace) -> int:
     print(f"dagster daemons running, a backfill pass every {interval_s:g}s (Ctrl-C stops)")
     run_daemon(settings.WORKSPACE_FILE, interval_s)
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from backfill_assets.tooling.worker import start_worker
+
+    return start_worker(args.worker_name, args.concurrency, args.scratch, args.loglevel)
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -197,6 +204,28 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="seconds between backfill passes (default: BACKFILL_DAEMON_INTERVAL_S, else 1)",
     )
     daemon.set_defaults(func=_daemon)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a Celery worker executing runs' steps on this host (BACKFILL_EXECUTOR=celery)",
+    )
+    worker.add_argument(
+        "--name",
+        dest="worker_name",
+        default=f"w{os.getpid()}",
+        help="this worker's name (its Celery hostname is NAME@host; default w<pid>)",
+    )
+    worker.add_argument(
+        "--concurrency", type=bounded(1, 64), default=1, help="steps at a time (default 1)"
+    )
+    worker.add_argument(
+        "--scratch",
+        type=Path,
+        default=None,
+        help="this worker's folder for dbt's files (default ./.backfill-worker/NAME)",
+    )
+    worker.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="info")
+    worker.set_defaults(func=_worker)
 
     dev = commands.add_parser("dev", help="open the Dagster UI on 127.0.0.1, with the daemon")
     dev.add_argument("--port", type=bounded(1, 65_535), default=3000)
