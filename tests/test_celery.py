@@ -5,6 +5,7 @@ Each test has a queue of its own, deleted after it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -38,6 +39,7 @@ from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG, PartitionKeyFilter
 from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
 from backfill_assets.tooling.worker import check_broker, running_workers
 
@@ -351,3 +353,46 @@ def run_ids(instance: DagsterInstance, backfill_id: str) -> list[str]:
     return [
         run.run_id for run in instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
     ]
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        ({}, "BACKFILL_EXECUTOR is not celery: runs execute their steps in their own process"),
+        ({settings.EXECUTOR_ENV: "celry"}, "BACKFILL_EXECUTOR='celry' is not an executor"),
+        (
+            {settings.EXECUTOR_ENV: "celery", settings.CELERY_BROKER_ENV: "rabbit://h//"},
+            "BACKFILL_CELERY_BROKER='rabbit://h//' is not a broker URL",
+        ),
+        (
+            {
+                settings.EXECUTOR_ENV: "celery",
+                settings.CELERY_BROKER_ENV: "pyamqp://u:secret@127.0.0.1:1//",
+            },
+            "the Celery broker pyamqp://u:***@127.0.0.1:1// (BACKFILL_CELERY_BROKER) is not "
+            "reachable",
+        ),
+    ],
+)
+def test_a_worker_without_celery_settings_or_broker_is_refused_saying_what_to_set(
+    variables, said, monkeypatch, tmp_path, capsys
+):
+    for name in (settings.EXECUTOR_ENV, settings.CELERY_BROKER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["worker", "--name", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "secret" not in err
+    assert list(tmp_path.iterdir()) == []  # no folder made, nothing started
+
+
+def test_launch_warns_when_no_worker_listens_on_the_queue(celery_env, capsys):
+    """The runs would wait for a worker, STARTED: the launch says so (on stderr, so that
+    ``--json`` stays JSON) and where to start one."""
+    args = ["launch", "--select", "analytics/fct_orders", "--from", FIRST, "--to", FIRST, "--json"]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["assets"] == ["analytics/fct_orders"]
+    assert f"no Celery worker listens on queue {celery_env[settings.CELERY_QUEUE_ENV]!r}" in err

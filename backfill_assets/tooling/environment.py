@@ -18,7 +18,8 @@ def prepare(*, create_databases: bool | None = None) -> dict[str, str]:
     Missing databases are created on the embedded cluster, or when ``create_databases`` asks
     (``db start``, the demo); on your own server they are otherwise an error naming them.
     """
-    settings.dbt_in_process()  # a bad value is refused before anything starts
+    settings.dbt_in_process()  # bad values are refused before anything starts
+    settings.executor()
     embedded_server = settings.uses_embedded_postgres()
     if embedded_server:
         embedded.start(settings.embedded_pgdata())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backfill_assets.core import settings
+from backfill_assets.core.settings import Executor
 from backfill_assets.tooling.environment import prepare
 
 CELERY_EXECUTABLE = str(Path(sys.executable).parent / "celery")
@@ -28,7 +29,7 @@ APP_MODULE = "backfill_assets.defs.celery_worker"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
-def check_broker(choice: settings.Executor, timeout_s: float = 5.0) -> None:
+def check_broker(choice: Executor, timeout_s: float = 5.0) -> None:
     """Connect to the broker once; a ``SettingsError`` naming it (without its password) and what
     to do when it cannot be reached."""
     from kombu import Connection
@@ -42,6 +43,35 @@ def check_broker(choice: settings.Executor, timeout_s: float = 5.0) -> None:
             f"({settings.CELERY_BROKER_ENV}) is not reachable ({type(exc).__name__}: {exc}); "
             "start it (RabbitMQ: `rabbitmq-server -detached`) or point the variable at yours"
         ) from None
+
+
+def listening_workers(choice: Executor) -> int:
+    """How many Celery workers consume the queue now (0 when no worker has created it yet)."""
+    from kombu import Connection
+
+    with Connection(choice.broker, connect_timeout=5) as connection:
+        try:
+            _, _, consumers = connection.default_channel.queue_declare(
+                queue=choice.queue, passive=True
+            )
+        except connection.channel_errors:
+            return 0  # the queue does not exist: no worker ever listened on it
+    return consumers
+
+
+def announce(choice: Executor) -> None:
+    """For the daemon and ``launch``: on stderr, where the steps go, and a warning when no worker
+    listens (the runs would wait, STARTED, until one does)."""
+    if not choice.distributed:
+        return
+    check_broker(choice)
+    print(choice.describe(), file=sys.stderr)
+    if not listening_workers(choice):
+        print(
+            f"warning: no Celery worker listens on queue {choice.queue!r} now; runs wait for one "
+            "(start it with `backfill-assets worker`, on any host with this environment)",
+            file=sys.stderr,
+        )
 
 
 def cross_host_notes(env: dict[str, str], embedded: bool) -> list[str]:
@@ -68,7 +98,7 @@ def cross_host_notes(env: dict[str, str], embedded: bool) -> list[str]:
     return notes
 
 
-def worker_command(choice: settings.Executor, name: str, concurrency: int, loglevel: str):
+def worker_command(choice: Executor, name: str, concurrency: int, loglevel: str):
     """Celery's worker, prefork: the main process keeps the broker's heartbeats while a child
     executes a step, and children die with it (their parent-death signal)."""
     return [

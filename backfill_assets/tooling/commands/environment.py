@@ -95,9 +95,11 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     from backfill_assets.defs.daemon import run_daemon
+    from backfill_assets.tooling.worker import announce
 
     interval_s = settings.daemon_interval_s() if args.interval is None else args.interval
     prepare()
+    announce(settings.executor())
     print(f"dagster daemons running, a backfill pass every {interval_s:g}s (Ctrl-C stops)")
     run_daemon(settings.WORKSPACE_FILE, interval_s)
     return 0

@@ -24,6 +24,7 @@ def _launch(args: argparse.Namespace) -> int:
         launch_asset_backfill,
         partition_keys,
     )
+    from backfill_assets.tooling.worker import announce
 
     try:
         tags = json.loads(args.tags) if args.tags else {}
@@ -44,6 +45,7 @@ def _launch(args: argparse.Namespace) -> int:
     if args.reason is not None:
         tags[REASON] = args.reason
     reason(tags)  # refused here, before anything is launched
+    announce(settings.executor())
     with DagsterInstance.get() as instance:
         server = webserver(args)
         if server:
