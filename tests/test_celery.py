@@ -39,6 +39,7 @@ from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG, PartitionKeyFilter
 from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.defs.run_launcher import STARTED_PROCESS
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
 from backfill_assets.tooling.worker import check_broker, running_workers
@@ -91,6 +92,14 @@ def step_workers(instance: DagsterInstance, run_ids) -> dict[tuple[str, str], li
                 worker = event.engine_event_data.metadata["Celery worker"].value
                 found.setdefault((run_id, event.step_key), []).append(worker)
     return found
+
+
+def started_pid(instance: DagsterInstance, run_id: str) -> int:
+    """The run's own process, from the launcher's event "Started process for run (pid: N)"."""
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        if record.dagster_event.message.startswith(STARTED_PROCESS):
+            return int(record.dagster_event.message.split("pid: ")[1].rstrip(")."))
+    raise AssertionError(f"run {run_id} recorded no started process")
 
 
 def set_runs_and_writers(home: Path, instance: DagsterInstance, runs: int, writers: int) -> None:
@@ -396,3 +405,38 @@ def test_launch_warns_when_no_worker_listens_on_the_queue(celery_env, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["assets"] == ["analytics/fct_orders"]
     assert f"no Celery worker listens on queue {celery_env[settings.CELERY_QUEUE_ENV]!r}" in err
+
+
+def test_cancel_stops_a_step_running_on_a_worker_before_its_next_partition(
+    celery_env, conn, instance, postgres, tmp_path, capsys
+):
+    """A cancel is a signal to the run's process; dagster-celery then revokes only the steps
+    not started. The step on the worker reads its run's status between partitions and stops:
+    of eight 2-second writes, the cancel given after the first leaves most unwritten."""
+    assert materialize_days(postgres, instance, BEFORE).success
+    conn.execute(SLOW_WRITES)
+    last = DAYS[7]
+    with (
+        running_workers(celery_env, tmp_path / "workers", ["w1"]),
+        running_daemon(celery_env, tmp_path / "daemon.log"),
+    ):
+        launched_at = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        backfill_id = launch_asset_backfill(instance, [FCT_ORDERS], FIRST, last)
+        written = (
+            "SELECT count(*) FROM backfill_audit.backfill_runs WHERE started_at >= %s "
+            "AND status = 'succeeded'"
+        )
+        wait_for(
+            lambda: conn.execute(written, [launched_at]).fetchone()[0],
+            120,
+            "the backfill never wrote a partition",
+        )
+        assert cli.main(["cancel", backfill_id]) == 0
+        canceled_at = time.monotonic()
+        wait_for_backfill(instance, backfill_id, timeout_s=120)
+        took = time.monotonic() - canceled_at
+        (run,) = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+    assert run.status.value == "CANCELED"
+    count = conn.execute(written, [launched_at]).fetchone()[0]
+    assert 1 <= count <= 3, f"{count} of 8 partitions written after the cancel"
+    assert took < 10, f"the run ended {took:.0f} s after the cancel"

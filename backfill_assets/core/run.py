@@ -55,11 +55,14 @@ class RunRefused(Exception):
 class RunHooks:
     """Where a run's lines go: ``info`` (progress, time held back), ``warn`` (abandoned audit
     rows, guard overrides, retries, the throttle's and the pause's reasons), ``error`` (a
-    window that failed)."""
+    window that failed); ``checkpoint``, called where the pause is read (before each partition
+    and between a strategy's batches), may raise to stop the run there: a driver's way to stop
+    a run whose cancel cannot reach its process as a signal (a step on another host)."""
 
     info: Log
     warn: Log
     error: Log
+    checkpoint: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ def run_table(
     def hold_back() -> None:
         """The pause switch and the throttle: before each partition, and before each batch of a
         strategy that writes a partition in several transactions."""
+        hooks.checkpoint()
         throttle.before_partition()
         # Read last: a pause given during the throttle's wait holds this write.
         waited = wait_while_paused(conn, run.backfill_id, hooks.warn)

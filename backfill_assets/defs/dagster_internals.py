@@ -17,6 +17,7 @@ from dagster._core.definitions.data_version import (
     StaleStatus,
 )
 from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.execution.backfill import (
     BULK_ACTION_TERMINAL_STATUSES,
@@ -102,6 +103,7 @@ __all__ = [
     "CheckRunHealthResult",
     "ConfigurableClassData",
     "DaemonErrorCapture",
+    "DagsterExecutionInterruptedError",
     "EventLogConsumerDaemon",
     "InstanceRef",
     "LaunchRunContext",

@@ -7,7 +7,8 @@ An asset body says only *which* partitions to write and how Dagster hears of it:
 metadata and check results.
 """
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from dagster import (
     AssetExecutionContext,
@@ -15,6 +16,7 @@ from dagster import (
     AssetMaterialization,
     AssetsDefinition,
     AssetSpec,
+    DagsterRunStatus,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -30,10 +32,17 @@ from backfill_assets.core.run_sizing import UNMEASURED_PER_RUN
 from backfill_assets.core.strategies import PartitionOutcome
 from backfill_assets.core.tables import TableSpec
 from backfill_assets.defs.checks import check_outputs, check_specs_for, evaluations
-from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG
+from backfill_assets.defs.dagster_internals import (
+    BACKFILL_ID_TAG,
+    DagsterExecutionInterruptedError,
+)
 from backfill_assets.defs.downstream import queue_downstream_of_written
 from backfill_assets.defs.partitions import WRITES_POOL, backfill_policy, partitions_def
-from backfill_assets.defs.resources import PostgresResource
+from backfill_assets.defs.resources import PostgresResource, in_celery_task
+
+CANCEL_READ_S = 1.0
+"""A step on a Celery worker reads its run's status at most this often (``cancel_checkpoint``)."""
+CANCELED_STATUSES = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 
 
 def asset_key(table: TableSpec) -> AssetKey:
@@ -97,7 +106,9 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             parameters={**params.as_json(), "partitions_in_run": len(windows)},
             reason=params.reason,
         )
-        hooks = RunHooks(context.log.info, context.log.warning, context.log.error)
+        hooks = RunHooks(
+            context.log.info, context.log.warning, context.log.error, cancel_checkpoint(context)
+        )
         with (
             postgres.connect(table.timeouts.session()) as conn,
             AuditTrail(postgres.resolved_url(), warn=context.log.warning) as audit,
@@ -119,6 +130,27 @@ def table_asset(table: TableSpec, partitions_per_run: int = UNMEASURED_PER_RUN) 
             expire_snapshots(conn, table, hooks)
 
     return _partitioned_table
+
+
+def cancel_checkpoint(context: AssetExecutionContext) -> Callable[[], None]:
+    """In a run's own process a cancel is a signal that interrupts the step (the launcher's
+    SIGINT). A step on a Celery worker is another process, on another host maybe, which the
+    signal never reaches (dagster-celery only revokes steps not yet started): it reads its run's
+    status instead, at most once a second, and stops as an interrupted step does."""
+    if not in_celery_task():
+        return lambda: None
+    read_at = [0.0]
+
+    def checkpoint() -> None:
+        if time.monotonic() - read_at[0] < CANCEL_READ_S:
+            return
+        read_at[0] = time.monotonic()
+        run = context.instance.get_run_by_id(context.run.run_id)
+        if run is not None and run.status in CANCELED_STATUSES:
+            context.log.warning("the run was canceled: stopping before the next partition")
+            raise DagsterExecutionInterruptedError()
+
+    return checkpoint
 
 
 def report_metadata(outcome: PartitionOutcome, table: TableSpec, run: RunInfo) -> dict:
