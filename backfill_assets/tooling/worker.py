@@ -86,8 +86,11 @@ def cross_host_notes(env: dict[str, str], embedded: bool) -> list[str]:
         )
     from dagster import DagsterInstance
 
-    with DagsterInstance.get() as instance:
-        manager = type(instance.compute_log_manager).__name__
+    try:
+        with DagsterInstance.get() as instance:
+            manager = type(instance.compute_log_manager).__name__
+    except Exception:  # no dagster.yaml here: each step loads its run's instance, sent with it
+        return notes
     if manager == "LocalComputeLogManager":
         notes.append(
             "a step's captured stdout/stderr are files on the host that ran it "
