@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup broker demo test soak lint format ui screenshots bench bench-scale bench-live db-stop clean
+.PHONY: setup broker demo test soak lint format ui screenshots bench bench-scale bench-live bench-celery db-stop clean
 
 setup: $(VENV)/.installed
 
@@ -77,6 +77,12 @@ bench: setup
 # Over 20 M rows: 2,001 days of ~10,000 orders, end to end through the daemon (~1 h, ~15 GB).
 bench-scale: setup
 	$(BIN)/python benchmarks/backfill_speed.py --scale $(BENCH_ARGS)
+
+# 1,000 days of ~2,400 orders (2.4 M rows) end to end in process, then with steps on 1, 2 and 4
+# Celery workers over the machine's RabbitMQ; ends with the sizing table of docs/scale-out.md.
+bench-celery: setup broker
+	$(BIN)/python benchmarks/backfill_speed.py --from 2022-01-01 --days 1000 --sizes 2400 \
+		--rounds 1 --per-run 25 --celery-workers 1 2 4 $(BENCH_ARGS)
 
 # The application's latency (pgbench) during a year's backfill and during naive updates.
 bench-live: setup

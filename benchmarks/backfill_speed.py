@@ -50,12 +50,15 @@ Usage: python benchmarks/backfill_speed.py [--days 90] [--sizes 200 2400] [--rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -87,6 +90,7 @@ from backfill_assets.tooling.launch import (
     running_daemon,
     wait_for_backfill,
 )
+from backfill_assets.tooling.worker import running_workers
 
 TABLE = demo_table()
 LONG = SessionLimits(lock_ms=5_000, statement_ms=0)
@@ -261,11 +265,19 @@ STOCK_DAEMON = ("dagster-daemon", "run", "-w", str(settings.WORKSPACE_FILE))
 
 
 def end_to_end(
-    admin_url: str, data_url: str, variant: str, first: str, last: str, writers: int = 0
+    admin_url: str,
+    data_url: str,
+    variant: str,
+    first: str,
+    last: str,
+    writers: int = 0,
+    workers: int = 0,
 ) -> dict:
     """Wall time of one backfill through a real daemon, and the verified writes' share of it;
     ``writers``: runs in progress at once (the instance's run queue and writers' pool), default
-    the repository's dagster.yaml."""
+    the repository's dagster.yaml; ``workers``: that many Celery workers execute the steps
+    (``BACKFILL_EXECUTOR=celery``, a queue of its own on the machine's RabbitMQ), else each run
+    in its own process."""
     storage = settings.to_sqlalchemy(fresh_database(admin_url, "bench_speed_dagster"))
     home = Path(tempfile.mkdtemp(prefix="bench_dagster_home_"))
     config = yaml.safe_load((settings.DAGSTER_HOME / "dagster.yaml").read_text())
@@ -283,10 +295,21 @@ def end_to_end(
         }
     )
     env = settings.process_env()
+    if workers:
+        env |= {
+            settings.EXECUTOR_ENV: "celery",
+            settings.CELERY_QUEUE_ENV: f"bench-{uuid.uuid4().hex[:12]}",
+        }
+        os.environ.update(env)
+    celery = running_workers(env, home / "workers", [f"w{i + 1}" for i in range(workers)])
     # The audit keeps the in-database rounds' writes: the daemon's code server sizes the runs
     # from them, as it would after a user's earlier backfills.
     daemon = {"command": STOCK_DAEMON} if variant == "asset_cli_dagster_daemon" else {}
-    with running_daemon(env, home / "daemon.log", **daemon) as process:
+    sessions = SessionSampler(admin_url)
+    with (
+        celery if workers else contextlib.nullcontext(),
+        running_daemon(env, home / "daemon.log", **daemon) as process,
+    ):
         # Launched 3 s after the daemon's first backfill pass, the backfill waits for the next
         # one: under dagster-daemon's 30 s loop close to the worst case, printed as "pickup".
         # A daemon that has been up a while: its fork server warm (the first run after a start
@@ -302,6 +325,7 @@ def end_to_end(
                     raise SystemExit(f"{variant}: the daemon did not get ready:\n{log}")
                 time.sleep(0.2)
         time.sleep(3)
+        sessions.start()
         started = time.perf_counter()
         if variant.startswith("asset_cli"):
             command = [sys.executable, "-m", "backfill_assets.tooling.cli", "launch"]
@@ -327,10 +351,15 @@ def end_to_end(
         if not variant.startswith("asset_cli"):
             elapsed = time.perf_counter() - started
             returned = time.time()
+        sessions.stopped.set()
         if progress.failed_runs:
             raise SystemExit(f"{variant}: {progress.line()}")
         runs = len(progress.runs)
+    for name in (settings.EXECUTOR_ENV, settings.CELERY_QUEUE_ENV):
+        os.environ.pop(name, None)
     shutil.rmtree(home, ignore_errors=True)
+    sessions.join()
+    starts = sorted(r.start_time for r in records if r.start_time)
     with connect(data_url) as conn:
         # Each successful write of the backfill: its run, start and end (the audit rows).
         writes = conn.execute(
@@ -348,7 +377,37 @@ def end_to_end(
         "runs": runs,
         "pickup_s": pickup,
         "closing_s": returned - last_run_end,
+        "sessions": {
+            "data": sessions.most.get(settings.connection_parts(data_url).dbname, 0),
+            "dagster": sessions.most.get(
+                settings.connection_parts(settings.to_libpq(storage)).dbname, 0
+            ),
+        },
+        "runs_started_per_s": (len(starts) - 1) / (starts[-1] - starts[0])
+        if len(starts) > 1
+        else 0.0,
+        "workers": workers,
     }
+
+
+class SessionSampler(threading.Thread):
+    """The most client sessions of each database at once, sampled twice a second: the
+    connections a backfill holds (its runs, workers and daemon)."""
+
+    def __init__(self, admin_url: str) -> None:
+        super().__init__(daemon=True)
+        self.admin_url, self.most = admin_url, {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with connect(self.admin_url) as conn:
+            while not self.stopped.wait(0.5):
+                for name, count in conn.execute(
+                    "SELECT datname, count(*) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                    "GROUP BY datname"
+                ):
+                    self.most[name] = max(self.most.get(name, 0), count)
 
 
 def covered(spans) -> float:
@@ -406,6 +465,63 @@ BOOKKEEPING_TARGET_MS = 5.0
 OUTSIDE_TARGET = 0.2
 """Issue 31: over 1,000 days or more, at most this share of the end-to-end wall time outside the
 data database (the verified writes' own transactions)."""
+
+
+WORKLOADS = [(10, 365, 2_000), (100, 1_000, 10_000), (500, 2_000, 10_000)]
+"""Tables, partitions, rows a partition: the sizing table's workloads (docs/scale-out.md)."""
+
+
+def scale_out(results: dict, raw_s: float, rows: int, partitions: int, size: int) -> None:
+    """The in-process baseline against 1, 2, 4 ... Celery workers, then the sizing table derived
+    from the fastest: a partition costs its share of the fastest wall time (per partition, all
+    overheads included, with that parallelism) plus, beyond this size, its rows at the raw
+    ``INSERT ... SELECT`` speed measured in the same script."""
+    import pandas as pd
+
+    base = results["in_process_2_runs"]["seconds"]
+    lines = []
+    for name, result in results.items():
+        workers = result["workers"]
+        data, dagster = result["sessions"]["data"], result["sessions"]["dagster"]
+        lines.append(
+            {
+                "path": name,
+                "seconds": round(result["seconds"], 1),
+                "x_in_process": round(result["seconds"] / base, 2),
+                "partitions_per_s": round(result["writes"] / result["seconds"], 1),
+                "rows_per_s": round(rows / result["seconds"]),
+                "writing_s_per_s": round(result["db_s"] / result["seconds"], 2),
+                "data_sessions": data,
+                "dagster_sessions": dagster,
+                "data_sessions_per_worker": round(data / workers, 1) if workers else None,
+                "runs_started_per_s": round(result["runs_started_per_s"], 2),
+            }
+        )
+    print(f"\n{partitions} partitions of ~{size} rows, in process and on Celery workers:")
+    print(pd.DataFrame(lines).to_string(index=False))
+    best_name, best = min(results.items(), key=lambda item: item[1]["seconds"])
+    raw_per_row = raw_s / rows
+    per_partition = best["seconds"] / partitions - size * raw_per_row
+    workers = best["workers"] or "in process"
+    print(
+        f"\nsizing, from {best_name} (fastest here): {per_partition * 1000:.1f} ms a partition "
+        f"besides its rows, {raw_per_row * 1e6:.2f} us a row (raw INSERT ... SELECT on this "
+        "database); the database's cores bound the rows' term, the workers the partitions'"
+    )
+    sizing = []
+    for tables, days, per in WORKLOADS:
+        count = tables * days
+        hours = (count * per_partition + count * per * raw_per_row) / 3600
+        sizing.append(
+            {
+                "tables x partitions x rows": f"{tables} x {days:,} x {per:,}",
+                "rows": f"{count * per:,}",
+                "workers": workers,
+                "runs at once (pool limit)": max(2, best["workers"]),
+                "hours": round(hours, 1),
+            }
+        )
+    print(pd.DataFrame(sizing).to_string(index=False))
 
 
 def target_rows(size: int, days: int, table, results: dict, clock: StatementClock) -> list:
@@ -517,7 +633,17 @@ def main() -> None:
         "value in turn, instead of --variants), the table alone in a folder of its own, "
         "--per-run partitions a run",
     )
-    parser.add_argument("--per-run", type=int, default=10, help="with --writers (default 10)")
+    parser.add_argument(
+        "--celery-workers",
+        type=int,
+        nargs="+",
+        help="end to end with steps on this many Celery workers (each value in turn, after an "
+        "in-process baseline of two runs at once; runs at once: the workers, at least two), the "
+        "table alone, --per-run partitions a run; ends with the sizing table of docs/scale-out.md",
+    )
+    parser.add_argument(
+        "--per-run", type=int, default=10, help="with --writers or --celery-workers (default 10)"
+    )
     parser.add_argument(
         "--scale",
         action="store_true",
@@ -531,7 +657,7 @@ def main() -> None:
         args.variants = ["asset_cli"]
         os.environ[TABLES_PATH_ENV] = str(bench_tables(SCALE_FIRST, args.days))
         TABLE = demo_table()
-    if args.writers:
+    if args.writers or args.celery_workers:
         # Runs in parallel: the table alone (no other table's size on its calendar), a backfill
         # of several runs, each run's partitions one after another.
         os.environ[TABLES_PATH_ENV] = str(bench_tables(args.first, args.days, args.per_run))
@@ -558,13 +684,16 @@ def main() -> None:
         with connect(url, limits=LONG) as conn:
             seed(conn, orders_per_day=size)
         print(f"seeded ~{size} orders a day in {time.perf_counter() - seeding:.0f} s", flush=True)
-        # At scale a lookup without the index scans 20 M rows a day: not measured.
-        best, rows, clock = in_database(url, windows, args.rounds, lookups=not args.scale)
+        # At scale a lookup without the index scans every row a day: not measured.
+        best, rows, clock = in_database(
+            url, windows, args.rounds, lookups=not (args.scale or args.celery_workers)
+        )
         table = pd.DataFrame({"seconds": best}).rename_axis("path")
         results = {}
         if args.e2e:
             job_last = keys[start + job_days - 1]
-            for variant in args.variants if not args.writers else []:
+            alone = args.writers or args.celery_workers
+            for variant in args.variants if not alone else []:
                 job = variant.startswith("job_")
                 result = end_to_end(admin, url, variant, first, job_last if job else last)
                 results[variant] = result
@@ -573,6 +702,11 @@ def main() -> None:
             for writers in args.writers or []:
                 name = f"asset_cli_{writers}_writers"
                 results[name] = end_to_end(admin, url, "asset_cli", first, last, writers)
+                table.loc[name] = results[name]["seconds"]
+            for workers in [0, *args.celery_workers] if args.celery_workers else []:
+                name = f"celery_{workers}_workers" if workers else "in_process_2_runs"
+                runs = max(2, workers)
+                results[name] = end_to_end(admin, url, "asset_cli", first, last, runs, workers)
                 table.loc[name] = results[name]["seconds"]
         table["x_raw"] = table["seconds"] / table.loc["raw", "seconds"]
         load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -601,6 +735,8 @@ def main() -> None:
             f"verified, statements timed by the function that ran them: {clock.line(len(windows))}"
         )
         targets += target_rows(size, len(windows), table, results, clock)
+        if args.celery_workers:
+            scale_out(results, table.loc["raw", "seconds"], rows, len(windows), size)
     if targets:
         print(f"\nissue 31's targets measured here (load average {os.getloadavg()[0]:.2f}):")
         frame = pd.DataFrame(
