@@ -172,7 +172,9 @@ def ensure_package(project_dir: Path, config: Mapping, env: Mapping[str, str]) -
 
     if current():
         return
-    with _turns(dbt_target_dir() / "deps.lock"):
+    # In the project (not this process's target folder): dbt installs into the project's folder,
+    # shared by every process of this host.
+    with _turns(project_dir / "target" / "deps.lock"):
         if current():
             return
         try:

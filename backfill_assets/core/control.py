@@ -128,11 +128,13 @@ def wait_while_paused(
     *,
     poll_s: float = POLL_S,
     remind_s: float = REMIND_S,
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> float:
     """Block while a pause covers this writer; returns the seconds waited (0 if not paused).
 
     One indexed lookup when nothing is paused. Logs when the wait starts, every ``remind_s``
-    while it lasts, and when it ends.
+    while it lasts, and when it ends. ``checkpoint`` is called at every poll: it may raise to
+    stop waiting (the run was canceled meanwhile).
     """
     if not relation_exists(conn, SCHEMA, "pauses"):
         return 0.0
@@ -148,6 +150,7 @@ def wait_while_paused(
                 f"(`backfill-assets resume {scope}` lets it go on)"
             )
             reminded = now
+        checkpoint()
         time.sleep(poll_s)
     waited = time.monotonic() - started
     if waited > 0.01:

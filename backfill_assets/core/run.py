@@ -55,9 +55,10 @@ class RunRefused(Exception):
 class RunHooks:
     """Where a run's lines go: ``info`` (progress, time held back), ``warn`` (abandoned audit
     rows, guard overrides, retries, the throttle's and the pause's reasons), ``error`` (a
-    window that failed); ``checkpoint``, called where the pause is read (before each partition
-    and between a strategy's batches), may raise to stop the run there: a driver's way to stop
-    a run whose cancel cannot reach its process as a signal (a step on another host)."""
+    window that failed); ``checkpoint``, called where the pause is read (before each partition,
+    between a strategy's batches, and while a pause holds the run), may raise to stop the run
+    there: a driver's way to stop a run whose cancel cannot reach its process as a signal (a
+    step on another host)."""
 
     info: Log
     warn: Log
@@ -128,7 +129,7 @@ def run_table(
         hooks.checkpoint()
         throttle.before_partition()
         # Read last: a pause given during the throttle's wait holds this write.
-        waited = wait_while_paused(conn, run.backfill_id, hooks.warn)
+        waited = wait_while_paused(conn, run.backfill_id, hooks.warn, checkpoint=hooks.checkpoint)
         throttle.not_busy(waited)
         paused[0] += waited
 

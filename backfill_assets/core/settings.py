@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -42,7 +42,9 @@ DEFAULT_CELERY_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
 """RabbitMQ's own default account on this host: fine for one machine; name your broker else."""
 DEFAULT_CELERY_QUEUE = "dagster"
 """dagster-celery's queue, so Dagster's own ``dagster-celery worker start`` serves it too."""
-CELERY_SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
+CELERY_SCHEMES = ("amqp", "amqps", "pyamqp")
+"""RabbitMQ's (AMQP): the project installs no other transport, and its checks (the queue's
+consumers) are AMQP's."""
 DEFAULT_DAEMON_INTERVAL_S = 1.0
 """Seconds between the project daemon's backfill passes (Dagster's own daemon: a fixed 30)."""
 DEFAULT_MAX_PARTITIONS = 400
@@ -331,7 +333,7 @@ class Executor:
     and queue."""
 
     name: str
-    broker: str = ""
+    broker: str = field(default="", repr=False)  # may hold a password
     queue: str = DEFAULT_CELERY_QUEUE
 
     @property
@@ -362,7 +364,7 @@ def executor() -> Executor:
     if "://" not in broker or scheme not in CELERY_SCHEMES:
         raise SettingsError(
             f"{CELERY_BROKER_ENV}={redact_broker(broker)!r} is not a broker URL; expected e.g. "
-            f"pyamqp://user:password@rabbitmq-host:5672// (schemes: {', '.join(CELERY_SCHEMES)})"
+            f"pyamqp://user:password@rabbitmq-host:5672// (RabbitMQ: {', '.join(CELERY_SCHEMES)})"
         )
     queue = os.environ.get(CELERY_QUEUE_ENV, "").strip() or DEFAULT_CELERY_QUEUE
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", queue):
@@ -385,8 +387,16 @@ def require_celery() -> Executor:
 
 
 def redact_broker(url: str) -> str:
-    """A broker URL with its password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]*:)[^/]*@", rf"\1{MASK}@", url)
+    """A broker URL with its password replaced by ``***``: what lies between the user and the
+    last ``@``, however malformed the rest (an error message quotes a bad URL)."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, userinfo = head.partition("://")
+    if not separator:
+        scheme, separator, userinfo = head.partition(":")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{separator}{user}{colon}{MASK if colon else ''}@{host}"
 
 
 def dbt_target_dir() -> Path:

@@ -42,7 +42,6 @@ from backfill_assets.defs.resources import PostgresResource, in_celery_task
 
 CANCEL_READ_S = 1.0
 """A step on a Celery worker reads its run's status at most this often (``cancel_checkpoint``)."""
-CANCELED_STATUSES = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 
 
 def asset_key(table: TableSpec) -> AssetKey:
@@ -136,7 +135,9 @@ def cancel_checkpoint(context: AssetExecutionContext) -> Callable[[], None]:
     """In a run's own process a cancel is a signal that interrupts the step (the launcher's
     SIGINT). A step on a Celery worker is another process, on another host maybe, which the
     signal never reaches (dagster-celery only revokes steps not yet started): it reads its run's
-    status instead, at most once a second, and stops as an interrupted step does."""
+    status instead, at most once a second, and stops as an interrupted step does once the run is
+    no longer in progress: canceled, or failed by run monitoring (its process died with the
+    daemon's host; a retry run writes these partitions), never writing beside that retry."""
     if not in_celery_task():
         return lambda: None
     read_at = [0.0]
@@ -146,8 +147,8 @@ def cancel_checkpoint(context: AssetExecutionContext) -> Callable[[], None]:
             return
         read_at[0] = time.monotonic()
         run = context.instance.get_run_by_id(context.run.run_id)
-        if run is not None and run.status in CANCELED_STATUSES:
-            context.log.warning("the run was canceled: stopping before the next partition")
+        if run is not None and run.status != DagsterRunStatus.STARTED:
+            context.log.warning(f"the run is {run.status.value.lower()}: this step stops here")
             raise DagsterExecutionInterruptedError()
 
     return checkpoint

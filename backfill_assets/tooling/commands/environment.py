@@ -214,8 +214,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--name",
         dest="worker_name",
-        default=f"w{os.getpid()}",
-        help="this worker's name (its Celery hostname is NAME@host; default w<pid>)",
+        default="worker",
+        help="this worker's name, one per worker of a host (Celery's hostname: NAME@host; "
+        "default worker)",
     )
     worker.add_argument(
         "--concurrency", type=bounded(1, 64), default=1, help="steps at a time (default 1)"
