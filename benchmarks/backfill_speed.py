@@ -301,7 +301,9 @@ def end_to_end(
             settings.CELERY_QUEUE_ENV: f"bench-{uuid.uuid4().hex[:12]}",
         }
         os.environ.update(env)
-    celery = running_workers(env, home / "workers", [f"w{i + 1}" for i in range(workers)])
+    # Names of their own: a name's remote-control queue is exclusive on its host.
+    names = [f"w{i + 1}-{home.name}" for i in range(workers)]
+    celery = running_workers(env, home / "workers", names)
     # The audit keeps the in-database rounds' writes: the daemon's code server sizes the runs
     # from them, as it would after a user's earlier backfills.
     daemon = {"command": STOCK_DAEMON} if variant == "asset_cli_dagster_daemon" else {}

@@ -39,7 +39,7 @@ from backfill_assets.core import settings
 from backfill_assets.core.database import connect
 from backfill_assets.defs.dagster_internals import BACKFILL_ID_TAG, PartitionKeyFilter
 from backfill_assets.defs.resources import PostgresResource
-from backfill_assets.defs.run_launcher import STARTED_PROCESS
+from backfill_assets.defs.run_launcher import STARTED_PROCESS, WORKER_TAG, process_state
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
 from backfill_assets.tooling.worker import check_broker, running_workers
@@ -79,6 +79,13 @@ def celery_env(dagster_env, monkeypatch) -> dict[str, str]:
 
     with Connection(choice.broker) as connection:
         Queue(queue).bind(connection.default_channel).delete()
+
+
+def names(env: dict[str, str], count: int) -> list[str]:
+    """Workers' names of this test's own: Celery's remote-control queue is one per name and
+    host (``NAME@host.celery.pidbox``), and tests side by side start workers on one host."""
+    queue = env[settings.CELERY_QUEUE_ENV]
+    return [f"w{i + 1}-{queue.rsplit('-', 1)[1]}" for i in range(count)]
 
 
 def step_workers(instance: DagsterInstance, run_ids) -> dict[tuple[str, str], list[str]]:
@@ -202,7 +209,7 @@ def test_a_backfill_on_celery_workers_spreads_its_steps_and_writes_what_in_proce
     sampler = WriterSampler(data_url)
     with (
         DagsterInstance.get() as instance,
-        running_workers(celery_env, tmp_path / "workers", ["w1", "w2", "w3"]),
+        running_workers(celery_env, tmp_path / "workers", names(celery_env, 3)),
     ):
         set_runs_and_writers(home, instance, runs=4, writers=2)
         with running_daemon(celery_env, log):
@@ -212,14 +219,13 @@ def test_a_backfill_on_celery_workers_spreads_its_steps_and_writes_what_in_proce
             )
             report = wait_for_backfill(instance, backfill_id, timeout_s=400)
             sampler.stopped.set()
-        run_ids = [
-            run.run_id for run in instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
-        ]
-        assert report.daemon_status == "COMPLETED_SUCCESS", failed_run_report(
-            instance, run_ids, log
-        )
-        executed = step_workers(instance, run_ids)
-    assert len(run_ids) == 4
+        ids = run_ids(instance, backfill_id)
+        assert report.daemon_status == "COMPLETED_SUCCESS", failed_run_report(instance, ids, log)
+        executed = step_workers(instance, ids)
+        recorded = [json.loads(instance.get_run_by_id(i).tags[WORKER_TAG])["pid"] for i in ids]
+        started = [started_pid(instance, i) for i in ids]
+    assert recorded == started, "a step on a worker recorded itself as the run's process"
+    assert len(ids) == 4
     assert len(executed) == 8, executed  # two steps a run
     assert all(len(workers) == 1 for workers in executed.values()), executed  # each once
     assert len({worker for workers in executed.values() for worker in workers}) >= 2, executed
@@ -257,14 +263,6 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except FileNotFoundError:
         return []
-
-
-def is_gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
 
 
 def day_sums(conn, table_rows: str) -> dict[str, tuple]:
@@ -305,7 +303,7 @@ def test_a_worker_killed_in_the_middle_of_a_write_loses_and_duplicates_no_day(
     log = tmp_path / "daemon.log"
     application = other_session(data_url, LOCK_FCT_ORDERS, 300)
     with (
-        running_workers(celery_env, tmp_path / "workers", ["w1", "w2"]) as workers,
+        running_workers(celery_env, tmp_path / "workers", names(celery_env, 2)) as workers,
         running_daemon(celery_env, log),
     ):
         launched_at = conn.execute("SELECT clock_timestamp()").fetchone()[0]
@@ -329,7 +327,9 @@ def test_a_worker_killed_in_the_middle_of_a_write_loses_and_duplicates_no_day(
         assert pool, "a prefork worker executes its step in a child process"
         os.kill(killed.process.pid, signal.SIGKILL)
         wait_for(
-            lambda: all(is_gone(pid) for pid in pool), 10, "the pool child outlived its worker"
+            lambda: all(process_state(pid, time.time()) != "running" for pid in pool),
+            10,
+            "the pool child outlived its worker",
         )
         assert day_sums(conn, "SELECT * FROM analytics.fct_orders") == old  # old, under the lock
         again = wait_for(
@@ -424,7 +424,7 @@ def test_cancel_stops_a_step_running_on_a_worker_before_its_next_partition(
     conn.execute(SLOW_WRITES)
     last = DAYS[7]
     with (
-        running_workers(celery_env, tmp_path / "workers", ["w1"]),
+        running_workers(celery_env, tmp_path / "workers", names(celery_env, 1)),
         running_daemon(celery_env, tmp_path / "daemon.log"),
     ):
         launched_at = conn.execute("SELECT clock_timestamp()").fetchone()[0]

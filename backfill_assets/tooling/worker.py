@@ -132,7 +132,7 @@ def start_worker(name: str, concurrency: int, scratch: Path | None, loglevel: st
         raise ValueError(f"worker name {name!r}: use letters, digits, _ . - (at most 100)")
     choice = settings.require_celery()
     check_broker(choice)
-    folder = (scratch or Path.cwd() / ".backfill-worker" / name).expanduser().resolve()
+    folder = (scratch or Path.cwd() / ".backfill-worker").expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[settings.DBT_TARGET_ENV] = str(folder / "dbt")
     embedded = settings.uses_embedded_postgres()

@@ -214,9 +214,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--name",
         dest="worker_name",
-        default="worker",
+        default=f"w{os.getpid()}",
         help="this worker's name, one per worker of a host (Celery's hostname: NAME@host; "
-        "default worker)",
+        "default w<pid>)",
     )
     worker.add_argument(
         "--concurrency", type=bounded(1, 64), default=1, help="steps at a time (default 1)"
@@ -225,7 +225,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--scratch",
         type=Path,
         default=None,
-        help="this worker's folder for dbt's files (default ./.backfill-worker/NAME)",
+        help="this worker's folder for dbt's files (default ./.backfill-worker, which workers "
+        "started in one folder share)",
     )
     worker.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="info")
     worker.set_defaults(func=_worker)
