@@ -90,7 +90,7 @@ from backfill_assets.tooling.launch import (
     running_daemon,
     wait_for_backfill,
 )
-from backfill_assets.tooling.worker import running_workers
+from backfill_assets.tooling.worker import delete_queue, running_workers
 
 TABLE = demo_table()
 LONG = SessionLimits(lock_ms=5_000, statement_ms=0)
@@ -357,6 +357,8 @@ def end_to_end(
         if progress.failed_runs:
             raise SystemExit(f"{variant}: {progress.line()}")
         runs = len(progress.runs)
+    if workers:
+        delete_queue(settings.executor())
     for name in (settings.EXECUTOR_ENV, settings.CELERY_QUEUE_ENV):
         os.environ.pop(name, None)
     shutil.rmtree(home, ignore_errors=True)

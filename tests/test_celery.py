@@ -42,7 +42,7 @@ from backfill_assets.defs.resources import PostgresResource
 from backfill_assets.defs.run_launcher import STARTED_PROCESS, WORKER_TAG, process_state
 from backfill_assets.tooling import cli
 from backfill_assets.tooling.launch import launch_asset_backfill, running_daemon, wait_for_backfill
-from backfill_assets.tooling.worker import check_broker, running_workers
+from backfill_assets.tooling.worker import check_broker, delete_queue, running_workers
 
 FCT_ORDERS = AssetKey(["analytics", "fct_orders"])
 FIRST, LAST = "2024-04-01", "2024-04-12"
@@ -75,10 +75,7 @@ def celery_env(dagster_env, monkeypatch) -> dict[str, str]:
         settings.CELERY_QUEUE_ENV: queue,
         settings.CELERY_BROKER_ENV: choice.broker,
     }
-    from kombu import Connection, Queue
-
-    with Connection(choice.broker) as connection:
-        Queue(queue).bind(connection.default_channel).delete()
+    delete_queue(choice)
 
 
 def names(env: dict[str, str], count: int) -> list[str]:

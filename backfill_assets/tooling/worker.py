@@ -59,6 +59,14 @@ def listening_workers(choice: Executor) -> int:
     return consumers
 
 
+def delete_queue(choice: Executor) -> None:
+    """Delete the queue (a test's or a benchmark's own, once its workers stopped)."""
+    from kombu import Connection, Queue
+
+    with Connection(choice.broker, connect_timeout=5) as connection:
+        Queue(choice.queue).bind(connection.default_channel).delete()
+
+
 def announce(choice: Executor) -> None:
     """For the daemon and ``launch``: on stderr, where the steps go, and a warning when no worker
     listens (the runs would wait, STARTED, until one does)."""
