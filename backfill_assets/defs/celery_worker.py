@@ -19,7 +19,7 @@ from dagster_celery.tasks import create_task
 import backfill_assets.defs.run_worker  # noqa: F401  (see above)
 from backfill_assets.core import settings
 from backfill_assets.defs.dagster_internals import RetryMode
-from backfill_assets.defs.executors import celery_config
+from backfill_assets.defs.executors import RESULT_BACKEND, celery_config
 
 
 def worker_app(choice: settings.Executor):
@@ -27,7 +27,7 @@ def worker_app(choice: settings.Executor):
     executor = CeleryExecutor(
         retries=RetryMode(RetryMode.DISABLED),
         broker=choice.broker,
-        backend="rpc://",
+        backend=RESULT_BACKEND,
         config_source=celery_config(choice),
     )
     celery_app = make_app(executor.app_args())

@@ -31,6 +31,8 @@ from dagster import ExecutorDefinition, in_process_executor
 
 from backfill_assets.core import settings
 
+RESULT_BACKEND = "rpc://"
+"""A step's events come back to its run over the broker itself: no result store to run."""
 CELERY_CONFIG: dict[str, Any] = {
     "task_acks_late": True,
     "task_reject_on_worker_lost": True,
@@ -57,7 +59,7 @@ def run_executor(choice: settings.Executor | None = None) -> ExecutorDefinition:
     return celery_executor.configured(
         {
             "broker": choice.broker,
-            "backend": "rpc://",
+            "backend": RESULT_BACKEND,
             "config_source": celery_config(choice),
         },
         name="celery",

@@ -2,10 +2,11 @@
 code location with ``BACKFILL_EXECUTOR=celery`` (``defs/executors.py``).
 
 The worker is Celery's own (``celery -A backfill_assets.defs.celery_worker worker``, prefork pool)
-with the project's environment: the databases' URLs, ``DAGSTER_HOME``, and a folder of its own for
-dbt's files (``--scratch``), so workers never write into each other's files or the launching
-host's. Before it starts it checks what it can: the settings, the broker, the databases, the dbt
-manifest (parsed into its folder); and it says at start what does not reach across hosts.
+with the project's environment: the databases' URLs, ``DAGSTER_HOME``, and a folder for dbt's
+files (``--scratch``; by default one per working folder), so workers never write into the
+launching host's files. Before it starts it checks what it can: the settings, the broker, the
+databases, the dbt manifest (parsed into its folder); and it says at start what does not reach
+across hosts.
 """
 
 from __future__ import annotations
